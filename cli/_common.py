@@ -1,0 +1,51 @@
+"""Shared CLI plumbing: turn library errors into one-line click errors."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from kdstore.errors import KdstoreError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Run a command body, turning KdstoreError into a ClickException (exit 1, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdstoreError as e:
+            raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt:
+            raise click.ClickException(
+                "interrupted; completed work is kept, rerun the same command to resume"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_float_list(option: str, text: str) -> list[float]:
+    """Parse '1,2,5' into floats, naming the option on error."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 1,2,5", param_hint=option) from None
+    if not values:
+        raise click.BadParameter("needs at least one value", param_hint=option)
+    return values
+
+
+def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any:
+    """A tqdm bar on stderr; silent when stderr is not a terminal or `disable`."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True,
+                disable=disable or not sys.stderr.isatty())

@@ -1,0 +1,76 @@
+"""`kdstore label`: run teachers once over a transfer set and store their targets."""
+
+from __future__ import annotations
+
+import click
+
+from kdstore.cli._common import progress_bar, user_errors
+from kdstore.teachers import TEACHER_HELP
+
+
+@click.command("label")
+@click.option("--teacher", "teachers", multiple=True, required=True, metavar="SPEC",
+              help=f"Teacher: {TEACHER_HELP}. Repeat to label with an ensemble in one pass.")
+@click.option("--transfer", required=True, metavar="PATH",
+              help="Transfer set: .parquet, .npz, .npy or .h5 (original training data, unlabeled or synthetic).")
+@click.option("--out", required=True, metavar="STORE", help="Store directory; the version goes to STORE/NAME/vN.")
+@click.option("--name", required=True, help="Dataset name inside the store (letters, digits, '.', '_', '-').")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "hdf5"]), default="parquet", show_default=True,
+              help="On-disk format of the data files.")
+@click.option("--top-k", type=int, default=10, show_default=True,
+              help="Also store each row's K largest logits (+ log-sum-exp) for top-k KD; 0 stores none.")
+@click.option("--logits/--no-logits", "keep_logits", default=True, show_default=True,
+              help="Keep the full logits (needed for --loss mse and exact KD), or only the top-k.")
+@click.option("--logits-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+              show_default=True, help="Storage dtype of logits and top-k values (softening is always float32).")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Teacher batch size.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Teacher autocast: auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--input-column", "input_columns", multiple=True,
+              help="Input column/array (repeat for several numeric columns). Default: the array column, or all "
+                   "numeric columns, or 'x'.")
+@click.option("--label-column", default=None,
+              help="Integer label column. Default: 'label' or 'y' if present; 'none' treats the set as unlabeled.")
+@click.option("--shard-rows", type=int, default=32768, show_default=True,
+              help="Rows per data file; an interrupted run resumes from its last complete file.")
+@click.option("--row-group-rows", type=int, default=2048, show_default=True,
+              help="Rows per Parquet row group / HDF5 chunk (the unit of streamed, shuffled reads).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str, top_k: int, keep_logits: bool,
+          logits_dtype: str, batch_size: int, device: str, precision: str, input_columns: tuple[str, ...],
+          label_column: str | None, shard_rows: int, row_group_rows: int, quiet: bool) -> None:
+    """Run one or more teachers ONCE over a transfer set; write logits and top-k targets as a new version.
+
+    \b
+    Example:
+      kdstore label --teacher teacher.pt --transfer train.parquet \\
+                    --out ./targets --name mnist-t1200 --top-k 10
+
+    The version appears as STORE/NAME/vN only when complete (manifest.json is written last). If the run is
+    interrupted (Ctrl-C, kill), rerun the same command: it resumes from the last completed shard and ends with
+    the same bytes as an uninterrupted run.
+    """
+    from kdstore.labeling import LabelConfig
+    from kdstore.labeling import label as run_label
+    from kdstore.transfer import open_transfer
+
+    cfg = LabelConfig(teachers=teachers, transfer=transfer, out=out, name=name, format=fmt,
+                      top_k=top_k or None, keep_logits=keep_logits, logits_dtype=logits_dtype,
+                      batch_size=batch_size, device=device, precision=precision, input_columns=input_columns,
+                      label_column=label_column, shard_rows=shard_rows, row_group_rows=row_group_rows)
+    rows = open_transfer(transfer, input_columns=input_columns or None, label_column=label_column).rows
+    with progress_bar(rows, "label", "rows", disable=quiet) as bar:
+        result = run_label(cfg, progress=bar.update)
+    m = result.manifest
+    resumed = f", resumed {result.resumed_shards} shard(s)" if result.resumed_shards else ""
+    click.echo(f"wrote {result.path}  ({m['num_rows']} rows, {m['num_classes']} classes, "
+               f"{sum(f['bytes'] for f in m['files']) / 1e6:.2f} MB, {result.seconds:.1f} s{resumed})")
+    for tid, s in m["statistics"]["teachers"].items():
+        acc = f"accuracy {s['accuracy']:.4f}" if s["accuracy"] is not None else "unlabeled"
+        fid = s.get("topk_fidelity_kl")
+        fid_txt = (" top-k KL@T=1/4/20: " + "/".join(f"{fid[t]:.2g}" for t in ("1.0", "4.0", "20.0"))) if fid else ""
+        click.echo(f"  {tid}: {acc}, mean entropy {s['mean_entropy_nats']:.3f} nats{fid_txt}")
+    if "ensemble" in m["statistics"]:
+        click.echo(f"  ensemble (mean-prob): accuracy {m['statistics']['ensemble']['accuracy']:.4f}")

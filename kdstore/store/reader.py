@@ -1,0 +1,203 @@
+"""Find and open dataset versions: `STORE/NAME`, `STORE/NAME@vN` or a version directory; verify them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdstore import manifest as mf
+from kdstore.errors import StoreFormatError, StoreNotFoundError
+from kdstore.store.formats import (
+    count_rows,
+    decode_bfloat16,
+    read_shard,
+    sha256_file,
+    shard_row_groups,
+)
+from kdstore.store.writer import VERSION_RE, existing_versions
+
+_REF_RE = re.compile(r"^(?P<path>.+?)(?:@v?(?P<version>[0-9]+|latest))?$")
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """A resolved reference to one committed version."""
+
+    store: Path
+    name: str
+    version: int
+
+    @property
+    def path(self) -> Path:
+        return self.store / self.name / f"v{self.version}"
+
+    def __str__(self) -> str:
+        return f"{self.store / self.name}@v{self.version}"
+
+
+def resolve(ref: str | Path) -> VersionRef:
+    """Resolve `STORE/NAME` (latest), `STORE/NAME@vN` or `STORE/NAME/vN` to a committed version.
+
+    Raises:
+        StoreNotFoundError: naming what was looked for and what exists.
+    """
+    text = str(ref)
+    m = _REF_RE.match(text)
+    assert m is not None  # the pattern matches any non-empty string
+    path, want = Path(m.group("path")), m.group("version")
+    if want is None and VERSION_RE.match(path.name) and (path / mf.MANIFEST_NAME).exists():
+        return VersionRef(path.parent.parent, path.parent.name, int(path.name[1:]))
+    if not path.is_dir():
+        raise StoreNotFoundError(
+            f"--targets {text}: no dataset directory {path}; expected STORE/NAME or STORE/NAME@vN "
+            "(run `kdstore ls STORE` to list datasets)"
+        )
+    versions = existing_versions(path)
+    if not versions:
+        staging = [p.name for p in path.glob(".staging-*") if p.is_dir()]
+        hint = " (an unfinished `kdstore label` run is staged there: rerun it to finish)" if staging else ""
+        raise StoreNotFoundError(f"--targets {text}: {path} holds no committed version{hint}")
+    if want is None or want == "latest":
+        return VersionRef(path.parent, path.name, versions[-1])
+    if int(want) not in versions:
+        raise StoreNotFoundError(
+            f"--targets {text}: version v{want} not found; {path.name} has "
+            f"{', '.join(f'v{v}' for v in versions)}"
+        )
+    return VersionRef(path.parent, path.name, int(want))
+
+
+class Version:
+    """An open, committed version: its manifest and typed access to its shards.
+
+    Opening is cheap but checks what can be checked without reading data: the manifest against the schema and
+    its `format_version`, every file present with the recorded size and row count. `verify(full=True)` also
+    recomputes every sha256.
+    """
+
+    def __init__(self, ref: VersionRef | str | Path, *, check: bool = True) -> None:
+        self.ref = ref if isinstance(ref, VersionRef) else resolve(ref)
+        self.path = self.ref.path
+        self.manifest: dict[str, Any] = mf.load(self.path)
+        self.fmt: str = self.manifest["storage"]["format"]
+        self.files: list[dict[str, Any]] = self.manifest["files"]
+        self.columns: dict[str, dict[str, Any]] = {c["name"]: c for c in self.manifest["columns"]}
+        self.file_paths = [mf.resolve_inside(self.path, f["path"], str(self.path / mf.MANIFEST_NAME)) for f in self.files]
+        if check:
+            problems = self.verify(full=False)
+            if problems:
+                raise StoreFormatError(f"{self.ref}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                                       + "; run `kdstore verify` for the full list")
+
+    # -- description ---------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def teacher_ids(self) -> list[str]:
+        return [t["id"] for t in self.manifest["teachers"]]
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.manifest["targets"]["labels"])
+
+    @property
+    def has_logits(self) -> bool:
+        return self.manifest["targets"]["logits"] is not None
+
+    @property
+    def top_k(self) -> int | None:
+        tk = self.manifest["targets"]["top_k"]
+        return int(tk["k"]) if tk else None
+
+    def column_for(self, role: str, teacher: str | None = None) -> str | None:
+        """Name of the column with `role` (and `teacher`), or None."""
+        for c in self.manifest["columns"]:
+            if c["role"] == role and (teacher is None or c.get("teacher") == teacher):
+                return str(c["name"])
+        return None
+
+    # -- data ----------------------------------------------------------------------------------------
+    def read_file(
+        self, index: int, names: Sequence[str], row_groups: Sequence[int] | None = None, *, decode: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Read columns of one data file (all rows or some row groups); bfloat16 decoded to float32 if `decode`."""
+        unknown = [n for n in names if n not in self.columns]
+        if unknown:
+            raise StoreFormatError(f"{self.ref}: no column {unknown[0]!r}; it has {sorted(self.columns)}")
+        out = read_shard(self.file_paths[index], self.fmt, names, row_groups, self.manifest["storage"]["row_group_rows"])
+        rows = self.files[index]["rows"] if row_groups is None else None
+        for n in names:
+            if rows is not None and len(out[n]) != rows:
+                raise StoreFormatError(f"{self.files[index]['path']}: column {n!r} has {len(out[n])} rows, manifest says {rows}")
+            if decode and self.columns[n]["dtype"] == "bfloat16":
+                out[n] = decode_bfloat16(out[n])
+        return out
+
+    def row_groups(self, index: int) -> list[tuple[int, int]]:
+        """[start, stop) row ranges (within file `index`) of its row groups / chunks."""
+        return shard_row_groups(self.file_paths[index], self.fmt, self.files[index]["rows"],
+                                self.manifest["storage"]["row_group_rows"])
+
+    def iter_files(self, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield each data file's columns in row order."""
+        for i in range(len(self.files)):
+            yield self.read_file(i, names)
+
+    def read_all(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Every row of `names`, concatenated (for sets that fit in memory)."""
+        parts = list(self.iter_files(names))
+        return {n: np.concatenate([p[n] for p in parts]) for n in names}
+
+    # -- integrity ----------------------------------------------------------------------------------
+    def verify(self, *, full: bool = True) -> list[str]:
+        """Problems found (empty if none): missing files, sizes, row counts; and sha256 if `full`."""
+        problems: list[str] = []
+        first = 0
+        for f, p in zip(self.files, self.file_paths):
+            if f["first_row"] != first:
+                problems.append(f"{f['path']}: first_row {f['first_row']}, expected {first}")
+            first += f["rows"]
+            if not p.is_file():
+                problems.append(f"{f['path']}: missing")
+                continue
+            size = p.stat().st_size
+            if size != f["bytes"]:
+                problems.append(f"{f['path']}: {size} bytes, manifest says {f['bytes']} (truncated or replaced)")
+                continue
+            if full:
+                digest = sha256_file(p)
+                if digest != f["sha256"]:
+                    problems.append(f"{f['path']}: sha256 {digest[:12]}..., manifest says {f['sha256'][:12]}... (corrupted)")
+                    continue
+                try:
+                    n = count_rows(p, self.fmt)
+                except Exception as e:  # unreadable footer/header: report, don't crash
+                    problems.append(f"{f['path']}: unreadable ({type(e).__name__}: {e})")
+                    continue
+                if n != f["rows"]:
+                    problems.append(f"{f['path']}: {n} rows, manifest says {f['rows']}")
+        return problems
+
+
+def open_version(ref: VersionRef | str | Path, *, check: bool = True) -> Version:
+    """Open a committed version (see `Version`)."""
+    return Version(ref, check=check)
+
+
+def list_datasets(store: Path) -> dict[str, list[int]]:
+    """{name: [versions]} of a store directory."""
+    if not store.is_dir():
+        raise StoreNotFoundError(f"store {store} does not exist or is not a directory")
+    return {p.name: existing_versions(p) for p in sorted(store.iterdir()) if p.is_dir() and not p.name.startswith(".")
+            and existing_versions(p)}
