@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from kdstore.cli import main
 from kdstore.cli.label import label
+from kdstore.cli.munge import munge_command
+from kdstore.cli.train import train
 
 main.add_command(label)
+main.add_command(train)
+main.add_command(munge_command)
 
 __all__ = ["main"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,11 @@ def load_teacher(spec: str, option: str = "--teacher") -> Teacher:
 
 def _load_torchscript(path: Path, option: str) -> Teacher:
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch >= 2.9 deprecates TorchScript; it is still the documented teacher format, and a warning
+            # promoted to an error (-W error) must not make a valid teacher file unloadable.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError/ValueError variants for non-TorchScript files
         raise TeacherError(
             f"{option} {path}: cannot load it as TorchScript ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "

@@ -57,15 +57,16 @@ def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
 
 
-def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Shift each 8x8 image by (dy, dx) in [-max_shift, max_shift]^2, filling with zeros."""
-    if max_shift <= 0:
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator, prob: float = 1.0) -> torch.Tensor:
+    """With probability `prob`, shift an 8x8 image by (dy, dx) in [-max_shift, max_shift]^2 (zero fill)."""
+    if max_shift <= 0 or prob <= 0:
         return x
     n = x.shape[0]
     img = x.view(n, 8, 8)
     p = max_shift
     padded = F.pad(img, (p, p, p, p))
     d = torch.randint(-p, p + 1, (n, 2), generator=gen)
+    d = d * (torch.rand(n, 1, generator=gen) < prob)
     ar = torch.arange(8)
     rows = (ar[None, :] + p - d[:, 0:1])[:, :, None]  # (n, 8, 1)
     cols = (ar[None, :] + p - d[:, 1:2])[:, None, :]  # (n, 1, 8)
@@ -99,7 +100,7 @@ def train(x: torch.Tensor, y: torch.Tensor, s: dict) -> MLP:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, s["batch_size"]):
             idx = perm[i : i + s["batch_size"]]
-            xb = random_shift(x[idx], s["max_shift"], gen)
+            xb = random_shift(x[idx], s["max_shift"], gen, s["shift_prob"])
             loss = F.cross_entropy(model(xb), y[idx], label_smoothing=s["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dropout", type=float, default=0.5)
     ap.add_argument("--input-dropout", type=float, default=0.0)
     ap.add_argument("--max-shift", type=int, default=1)
+    ap.add_argument("--shift-prob", type=float, default=1.0)
     ap.add_argument("--max-norm", type=float, default=3.0)
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--warmup-epochs", type=int, default=2)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
         "schedule": f"linear warmup {args.warmup_epochs} epochs, then cosine to 0 (per step)",
         "warmup_epochs": args.warmup_epochs, "dropout": args.dropout, "input_dropout": args.input_dropout,
-        "max_shift": args.max_shift, "max_norm": args.max_norm, "label_smoothing": args.label_smoothing,
+        "max_shift": args.max_shift, "shift_prob": args.shift_prob, "max_norm": args.max_norm, "label_smoothing": args.label_smoothing,
     }
 
     x_tr, y_tr = load_split(args.data / "digits_train.parquet")

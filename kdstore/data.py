@@ -1,0 +1,266 @@
+"""Stored targets joined with their transfer-set inputs, as torch data: in memory or streamed from disk.
+
+Public API for users with their own training loop (plain PyTorch, Lightning)::
+
+    from kdstore.data import open_training_data
+    data = open_training_data("targets/mnist-t1200", need={"logits", "label"})
+    loader = torch.utils.data.DataLoader(data.stream(batch_size=256, seed=0), batch_size=None, num_workers=2)
+    for epoch in range(10):
+        loader.dataset.set_epoch(epoch)
+        for batch in loader:   # dict: x, label, logits (B, M, C), topk_values/topk_indices (B, M, k), lse (B, M)
+            ...
+
+`StreamingTargets` shuffles by permuting row groups each epoch (seeded, epoch-dependent) and mixing them in a
+buffer, splits row groups across DataLoader workers (and torch.distributed ranks) without duplicating or dropping
+a sample, and opens files lazily inside each worker. `TrainingData.to_memory` is the fast path for sets that fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kdstore.errors import ConfigError, InputError
+from kdstore.store import Version, open_version
+from kdstore.transfer import TransferSet, open_transfer
+
+NEEDS = ("logits", "topk", "label")
+
+
+@dataclass
+class TrainingData:
+    """A committed version plus its verified transfer set, and which targets to read."""
+
+    version: Version
+    transfer_path: Path
+    teachers: list[str]
+    need: frozenset[str]
+
+    @property
+    def num_rows(self) -> int:
+        return self.version.num_rows
+
+    @property
+    def num_classes(self) -> int:
+        return self.version.num_classes
+
+    def open_transfer(self) -> TransferSet:
+        inputs = self.version.manifest["transfer_set"]["inputs"]["columns"]
+        cols = None if inputs == ["<array>"] else inputs
+        return open_transfer(self.transfer_path, input_columns=cols, label_column="none", option="--transfer")
+
+    def columns(self) -> dict[str, list[str]]:
+        """Store columns to read, by batch key (one per teacher for per-teacher targets)."""
+        v = self.version
+        out: dict[str, list[str]] = {"sample_id": ["sample_id"]}
+        if "label" in self.need:
+            out["label"] = ["label"]
+        role_keys = {"logits": [("logits", "logits")],
+                     "topk": [("topk_values", "topk_values"), ("topk_indices", "topk_indices"), ("lse", "logsumexp")]}
+        for need in ("logits", "topk"):
+            if need in self.need:
+                for key, role in role_keys[need]:
+                    out[key] = [v.column_for(role, t) or "" for t in self.teachers]
+        return out
+
+    def input_bytes_estimate(self) -> int:
+        shape = self.version.manifest["transfer_set"]["inputs"]["shape"]
+        per_row = int(np.prod(shape)) * 4 + 16
+        c, k, m = self.num_classes, self.version.top_k or 0, len(self.teachers)
+        if "logits" in self.need:
+            per_row += m * c * 4
+        if "topk" in self.need:
+            per_row += m * (k * 12 + 4)
+        return per_row * self.num_rows
+
+    def to_memory(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Every row as tensors on `device` (the fast path: no loader, batches are index selections)."""
+        ts = self.open_transfer()
+        try:
+            x, _ = ts.read_rows(0, ts.rows)
+        finally:
+            ts.close()
+        cols = self.columns()
+        flat = sorted({c for names in cols.values() for c in names})
+        raw = self.version.read_all(flat)
+        batch = _assemble(raw, cols)
+        batch["x"] = torch.from_numpy(x)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def stream(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, buffer_row_groups: int = 8,
+               rank: int = 0, world_size: int = 1) -> StreamingTargets:
+        """An IterableDataset of batches read from disk (use with DataLoader(batch_size=None))."""
+        return StreamingTargets(self, batch_size, shuffle=shuffle, seed=seed, buffer_row_groups=buffer_row_groups,
+                                rank=rank, world_size=world_size)
+
+
+def open_training_data(
+    targets: str | Path | Version,
+    *,
+    need: Sequence[str] = ("logits", "label"),
+    teachers: Sequence[str] | None = None,
+    transfer: str | Path | None = None,
+    verify_transfer: bool = True,
+) -> TrainingData:
+    """Open a version for training and find (and fingerprint-check) its transfer set.
+
+    Args:
+        targets: ``STORE/NAME``, ``STORE/NAME@vN`` or an open `Version`.
+        need: subset of {"logits", "topk", "label"}.
+        teachers: teacher ids to read (default: all).
+        transfer: the transfer set's path if it moved since labeling (default: the manifest's).
+        verify_transfer: compare the file's sha256 with the manifest's.
+
+    Raises:
+        ConfigError: a needed target is not stored (e.g. logits in a top-k-only store, labels in an unlabeled one).
+        InputError: transfer set missing, or its fingerprint or row count differ from the manifest's.
+    """
+    version = targets if isinstance(targets, Version) else open_version(targets)
+    bad = set(need) - set(NEEDS)
+    if bad:
+        raise ConfigError(f"need {sorted(bad)}: expected a subset of {NEEDS}")
+    ids = list(teachers) if teachers else version.teacher_ids
+    unknown = [t for t in ids if t not in version.teacher_ids]
+    if unknown:
+        raise ConfigError(f"teacher {unknown[0]!r} is not in {version.ref}; it has {version.teacher_ids}")
+    if "logits" in need and not version.has_logits:
+        raise ConfigError(f"{version.ref} stores only top-k targets (labeled with --no-logits); this needs full logits: "
+                          "use --loss kd/topk (rebuilt from top-k) or relabel with --logits")
+    if "topk" in need and not version.top_k:
+        raise ConfigError(f"{version.ref} stores no top-k targets; use --loss kd, or relabel with --top-k K")
+    if "label" in need and not version.has_labels:
+        raise ConfigError(f"{version.ref} is unlabeled (transfer set kind "
+                          f"{version.manifest['transfer_set']['kind']!r}): hard-label terms need labels; "
+                          "use --loss kd with --alpha 1, --loss mse or --loss topk with --alpha 1")
+    ts_meta = version.manifest["transfer_set"]
+    path = Path(transfer) if transfer else Path(ts_meta["path"])
+    if not path.is_file():
+        raise InputError(f"transfer set {path} (recorded in {version.ref}) not found; pass --transfer PATH "
+                         "to the file it was labeled from")
+    if verify_transfer:
+        from kdstore.store import sha256_file
+
+        digest = sha256_file(path)
+        if digest != ts_meta["sha256"]:
+            raise InputError(f"--transfer {path}: sha256 {digest[:12]}... differs from {ts_meta['sha256'][:12]}... "
+                             f"recorded in {version.ref}; the targets were made from another file — pass the right "
+                             "--transfer, or relabel this one")
+    data = TrainingData(version, path, ids, frozenset(need))
+    ts = data.open_transfer()
+    rows = ts.rows
+    ts.close()
+    if rows != version.num_rows:
+        raise InputError(f"--transfer {path}: {rows} rows, but {version.ref} has {version.num_rows}")
+    return data
+
+
+def _assemble(raw: dict[str, np.ndarray], cols: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """Column arrays -> batch tensors; per-teacher columns stacked on dim 1."""
+    out: dict[str, torch.Tensor] = {}
+    for key, names in cols.items():
+        if key in ("sample_id", "label"):
+            out[key] = torch.from_numpy(np.ascontiguousarray(raw[names[0]]).astype(np.int64))
+            continue
+        arrays = [raw[n] for n in names]
+        stacked = np.stack(arrays, axis=1)
+        if key == "topk_indices":
+            out[key] = torch.from_numpy(stacked.astype(np.int64))
+        elif stacked.dtype == np.float16:
+            out[key] = torch.from_numpy(stacked)  # kept half in memory; losses soften in float32
+        else:
+            out[key] = torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32))
+    return out
+
+
+class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
+    """Batches streamed from a version's row groups, joined with the transfer-set inputs of the same rows.
+
+    Each epoch the (file, row group) blocks are permuted with a generator seeded by (seed, epoch); blocks are
+    dealt round-robin to the global workers (rank x DataLoader worker) so every row is read exactly once per
+    epoch; each worker concatenates `buffer_row_groups` blocks at a time, shuffles those rows and cuts batches.
+    The last batch of a worker may be short (no row is dropped).
+    """
+
+    def __init__(self, data: TrainingData, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 buffer_row_groups: int = 8, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        if batch_size < 1 or buffer_row_groups < 1:
+            raise ConfigError(f"batch_size {batch_size} and buffer_row_groups {buffer_row_groups} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} must be in [0, {world_size})")
+        self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
+        self.buffer_row_groups, self.rank, self.world_size = buffer_row_groups, rank, world_size
+        self.epoch = 0
+        v = data.version
+        self.blocks: list[tuple[int, int, int, int]] = []  # (file, row group, first global row, rows)
+        for i, f in enumerate(v.files):
+            for g, (a, b) in enumerate(v.row_groups(i)):
+                self.blocks.append((i, g, f["first_row"] + a, b - a))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose permutation the next iteration uses (call before each epoch)."""
+        self.epoch = epoch
+
+    def epoch_blocks(self, epoch: int) -> list[tuple[int, int, int, int]]:
+        order = np.arange(len(self.blocks))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+        return [self.blocks[i] for i in order]
+
+    def _my_blocks(self) -> tuple[list[tuple[int, int, int, int]], np.random.Generator]:
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        slot, slots = self.rank * workers + wid, self.world_size * workers
+        mine = self.epoch_blocks(self.epoch)[slot::slots]
+        return mine, np.random.default_rng([self.seed, self.epoch, slot, 1])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        mine, rng = self._my_blocks()
+        ts = self.data.open_transfer()  # opened here, inside the worker: handles must not cross fork
+        cols = self.data.columns()
+        flat = sorted({c for names in cols.values() for c in names})
+        carry: dict[str, torch.Tensor] | None = None
+        try:
+            for s in range(0, len(mine), self.buffer_row_groups):
+                parts = []
+                for fi, g, first, n in mine[s : s + self.buffer_row_groups]:
+                    raw = self.data.version.read_file(fi, flat, [g])
+                    batch = _assemble(raw, cols)
+                    x, _ = ts.read_rows(first, first + n)
+                    batch["x"] = torch.from_numpy(x)
+                    parts.append(batch)
+                if carry is not None:
+                    parts.insert(0, carry)
+                buf = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                n = len(buf["sample_id"])
+                perm = torch.from_numpy(rng.permutation(n)) if self.shuffle else torch.arange(n)
+                full = (n // self.batch_size) * self.batch_size
+                for a in range(0, full, self.batch_size):
+                    idx = perm[a : a + self.batch_size]
+                    yield {k: v[idx] for k, v in buf.items()}
+                rest = perm[full:]
+                carry = {k: v[rest] for k, v in buf.items()} if len(rest) else None
+            if carry is not None:
+                yield carry
+        finally:
+            ts.close()
+
+
+def describe_need(loss: str, alpha: float) -> set[str]:
+    """Which stored targets a loss reads."""
+    need = {"kd": {"logits"}, "topk": {"topk"}, "mse": {"logits"}, "hard": set(), "ls": set()}.get(loss)
+    if need is None:
+        raise ConfigError(f"--loss {loss!r}: expected kd, topk, mse, hard or ls")
+    if loss in ("hard", "ls") or (loss in ("kd", "topk") and alpha < 1):
+        need = need | {"label"}
+    return need
+
+
+def any_tensor(batch: dict[str, Any]) -> torch.Tensor:
+    return next(iter(batch.values()))  # type: ignore[no-any-return]

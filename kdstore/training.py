@@ -1,0 +1,455 @@
+"""`kdstore train`: a teacher-free trainer. One plain loop; the teacher never runs here.
+
+For each (temperature, alpha) of the sweep: build the student, then per epoch
+    batch -> teacher targets at T (from stored logits or top-k) -> student forward -> loss -> backward -> step,
+evaluate, log a line to metrics.jsonl, checkpoint. Outputs in RUN/: config.json, metrics.jsonl, summary.json,
+runs/<id>/student.safetensors + student.json, sweep.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdstore import ensemble, losses, targets
+from kdstore.data import TrainingData, describe_need, open_training_data
+from kdstore.device import autocast, resolve_device, resolve_precision
+from kdstore.errors import ConfigError, InputError, StudentError, TrainingDiverged
+from kdstore.students import build_model, count_parameters
+from kdstore.transfer import open_transfer
+
+LOSSES = ("kd", "topk", "mse", "hard", "ls")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `kdstore train` needs; validated on construction (options map one-to-one to fields)."""
+
+    targets: str
+    student: str
+    out: str
+    loss: str = "kd"
+    temperatures: tuple[float, ...] = (4.0,)
+    alphas: tuple[float, ...] = (0.9,)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    eval: str | None = None
+    eval_input_columns: tuple[str, ...] = ()
+    eval_label_column: str | None = None
+    transfer: str | None = None
+    top_k: int | None = None
+    tail: str | None = None
+    ensemble: str = "mean-prob"
+    teacher_weights: tuple[float, ...] = ()
+    smoothing: float = 0.1
+    zero_mean: bool = True
+    data_mode: str = "auto"
+    num_workers: int = 0
+    memory_limit_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        e = []
+        if self.loss not in LOSSES:
+            e.append(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        e += [f"--temperature {t}: must be > 0" for t in self.temperatures if not (t > 0 and math.isfinite(t))]
+        e += [f"--alpha {a}: must be in [0, 1]" for a in self.alphas if not 0 <= a <= 1]
+        if not self.temperatures or not self.alphas:
+            e.append("--temperature and --alpha need at least one value")
+        if self.epochs < 1:
+            e.append(f"--epochs {self.epochs}: must be >= 1")
+        if self.batch_size < 1:
+            e.append(f"--batch-size {self.batch_size}: must be >= 1")
+        if not self.lr > 0:
+            e.append(f"--lr {self.lr}: must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            e.append(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            e.append(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.weight_decay < 0:
+            e.append(f"--weight-decay {self.weight_decay}: must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            e.append(f"--top-k {self.top_k}: must be >= 1")
+        if self.tail is not None and self.tail not in targets.TAIL_MODELS:
+            e.append(f"--tail {self.tail!r}: expected one of {', '.join(targets.TAIL_MODELS)}")
+        if not (self.ensemble in ensemble.COMBINE or (self.ensemble.startswith("t") and self.ensemble[1:].isdigit())):
+            e.append(f"--ensemble {self.ensemble!r}: expected mean-prob, mean-logit or a member id like t0")
+        if not 0 <= self.smoothing < 1:
+            e.append(f"--smoothing {self.smoothing}: must be in [0, 1)")
+        if self.data_mode not in ("auto", "memory", "stream"):
+            e.append(f"--data {self.data_mode!r}: expected auto, memory or stream")
+        if self.num_workers < 0:
+            e.append(f"--num-workers {self.num_workers}: must be >= 0")
+        if e:
+            raise ConfigError("; ".join(e))
+
+    def sweep(self) -> list[tuple[float, float]]:
+        """(T, alpha) pairs to train; losses without T or alpha get one run."""
+        if self.loss in ("hard", "ls", "mse"):
+            return [(1.0, 0.0 if self.loss != "mse" else 1.0)]
+        return [(t, a) for t in self.temperatures for a in self.alphas]
+
+
+def run_id(loss: str, temperature: float, alpha: float) -> str:
+    if loss in ("hard", "ls", "mse"):
+        return loss
+    return f"{loss}-T{temperature:g}-a{alpha:g}"
+
+
+@dataclass
+class RunResult:
+    run: str
+    loss: str
+    temperature: float
+    alpha: float
+    epochs: int
+    eval_accuracy: float | None
+    eval_errors: int | None
+    eval_nll: float | None
+    teacher_agreement: float
+    train_seconds: float
+    epoch_seconds: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class Trainer:
+    """Trains one student per sweep point from stored targets. Build with a TrainConfig, call `run()`."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.cfg = config
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        need = set()
+        for _, a in config.sweep():
+            need |= describe_need(config.loss, a)
+        self.source = "logits"
+        probe = open_training_data(config.targets, need=(), transfer=config.transfer, verify_transfer=False)
+        version = probe.version
+        if config.loss == "kd" and not version.has_logits:
+            need = (need - {"logits"}) | {"topk"}  # exact logits absent: rebuild soft targets from top-k
+        if config.loss == "topk":
+            if version.top_k is None and version.has_logits:
+                need = (need - {"topk"}) | {"logits"}  # compute top-k from the full logits at train time
+            self.source = "topk" if version.top_k is not None else "logits"
+        if "topk" in need:
+            self.source = "topk"
+        teachers = version.teacher_ids
+        if config.ensemble.startswith("t") and config.ensemble[1:].isdigit():
+            if config.ensemble not in teachers:
+                raise ConfigError(f"--ensemble {config.ensemble}: {version.ref} has teachers {teachers}")
+            teachers = [config.ensemble]
+        self.weights = ensemble.normalise_weights(config.teacher_weights or None, len(teachers))
+        self.data: TrainingData = open_training_data(version, need=sorted(need), teachers=teachers,
+                                                     transfer=config.transfer)
+        self.num_classes = self.data.num_classes
+        stored_k = version.top_k
+        self.k = config.top_k or stored_k or self.num_classes
+        if config.loss == "topk" and stored_k is not None and self.k > stored_k:
+            raise ConfigError(f"--top-k {self.k}: {version.ref} stores top-{stored_k}; use a k <= {stored_k}")
+        self.tail = config.tail or (version.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
+        self.eval_set = self._load_eval()
+        mode = config.data_mode
+        if mode == "auto":
+            mode = "memory" if self.data.input_bytes_estimate() < config.memory_limit_gb * 2**30 else "stream"
+        self.mode = mode
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def _load_eval(self) -> tuple[Tensor, Tensor] | None:
+        if not self.cfg.eval:
+            return None
+        ts = open_transfer(self.cfg.eval, input_columns=self.cfg.eval_input_columns or None,
+                           label_column=self.cfg.eval_label_column, option="--eval")
+        if not ts.has_labels:
+            raise InputError(f"--eval {self.cfg.eval}: no label column found; an evaluation set needs labels "
+                             "(--eval-label-column NAME)")
+        x, y = ts.read_rows(0, ts.rows)
+        ts.close()
+        assert y is not None
+        shape = tuple(self.data.version.manifest["transfer_set"]["inputs"]["shape"])
+        if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+            raise InputError(f"--eval {self.cfg.eval}: inputs of shape {x.shape[1:]}, but the transfer set's are "
+                             f"{shape}; evaluate on data of the same kind")
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise InputError(f"--eval {self.cfg.eval}: labels span {y.min()}..{y.max()}, outside 0..{self.num_classes - 1}")
+        return torch.from_numpy(x.reshape(len(x), *shape)), torch.from_numpy(y)
+
+    def _build_student(self) -> nn.Module:
+        model = build_model(self.cfg.student)
+        shape = tuple(self.data.version.manifest["transfer_set"]["inputs"]["shape"])
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(2, *shape))
+        except Exception as e:
+            raise StudentError(f"--student {self.cfg.student}: forward failed on inputs of shape {(2, *shape)} "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); match its input size to the data") from None
+        if out.ndim != 2 or out.shape[1] != self.num_classes:
+            raise StudentError(f"--student {self.cfg.student}: outputs {tuple(out.shape[1:])} classes, but the store "
+                               f"has {self.num_classes}; make its last size {self.num_classes}")
+        return model.to(self.device)
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        c = self.cfg
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                   nesterov=c.momentum > 0)
+        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        return cls(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+
+    def _lr_at(self, epoch: int, step: int, steps: int) -> float:
+        if self.cfg.schedule == "constant":
+            return self.cfg.lr
+        progress = (epoch + step / max(steps, 1)) / self.cfg.epochs
+        return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # -- batches -----------------------------------------------------------------------------------------------
+    def _batches(self, memory: dict[str, Tensor] | None, epoch: int) -> Iterator[dict[str, Tensor]]:
+        bs = self.cfg.batch_size
+        if memory is not None:
+            n = len(memory["sample_id"])
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g).to(self.device)
+            for a in range(0, n, bs):
+                idx = perm[a : a + bs]
+                yield {k: v[idx] for k, v in memory.items()}
+            return
+        ds = self.data.stream(bs, seed=self.cfg.seed)
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def teacher_log_probs(self, batch: dict[str, Tensor], temperature: float) -> Tensor:
+        """The (possibly ensembled) teacher's log soft targets at T for a batch, (B, C) float32."""
+        if self.source == "logits":
+            z = batch["logits"].float()  # (B, M, C)
+            if self.cfg.loss == "topk":  # k chosen at train time from full logits
+                b, m, c = z.shape
+                v, i = targets.top_k(z.reshape(b * m, c), self.k)
+                z = targets.rebuild_logits(v, i, torch.logsumexp(z.reshape(b * m, c), 1), c, self.tail).reshape(b, m, c)  # type: ignore[arg-type]
+        else:
+            v, i, lse = batch["topk_values"][..., : self.k].float(), batch["topk_indices"][..., : self.k], batch["lse"]
+            b, m, k = v.shape
+            z = targets.rebuild_logits(v.reshape(b * m, k), i.reshape(b * m, k), lse.reshape(b * m).float(),
+                                       self.num_classes, self.tail).reshape(b, m, self.num_classes)  # type: ignore[arg-type]
+        if z.shape[1] == 1:
+            return torch.log_softmax(z[:, 0] / temperature, dim=1)
+        if self.cfg.ensemble == "mean-logit":
+            return torch.log_softmax(ensemble.mean_logits(z, self.weights) / temperature, dim=1)
+        return ensemble.mean_prob_log_targets(torch.log_softmax(z / temperature, dim=2), self.weights)
+
+    def loss(self, student_logits: Tensor, batch: dict[str, Tensor], temperature: float, alpha: float) -> Tensor:
+        c, labels = self.cfg, batch.get("label")
+        if c.loss == "hard":
+            return losses.hard_loss(student_logits, batch["label"])
+        if c.loss == "ls":
+            return losses.label_smoothing_loss(student_logits, batch["label"], smoothing=c.smoothing)
+        if c.loss == "mse":
+            target = ensemble.mean_logits(batch["logits"].float(), self.weights)
+            return losses.mse_logit_loss(student_logits, target, zero_mean=c.zero_mean)
+        logp = self.teacher_log_probs(batch, temperature)
+        return losses.kd_loss(student_logits, logp, labels if alpha < 1 else None, temperature=temperature, alpha=alpha)
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> tuple[float, int, float] | None:
+        """(accuracy, errors, mean NLL) on the --eval set."""
+        if self.eval_set is None:
+            return None
+        model.eval()
+        x, y = self.eval_set
+        correct, nll = 0, 0.0
+        for a in range(0, len(x), 4096):
+            xb, yb = x[a : a + 4096].to(self.device), y[a : a + 4096].to(self.device)
+            with autocast(self.device, self.precision):
+                out = model(xb)
+            logp = torch.log_softmax(out.float(), dim=1)
+            correct += int((logp.argmax(1) == yb).sum())
+            nll += float(-logp.gather(1, yb[:, None]).sum())
+        model.train()
+        return correct / len(x), len(x) - correct, nll / len(x)
+
+    @torch.no_grad()
+    def agreement(self, model: nn.Module, memory: dict[str, Tensor] | None) -> float:
+        """Fraction of transfer rows where the student's argmax equals the (ensembled) teacher's."""
+        model.eval()
+        agree = total = 0
+        for batch in self._batches(memory, 0):
+            with autocast(self.device, self.precision):
+                out = model(batch["x"])
+            if "logits" in batch or "topk_values" in batch:
+                teacher = self.teacher_log_probs(batch, 1.0).argmax(1)
+            else:
+                teacher = batch["label"]
+            agree += int((out.float().argmax(1) == teacher).sum())
+            total += len(teacher)
+        model.train()
+        return agree / max(total, 1)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self, progress: Progress | None = None, resume: bool = False) -> list[RunResult]:
+        """Train every sweep point; write outputs under `out`. Returns one RunResult per point."""
+        self._prepare_out(resume)
+        memory = self.data.to_memory(self.device) if self.mode == "memory" else None
+        results = []
+        for temperature, alpha in self.cfg.sweep():
+            results.append(self._train_one(temperature, alpha, memory, progress))
+            self._write_summary(results)
+        return results
+
+    def _train_one(self, temperature: float, alpha: float, memory: dict[str, Tensor] | None,
+                   progress: Progress | None) -> RunResult:
+        rid = run_id(self.cfg.loss, temperature, alpha)
+        rdir = self.out / "runs" / rid
+        done = rdir / "result.json"
+        if done.exists():
+            return RunResult(**json.loads(done.read_text()))
+        rdir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.cfg.seed)
+        model = self._build_student()
+        opt = self._optimizer(model)
+        start_epoch, epoch_seconds = 0, []
+        ckpt = rdir / "checkpoint.pt"
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location=self.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start_epoch, epoch_seconds = int(state["epoch"]) + 1, [float(s) for s in state["epoch_seconds"]]
+        steps = math.ceil(self.data.num_rows / self.cfg.batch_size)
+        t0 = time.perf_counter()
+        model.train()
+        for epoch in range(start_epoch, self.cfg.epochs):
+            te = time.perf_counter()
+            total = torch.zeros((), device=self.device)
+            count = 0
+            for step, batch in enumerate(self._batches(memory, epoch)):
+                for group in opt.param_groups:
+                    group["lr"] = self._lr_at(epoch, step, steps)
+                with autocast(self.device, self.precision):
+                    out = model(batch["x"])
+                loss = self.loss(out, batch, temperature, alpha)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+                count += 1
+                if progress:
+                    progress(rid, epoch, len(batch["x"]))
+            train_loss = float(total) / max(count, 1)
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(f"run {rid}: the loss became {train_loss} in epoch {epoch + 1}; "
+                                       "lower --lr (now {self.cfg.lr}) or check the stored targets".replace(
+                                           "{self.cfg.lr}", f"{self.cfg.lr:g}"))
+            epoch_seconds.append(time.perf_counter() - te)
+            ev = self.evaluate(model)
+            line = {"run": rid, "temperature": temperature, "alpha": alpha, "epoch": epoch + 1,
+                    "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds[-1]}
+            if ev:
+                line.update(eval_accuracy=ev[0], eval_errors=ev[1], eval_nll=ev[2])
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                        "epoch_seconds": epoch_seconds}, tmp)
+            os.replace(tmp, ckpt)
+        ev = self.evaluate(model)
+        result = RunResult(rid, self.cfg.loss, temperature, alpha, self.cfg.epochs,
+                           ev[0] if ev else None, ev[1] if ev else None, ev[2] if ev else None,
+                           self.agreement(model, memory), time.perf_counter() - t0, epoch_seconds,
+                           {"parameters": count_parameters(model)})
+        self._save_student(model, rdir, result)
+        ckpt.unlink(missing_ok=True)
+        done.write_text(json.dumps(asdict(result), indent=1))
+        return result
+
+    def _save_student(self, model: nn.Module, rdir: Path, result: RunResult) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(rdir / "student.safetensors"))
+        (rdir / "student.json").write_text(json.dumps({
+            "student": self.cfg.student, "num_classes": self.num_classes, "loss": self.cfg.loss,
+            "temperature": result.temperature, "alpha": result.alpha, "targets": str(self.data.version.ref),
+            "load": f"kdstore.students.build_model({self.cfg.student!r}).load_state_dict("
+                    "safetensors.torch.load_file('student.safetensors'))",
+        }, indent=1))
+
+    def _prepare_out(self, resume: bool) -> None:
+        cfg = json.loads(json.dumps(asdict(self.cfg)))
+        record = {"config": cfg, "targets": str(self.data.version.ref), "mode": self.mode,
+                  "device": str(self.device), "precision": self.precision, "source": self.source,
+                  "torch_version": torch.__version__}
+        path = self.out / "config.json"
+        if path.exists():
+            if not resume:
+                raise ConfigError(f"--out {self.out} already holds a run; pass --resume to continue it, "
+                                  "or choose another --out")
+            old = json.loads(path.read_text())
+            if old.get("config") != cfg:
+                diff = sorted(k for k in cfg if old.get("config", {}).get(k) != cfg[k])
+                raise ConfigError(f"--resume: {self.out} was started with other settings ({', '.join(diff)}); "
+                                  "rerun with the same options or choose another --out")
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {self.out}: cannot create it ({e.strerror})") from None
+        path.write_text(json.dumps(record, indent=1))
+
+    def _write_summary(self, results: list[RunResult]) -> None:
+        summary = {"targets": str(self.data.version.ref), "student": self.cfg.student,
+                   "teacher": self.data.version.manifest["statistics"]["teachers"],
+                   "ensemble": self.data.version.manifest["statistics"].get("ensemble"),
+                   "runs": [asdict(r) for r in results]}
+        tmp = self.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, self.out / "summary.json")
+
+
+def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
+    """Accuracy vs temperature, one line per alpha; None if there is nothing to plot."""
+    points = [r for r in results if r.eval_accuracy is not None and r.loss in ("kd", "topk")]
+    if len({r.temperature for r in points}) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for a in sorted({r.alpha for r in points}):
+        rs = sorted((r for r in points if r.alpha == a), key=lambda r: r.temperature)
+        ax.plot([r.temperature for r in rs], [100 * (r.eval_accuracy or 0) for r in rs], marker="o", label=f"alpha={a:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("eval accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,99 @@
+"""Tiny, seeded teacher factories for the tests, usable as `--teacher tests.fixtures_models:NAME`.
+
+Every factory builds its weights from a fixed seed with its own generator, so a factory teacher without
+`@WEIGHTS` has the same state dict (and fingerprint) in every process. Subprocesses need the repository
+root on PYTHONPATH (see `tests.conftest.subprocess_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+IN_FEATURES = 8
+HIDDEN = 16
+NUM_CLASSES = 5
+NAN_SENTINEL = 42.0  # nan_teacher returns NaN logits for rows whose first feature equals this
+SLEEP_ENV = "KDSTORE_TEST_SLEEP"
+
+
+def _seeded(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+    return module.eval()
+
+
+def mlp(num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Sequential:
+    """Linear(8, 16) -> ReLU -> Linear(16, num_classes), seeded."""
+    m = nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, num_classes))
+    return _seeded(m, seed)  # type: ignore[return-value]
+
+
+def tiny_teacher() -> nn.Module:
+    """The 8 -> 16 -> 5 teacher (the same weights as the TorchScript fixture)."""
+    return mlp()
+
+
+def three_class_teacher() -> nn.Module:
+    """8 -> 16 -> 3: disagrees with tiny_teacher on the number of classes."""
+    return mlp(3, seed=3)
+
+
+class _Wrap(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+
+class SlowTeacher(_Wrap):
+    """tiny_teacher that sleeps $KDSTORE_TEST_SLEEP seconds (default 0.15) per batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(float(os.environ.get(SLEEP_ENV, "0.15")))
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def slow_teacher() -> nn.Module:
+    return SlowTeacher().eval()
+
+
+class NanTeacher(_Wrap):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        bad = x[:, 0] == NAN_SENTINEL
+        return torch.where(bad[:, None], torch.full_like(z, float("nan")), z)
+
+
+def nan_teacher() -> nn.Module:
+    """tiny_teacher, except rows whose first feature is NAN_SENTINEL get NaN logits."""
+    return NanTeacher().eval()
+
+
+class ThreeDTeacher(_Wrap):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, :, None]  # (B, C, 1)
+
+
+def three_d_teacher() -> nn.Module:
+    """Returns (batch, classes, 1) instead of (batch, classes)."""
+    return ThreeDTeacher().eval()
+
+
+class AssertingTeacher(_Wrap):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == IN_FEATURES  # a bare assert: the exception has an empty message
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def asserting_teacher() -> nn.Module:
+    """tiny_teacher that checks its input width with a bare `assert`."""
+    return AssertingTeacher().eval()
+
+
+def not_a_module() -> object:
+    return "not a module"
