@@ -5,12 +5,13 @@ from __future__ import annotations
 import click
 
 from kdstore.cli._common import progress_bar, user_errors
-from kdstore.teachers import TEACHER_HELP
 
 
 @click.command("label")
 @click.option("--teacher", "teachers", multiple=True, required=True, metavar="SPEC",
-              help=f"Teacher: {TEACHER_HELP}. Repeat to label with an ensemble in one pass.")
+              help="Teacher: a TorchScript file (teacher.pt), or MODEL@WEIGHTS where MODEL is a built-in spec "
+                   "(mlp:784-1200-1200-10) or package.module:factory and WEIGHTS a .safetensors or state-dict .pt "
+                   "file. Repeat to label with an ensemble in one pass.")
 @click.option("--transfer", required=True, metavar="PATH",
               help="Transfer set: .parquet, .npz, .npy or .h5 (original training data, unlabeled or synthetic).")
 @click.option("--out", required=True, metavar="STORE", help="Store directory; the version goes to STORE/NAME/vN.")
@@ -36,11 +37,14 @@ from kdstore.teachers import TEACHER_HELP
               help="Rows per data file; an interrupted run resumes from its last complete file.")
 @click.option("--row-group-rows", type=int, default=2048, show_default=True,
               help="Rows per Parquet row group / HDF5 chunk (the unit of streamed, shuffled reads).")
+@click.option("--tail", type=click.Choice(["uniform", "drop"]), default="uniform", show_default=True,
+              help="Default tail model for rebuilding soft targets from the top-k (see docs/format.md); "
+                   "the trainer can override it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str, top_k: int, keep_logits: bool,
           logits_dtype: str, batch_size: int, device: str, precision: str, input_columns: tuple[str, ...],
-          label_column: str | None, shard_rows: int, row_group_rows: int, quiet: bool) -> None:
+          label_column: str | None, shard_rows: int, row_group_rows: int, tail: str, quiet: bool) -> None:
     """Run one or more teachers ONCE over a transfer set; write logits and top-k targets as a new version.
 
     \b
@@ -59,8 +63,11 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
     cfg = LabelConfig(teachers=teachers, transfer=transfer, out=out, name=name, format=fmt,
                       top_k=top_k or None, keep_logits=keep_logits, logits_dtype=logits_dtype,
                       batch_size=batch_size, device=device, precision=precision, input_columns=input_columns,
-                      label_column=label_column, shard_rows=shard_rows, row_group_rows=row_group_rows)
-    rows = open_transfer(transfer, input_columns=input_columns or None, label_column=label_column).rows
+                      label_column=label_column, shard_rows=shard_rows, row_group_rows=row_group_rows,
+                      tail=tail)
+    ts = open_transfer(transfer, input_columns=input_columns or None, label_column=label_column)
+    rows = ts.rows
+    ts.close()  # only the row count is needed here; label() opens it again
     with progress_bar(rows, "label", "rows", disable=quiet) as bar:
         result = run_label(cfg, progress=bar.update)
     m = result.manifest
@@ -70,7 +77,8 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
     for tid, s in m["statistics"]["teachers"].items():
         acc = f"accuracy {s['accuracy']:.4f}" if s["accuracy"] is not None else "unlabeled"
         fid = s.get("topk_fidelity_kl")
-        fid_txt = (" top-k KL@T=1/4/20: " + "/".join(f"{fid[t]:.2g}" for t in ("1.0", "4.0", "20.0"))) if fid else ""
+        fid_txt = (" top-k KL@T=1/4/20: " + "/".join("inf" if fid[t] is None else f"{fid[t]:.2g}"
+                                                       for t in ("1.0", "4.0", "20.0"))) if fid else ""
         click.echo(f"  {tid}: {acc}, mean entropy {s['mean_entropy_nats']:.3f} nats{fid_txt}")
     if "ensemble" in m["statistics"]:
         click.echo(f"  ensemble (mean-prob): accuracy {m['statistics']['ensemble']['accuracy']:.4f}")

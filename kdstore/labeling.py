@@ -8,6 +8,7 @@ import math
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, InputError, ShapeMismatchError, TeacherError
 from kdstore.manifest import FORMAT_VERSION
 from kdstore.store import VersionWriter, check_name, encode_bfloat16
-from kdstore.store.formats import FORMATS
+from kdstore.store.formats import FORMATS, sha256_file
 from kdstore.teachers import Teacher, load_teacher
 from kdstore.transfer import TransferSet, open_transfer
 
@@ -98,6 +99,14 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None) ->
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     ts = open_transfer(config.transfer, input_columns=config.input_columns or None, label_column=config.label_column)
+    try:
+        return _label(config, ts, device, precision, t_start, progress)
+    finally:
+        ts.close()
+
+
+def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision: str, t_start: float,
+           progress: Callable[[int], None] | None) -> LabelResult:
     teachers = [load_teacher(s) for s in config.teachers]
     for t in teachers:
         t.module.to(device)
@@ -112,9 +121,15 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None) ->
         "name": config.name,
         "columns": columns,
         "teachers": [t.sha256 for t in teachers],
-        "transfer_sha256": ts.sha256,
     }
-    key_material = {"meta": shard_meta, "batch_size": config.batch_size, "device": device.type,
+    # The transfer set's sha256 is computed on a thread while the teachers run (hashing a large file first
+    # would add its whole read time to the run); the resume key uses its identity (path, size, mtime) instead.
+    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdstore-hash")
+    transfer_sha = hashing.submit(sha256_file, ts.path)
+    hashing.shutdown(wait=False)
+    st = ts.path.stat()
+    key_material = {"meta": shard_meta, "transfer": [str(ts.path.resolve()), st.st_size, st.st_mtime_ns],
+                    "batch_size": config.batch_size, "device": device.type,
                     "precision": precision, "tail": config.tail, "k": k, "inputs": ts.input_columns,
                     "labels": ts.label_column, "shard_rows": config.shard_rows, "rg": config.row_group_rows}
     run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
@@ -156,6 +171,7 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None) ->
             worker.join()
         if failure:
             raise failure[0]
+        ts.set_sha256(transfer_sha.result())
         infos = writer.completed()
         stats = _combine_stats([infos[i]["stats"] for i in sorted(infos)], ids, k)
         manifest = {
@@ -184,7 +200,6 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None) ->
             "statistics": stats,
         }
         path = writer.commit(manifest)
-    ts.close()
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
 
@@ -217,7 +232,7 @@ def _forward(teacher: Teacher, x: np.ndarray, device: torch.device, precision: s
     except Exception as e:  # a shape the teacher rejects is the commonest cause
         raise TeacherError(
             f"--teacher {teacher.source}: forward pass failed on inputs of shape {tuple(xt.shape)} "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check --input-column and the teacher's input size"
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); check --input-column and the teacher's input size"
         ) from None
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -334,13 +349,18 @@ def _combine_stats(parts: list[dict[str, Any]], ids: list[str], k: int | None) -
         }
         if k:
             entry["topk_mass_mean"] = sum(s["topk_mass_sum"] for s in tp) / rows
-            entry["topk_fidelity_kl"] = {t: sum(s["fidelity_sum"].get(t, 0.0) for s in tp) / rows
+            # JSON has no Infinity: a KL that is not finite (always, for the "drop" tail) is recorded as null.
+            entry["topk_fidelity_kl"] = {t: _finite_or_none(sum(s["fidelity_sum"].get(t, 0.0) for s in tp) / rows)
                                          for t in (str(float(x)) for x in FIDELITY_TEMPERATURES)}
         out["teachers"][tid] = entry
     if len(ids) > 1 and labeled:
         correct = sum(p["ensemble_correct"] for p in parts)
         out["ensemble"] = {"combine": "mean-prob", "accuracy": correct / labeled, "errors": labeled - correct}
     return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def config_dict(config: LabelConfig) -> dict[str, Any]:

@@ -40,6 +40,12 @@ def validate(manifest: dict[str, Any], where: str = "manifest") -> None:
                 f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}; upgrade kdstore (pip install -U kdstore)"
             )
         raise ManifestError(f"{where}: format_version is {fv!r}, expected one of {SUPPORTED_FORMAT_VERSIONS}")
+    # Path escapes first: they are a safety problem (UnsafePathError), not just a schema violation.
+    for key in ("files", "derived_files"):
+        entries = manifest.get(key)
+        for f in entries if isinstance(entries, list) else []:
+            if isinstance(f, dict) and isinstance(f.get("path"), str):
+                check_relative_path(f["path"], where)
     validator = jsonschema.Draft202012Validator(schema(fv))
     problems = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
     if problems:
@@ -52,8 +58,6 @@ def validate(manifest: dict[str, Any], where: str = "manifest") -> None:
     names = [c["name"] for c in manifest["columns"]]
     if len(set(names)) != len(names):
         raise ManifestError(f"{where}: duplicate column names in {names}")
-    for f in manifest["files"]:
-        check_relative_path(f["path"], where)
 
 
 def check_relative_path(rel: str, where: str = "manifest") -> None:

@@ -90,7 +90,7 @@ def _load_torchscript(path: Path, option: str) -> Teacher:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError/ValueError variants for non-TorchScript files
         raise TeacherError(
-            f"{option} {path}: cannot load it as TorchScript ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            f"{option} {path}: cannot load it as TorchScript ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
             "save it with torch.jit.script(model).save(path), or give MODEL@WEIGHTS"
         ) from None
     module.eval()
@@ -109,7 +109,7 @@ def load_state_dict(path: Path, option: str = "--teacher") -> dict[str, torch.Te
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TeacherError(
-            f"{option}: cannot read weights {path} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            f"{option}: cannot read weights {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
             "expected .safetensors or a state_dict saved with torch.save (tensors only)"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -204,7 +204,7 @@ class Trainer:
                 out = model(torch.zeros(2, *shape))
         except Exception as e:
             raise StudentError(f"--student {self.cfg.student}: forward failed on inputs of shape {(2, *shape)} "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); match its input size to the data") from None
+                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); match its input size to the data") from None
         if out.ndim != 2 or out.shape[1] != self.num_classes:
             raise StudentError(f"--student {self.cfg.student}: outputs {tuple(out.shape[1:])} classes, but the store "
                                f"has {self.num_classes}; make its last size {self.num_classes}")

@@ -58,6 +58,10 @@ class TransferSet:
             self._sha256 = sha256_file(self.path)
         return self._sha256
 
+    def set_sha256(self, digest: str) -> None:
+        """Record a digest computed elsewhere (e.g. on a thread while the file is also being read)."""
+        self._sha256 = digest
+
     @property
     def has_labels(self) -> bool:
         return self.label_column is not None
@@ -72,6 +76,8 @@ class TransferSet:
         """Inputs (float32, (n, *input_shape)) and labels (int64 or None) of rows [start, stop)."""
         if not 0 <= start <= stop <= self.rows:
             raise InputError(f"{self.path}: rows [{start}, {stop}) out of range for {self.rows} rows")
+        if start == stop:  # the Parquet reader has no row group to take an empty slice of
+            return np.zeros((0, *self.input_shape), np.float32), (np.zeros(0, np.int64) if self.has_labels else None)
         x, y = self._reader.read(start, stop)
         if not x.flags.writeable:  # memory-mapped or zip-backed: torch wants its own writable copy
             x = x.copy()
@@ -158,8 +164,10 @@ def _open_parquet(p: Path, inputs: Sequence[str] | None, label: str | None, no_l
     meta = json.loads((schema.metadata or {}).get(b"kdstore", b"{}"))
     if label is not None and label not in names:
         raise InputError(f"--label-column {label!r}: {p} has no such column; columns are {names}")
+    # The column that would be the labels by default is never an input, even with --label-column none.
+    default_label = next((c for c in _DEFAULT_LABELS if c in names), None)
     if label is None and not no_labels:
-        label = next((c for c in _DEFAULT_LABELS if c in names), None)
+        label = default_label
     if label is not None and not pa.types.is_integer(schema.field(label).type):
         raise InputError(
             f"--label-column {label!r} in {p} has type {schema.field(label).type}, expected integer class indices "
@@ -175,7 +183,7 @@ def _open_parquet(p: Path, inputs: Sequence[str] | None, label: str | None, no_l
                  or pa.types.is_large_list(f.type)]
         if len(lists) > 1:
             raise InputError(f"{option} {p}: several array columns {lists}; choose one with --input-column")
-        cols = lists or [f.name for f in schema if f.name != label and f.name not in _ID_COLUMNS
+        cols = lists or [f.name for f in schema if f.name not in (label, default_label) and f.name not in _ID_COLUMNS
                          and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type))]
         if not cols:
             raise InputError(f"{option} {p}: no array or numeric input columns found; columns are {names}; "

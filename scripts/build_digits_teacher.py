@@ -2,9 +2,10 @@
 """Train the embedded digits teacher reproducibly and write it next to the data.
 
 Reads ``kdstore/datasets/digits_{train,test}.parquet`` (made by ``scripts/make_digits.py``),
-trains ``kdstore.students.MLP([64, 512, 512, 10])`` with Hinton-style regularisation
-(dropout on hidden layers, +-1 pixel random shifts of the 8x8 image with zero fill, max-norm
-on incoming weights), and writes:
+trains ``kdstore.students.MLP([64, 256, 256, 10])`` with Hinton-style regularisation
+(dropout 0.5 on hidden layers, a random +-1 pixel shift of the 8x8 image with zero fill on 30%
+of the examples, max-norm 3 on incoming weights; SGD Nesterov momentum 0.9, lr 0.05, 2-epoch
+warmup then per-step cosine, 120 epochs, batch 64), and writes:
 
     kdstore/datasets/digits_teacher.safetensors   state_dict, float32
     kdstore/datasets/digits_teacher.json          spec, settings, test accuracy, sha256
@@ -13,14 +14,16 @@ Training is deterministic (one thread, ``torch.use_deterministic_algorithms``, a
 and a CPU generator), so two runs on the same torch build give byte-identical safetensors.
 Load it with::
 
-    m = MLP([64, 512, 512, 10]); m.load_state_dict(safetensors.torch.load_file(path))
+    m = MLP([64, 256, 256, 10]); m.load_state_dict(safetensors.torch.load_file(path))
 
 Usage:
     python scripts/build_digits_teacher.py [--out kdstore/datasets] [--val N] [--epochs N] ...
 
 ``--val N`` holds out N training rows (stratification not needed at this size; seeded) and
-reports accuracy on them instead of writing files: it is how the defaults were chosen without
-looking at the test split.
+reports accuracy on them instead of writing files. The defaults were chosen by 5-fold
+hold-outs of 270 training rows each (never the test split): 256 wide (~340 KB float32) was as
+good as 384/512 there and keeps the shipped files under 1 MB; shifting every example (prob 1.0)
+or none was worse (~97.0-97.4%) than shifting 30% (~98.6%).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +41,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from kdstore.students import MLP, max_norm_
 
@@ -111,6 +115,24 @@ def train(x: torch.Tensor, y: torch.Tensor, s: dict) -> MLP:
     return model
 
 
+def plain_state_dict(model: MLP) -> dict[str, torch.Tensor]:
+    """State dict in the key layout of a dropout-free ``MLP(sizes)``.
+
+    ``MLP`` puts ``nn.Dropout`` modules inside its ``nn.Sequential``, which shifts the indices
+    (``net.4.weight`` with dropout vs ``net.3.weight`` without), so the trained weights are
+    copied into a plain ``MLP(sizes)`` whose keys are what loaders (and students) expect.
+    """
+    plain = MLP(model.sizes)
+    src = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dst = [m for m in plain.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(src) == len(dst)
+    with torch.no_grad():
+        for a, b in zip(src, dst):
+            b.weight.copy_(a.weight)
+            b.bias.copy_(a.bias)
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in plain.state_dict().items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
@@ -126,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dropout", type=float, default=0.5)
     ap.add_argument("--input-dropout", type=float, default=0.0)
     ap.add_argument("--max-shift", type=int, default=1)
-    ap.add_argument("--shift-prob", type=float, default=1.0)
+    ap.add_argument("--shift-prob", type=float, default=0.3)
     ap.add_argument("--max-norm", type=float, default=3.0)
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--warmup-epochs", type=int, default=2)
@@ -160,10 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.val > 0:
         return 0
 
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = plain_state_dict(model)
     args.out.mkdir(parents=True, exist_ok=True)
     st_path = args.out / "digits_teacher.safetensors"
-    save_file(state, str(st_path), metadata={"spec": spec, "format": "pt"})
+    # One metadata key only: safetensors writes __metadata__ from a hash map, so with two or more
+    # keys their order (and the file's bytes) can change from run to run. The spec is in the JSON.
+    save_file(state, str(st_path), metadata={"format": "pt"})
+    os.chmod(st_path, 0o644)  # safetensors creates the file 0600
+    check = MLP(sizes)
+    check.load_state_dict(load_file(str(st_path)))  # strict: keys of a dropout-free MLP(sizes)
+    if accuracy(check, x_te, y_te) != (acc, errors):
+        sys.exit("reloaded teacher does not reproduce the trained model's test accuracy")
     digest = hashlib.sha256(st_path.read_bytes()).hexdigest()
     meta = {
         "spec": spec,

@@ -19,6 +19,10 @@ from tests.helpers import FIX
 
 ROWS = 100
 
+# Every tensor here is tiny: one intra-op thread avoids OpenMP wake-up stalls (milliseconds per op on a busy
+# machine) that would otherwise dominate the suite's runtime.
+torch.set_num_threads(1)
+
 
 @dataclass(frozen=True)
 class Data:

@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIX = "tests.fixtures_models"
-SMALL = {"shard_rows": 40, "row_group_rows": 16, "batch_size": 16}
+SMALL = {"shard_rows": 40, "row_group_rows": 16, "batch_size": 16, "top_k": 3}
 SMALL_ARGS = ["--shard-rows", "40", "--row-group-rows", "16", "--batch-size", "16", "--quiet", "--device", "cpu"]
 
 
@@ -73,13 +73,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a `kdstore` subprocess that can import tests.fixtures_models."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: see conftest.py
     env.update(extra)
     return env
 
 
 def kdstore_command() -> list[str]:
     """argv prefix that runs the `kdstore` console script (or its entry point if the script is not on PATH)."""
-    script = shutil.which("kdstore") or str(Path(sys.executable).parent / "kdstore")
-    if Path(script).exists():
-        return [script]
+    for script in (Path(sys.executable).parent / "kdstore", shutil.which("kdstore")):  # beside python: no pyenv shim
+        if script and Path(script).is_file():
+            return [str(script)]
     return [sys.executable, "-c", "import sys; from kdstore.cli import main; sys.exit(main())"]

@@ -56,8 +56,8 @@ def test_top_k_rejects_bad_arguments(shape: tuple[int, ...], k: int, match: str)
 
 
 def test_logsumexp_golden() -> None:
-    lse = targets.logsumexp(t([[0.0, 0.0], [0.0, LN2, LN3], [1000.0, 1000.0], [-1000.0, -1000.0]][:1]))
-    assert lse.tolist() == pytest.approx([LN2])
+    lse = targets.logsumexp(t([[0.0, 0.0], [LN2, LN2]]))
+    assert lse.tolist() == pytest.approx([LN2, 2 * LN2])
     rows = targets.logsumexp(t([[0.0, LN2, LN3]]))
     assert rows.tolist() == pytest.approx([math.log(6.0)])
     big = targets.logsumexp(t([[1000.0, 1000.0], [-1000.0, -1000.0]]))  # no overflow / underflow
@@ -218,6 +218,5 @@ def test_topk_fidelity_positive_for_a_non_uniform_tail_and_drop_is_worse() -> No
     drop = targets.topk_fidelity(logits, v, i, lse, [1.0, 4.0], "drop")
     assert uni[1.0].item() > 0 and uni[4.0].item() > 0
     assert drop[1.0].item() > uni[1.0].item()
-    # drop at T = 1: KL(p || p restricted to top-2 renormalised) = sum over the top-2 of p ln(p / (p / 0.7)) = 0.7 ln 0.7,
-    # plus p_i ln(p_i / 0) = +inf for the tail — exact soft targets put mass where the drop model has none.
+    # KL(exact || drop) is +inf: the exact soft targets put mass on the tail, where the drop model has none.
     assert drop[1.0].item() == INF

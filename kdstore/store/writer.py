@@ -189,9 +189,9 @@ class VersionWriter:
         if sorted(done) != expected:
             raise StoreFormatError(f"{self.staging}: shards {sorted(done)} are not contiguous from 0")
         files = [{k: info[k] for k in ("path", "rows", "bytes", "sha256", "first_row")} for info in infos]
-        manifest = dict(manifest, name=self.name, files=files,
-                        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        manifest.setdefault("version", 1)
+        head = {"format_version": manifest["format_version"], "name": self.name, "version": 1,
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        manifest = {**head, **{k: v for k, v in manifest.items() if k not in head}, "files": files}
         mf.validate(manifest, f"manifest for {self.name!r}")  # before anything is removed
         for side in (self.staging / "data").glob("part-*.json"):
             side.unlink()
