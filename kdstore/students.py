@@ -18,24 +18,24 @@ _FACTORY_RE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*):([A-Za-z_]\w*)
 
 
 class MLP(nn.Module):
-    """Fully connected ReLU network; inputs are flattened. Dropout only if asked for (teachers)."""
+    """Fully connected ReLU network; inputs are flattened. Dropout only if asked for (teachers).
+
+    Dropout is applied functionally, so the state-dict keys (``layers.{i}.weight``) are the same with or
+    without it: weights trained with dropout load into the same spec built without.
+    """
 
     def __init__(self, sizes: list[int], dropout: float = 0.0, input_dropout: float = 0.0) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        if input_dropout > 0:
-            layers.append(nn.Dropout(input_dropout))
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-                if dropout > 0:
-                    layers.append(nn.Dropout(dropout))
-        self.net = nn.Sequential(*layers)
-        self.sizes = list(sizes)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.sizes, self.dropout, self.input_dropout = list(sizes), dropout, input_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # type: ignore[no-any-return]
+        x = nn.functional.dropout(x.flatten(1), self.input_dropout, self.training)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = nn.functional.dropout(torch.relu(x), self.dropout, self.training)
+        return x
 
 
 class SmallCNN(nn.Module):

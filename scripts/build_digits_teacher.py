@@ -116,21 +116,8 @@ def train(x: torch.Tensor, y: torch.Tensor, s: dict) -> MLP:
 
 
 def plain_state_dict(model: MLP) -> dict[str, torch.Tensor]:
-    """State dict in the key layout of a dropout-free ``MLP(sizes)``.
-
-    ``MLP`` puts ``nn.Dropout`` modules inside its ``nn.Sequential``, which shifts the indices
-    (``net.4.weight`` with dropout vs ``net.3.weight`` without), so the trained weights are
-    copied into a plain ``MLP(sizes)`` whose keys are what loaders (and students) expect.
-    """
-    plain = MLP(model.sizes)
-    src = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    dst = [m for m in plain.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(src) == len(dst)
-    with torch.no_grad():
-        for a, b in zip(src, dst):
-            b.weight.copy_(a.weight)
-            b.bias.copy_(a.bias)
-    return {k: v.detach().to(torch.float32).contiguous() for k, v in plain.state_dict().items()}
+    """float32 state dict; ``MLP`` applies dropout functionally, so its keys do not depend on dropout."""
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
 
 
 def main(argv: list[str] | None = None) -> int:
