@@ -49,3 +49,19 @@ def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True,
                 disable=disable or not sys.stderr.isatty())
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'--shard I/N', else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    import os
+
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not I/N, e.g. 0/4", param_hint="--shard") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(f"{text}: need 0 <= I < N", param_hint="--shard")
+    return i, n

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kdstore.cli._common import progress_bar, user_errors
+from kdstore.cli._common import parse_shard, progress_bar, user_errors
 
 
 @click.command("label")
@@ -40,11 +40,15 @@ from kdstore.cli._common import progress_bar, user_errors
 @click.option("--tail", type=click.Choice(["uniform", "drop"]), default="uniform", show_default=True,
               help="Default tail model for rebuilding soft targets from the top-k (see docs/format.md); "
                    "the trainer can override it.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Label only job I's share (files I, I+N, ...) of an N-job run, e.g. a Slurm array "
+                   "(--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT). The job that finishes the last file "
+                   "commits the version. Under torchrun, RANK/WORLD_SIZE are used automatically.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str, top_k: int, keep_logits: bool,
           logits_dtype: str, batch_size: int, device: str, precision: str, input_columns: tuple[str, ...],
-          label_column: str | None, shard_rows: int, row_group_rows: int, tail: str, quiet: bool) -> None:
+          label_column: str | None, shard_rows: int, row_group_rows: int, tail: str, shard: str | None, quiet: bool) -> None:
     """Run one or more teachers ONCE over a transfer set; write logits and top-k targets as a new version.
 
     \b
@@ -60,18 +64,27 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
     from kdstore.labeling import label as run_label
     from kdstore.transfer import open_transfer
 
+    shard_index, num_shards = parse_shard(shard)
     cfg = LabelConfig(teachers=teachers, transfer=transfer, out=out, name=name, format=fmt,
                       top_k=top_k or None, keep_logits=keep_logits, logits_dtype=logits_dtype,
                       batch_size=batch_size, device=device, precision=precision, input_columns=input_columns,
                       label_column=label_column, shard_rows=shard_rows, row_group_rows=row_group_rows,
-                      tail=tail)
+                      tail=tail, shard_index=shard_index, num_shards=num_shards)
     ts = open_transfer(transfer, input_columns=input_columns or None, label_column=label_column)
     rows = ts.rows
     ts.close()  # only the row count is needed here; label() opens it again
     with progress_bar(rows, "label", "rows", disable=quiet) as bar:
         result = run_label(cfg, progress=bar.update)
+    if result.path is None:
+        info = result.manifest
+        click.echo(f"shard {shard_index}/{num_shards} done: {info['shards_done']} of {info['shards_total']} files "
+                   "complete; the job that completes the last file commits the version")
+        return
     m = result.manifest
-    resumed = f", resumed {result.resumed_shards} shard(s)" if result.resumed_shards else ""
+    resumed = ""
+    if result.resumed_shards:
+        resumed = (f", {result.resumed_shards} file(s) from other jobs" if num_shards > 1
+                   else f", resumed {result.resumed_shards} shard(s)")
     click.echo(f"wrote {result.path}  ({m['num_rows']} rows, {m['num_classes']} classes, "
                f"{sum(f['bytes'] for f in m['files']) / 1e6:.2f} MB, {result.seconds:.1f} s{resumed})")
     for tid, s in m["statistics"]["teachers"].items():

@@ -50,9 +50,13 @@ class LabelConfig:
     shard_rows: int = 32768
     row_group_rows: int = 2048
     tail: str = "uniform"
+    shard_index: int = 0
+    num_shards: int = 1
 
     def __post_init__(self) -> None:
         errors = []
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            errors.append(f"--shard {self.shard_index}/{self.num_shards}: expected i/N with 0 <= i < N")
         if not self.teachers:
             errors.append("--teacher is required (one or more)")
         check_name(self.name)
@@ -76,7 +80,9 @@ class LabelConfig:
 
 @dataclass
 class LabelResult:
-    path: Path
+    """`path` is the committed version, or None for a shard job whose version another job will commit."""
+
+    path: Path | None
     manifest: dict[str, Any]
     resumed_shards: int = 0
     seconds: float = 0.0
@@ -134,13 +140,18 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                     "labels": ts.label_column, "shard_rows": config.shard_rows, "rg": config.row_group_rows}
     run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
 
+    sharded = config.num_shards > 1
     with VersionWriter(Path(config.out), config.name, run_key=run_key, fmt=config.format, columns=columns,
                        shard_rows=config.shard_rows, row_group_rows=config.row_group_rows,
-                       shard_metadata=shard_meta) as writer:
+                       shard_metadata=shard_meta,
+                       participant=f"shard-{config.shard_index}-of-{config.num_shards}" if sharded else "") as writer:
         done = writer.completed()
         n_shards = math.ceil(ts.rows / config.shard_rows)
+        # The shard plan depends only on shard_rows, never on the number of jobs: job i of N takes files
+        # i, i+N, i+2N, ...; any N (including 1) can finish what any other N started.
+        mine = [i for i in range(n_shards) if i % config.num_shards == config.shard_index]
         if progress:
-            progress(sum(done[i]["rows"] for i in done if i < n_shards))
+            progress(sum(done[i]["rows"] for i in mine if i in done))
         # Writing (encode + compress + fsync + sha256) runs on a thread so it overlaps the next shard's compute.
         pending: queue.Queue[Any] = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
@@ -156,7 +167,7 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
         worker = threading.Thread(target=drain, name="kdstore-shard-writer", daemon=True)
         worker.start()
         try:
-            for index in range(n_shards):
+            for index in mine:
                 if index in done:
                     continue
                 start = index * config.shard_rows
@@ -171,8 +182,12 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
             worker.join()
         if failure:
             raise failure[0]
-        ts.set_sha256(transfer_sha.result())
         infos = writer.completed()
+        if len(infos) < n_shards:
+            # Another job still owes shards; the job that completes the last one commits the version.
+            return LabelResult(None, {"shards_total": n_shards, "shards_done": len(infos)}, len(done),
+                               time.perf_counter() - t_start)
+        ts.set_sha256(transfer_sha.result())
         stats = _combine_stats([infos[i]["stats"] for i in sorted(infos)], ids, k)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -196,10 +211,13 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
             "columns": columns,
             "labeling": {"batch_size": config.batch_size, "device": str(device), "precision": precision,
                          "torch_version": torch.__version__, "seconds": round(time.perf_counter() - t_start, 3),
-                         "world_size": 1},
+                         "world_size": config.num_shards},
             "statistics": stats,
         }
         path = writer.commit(manifest)
+        if path is None:  # another job committed it first
+            return LabelResult(None, {"shards_total": n_shards, "shards_done": n_shards}, len(done),
+                               time.perf_counter() - t_start)
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
 

@@ -81,6 +81,7 @@ class VersionWriter:
         shard_rows: int,
         row_group_rows: int,
         shard_metadata: dict[str, Any],
+        participant: str = "",
     ) -> None:
         check_name(name)
         if fmt not in FORMATS:
@@ -94,7 +95,11 @@ class VersionWriter:
         self.shard_metadata = shard_metadata
         self.dataset_dir = self.store / name
         self.staging = self.dataset_dir / f".staging-{run_key[:16]}"
-        self._lock_path = self.dataset_dir / f".staging-{run_key[:16]}.lock"
+        # One lock per participant: a single run holds ".lock"; jobs of a sharded run each hold their own
+        # (".shard-i-of-N.lock"), so they can write disjoint shards of the same staging directory at once.
+        suffix = f".{participant}" if participant else ""
+        self._lock_path = self.dataset_dir / f".staging-{run_key[:16]}{suffix}.lock"
+        self._commit_lock_path = self.dataset_dir / f".staging-{run_key[:16]}.commit.lock"
         self._lock_fd: int | None = None
         self.committed: Path | None = None
 
@@ -162,7 +167,7 @@ class VersionWriter:
     def write(self, index: int, first_row: int, columns: dict[str, np.ndarray], stats: dict[str, Any]) -> dict[str, Any]:
         """Write shard `index` (rows from `first_row`), then its sidecar; both appear atomically."""
         final = self.shard_path(index)
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # unique: jobs may race on one shard
         write_shard(tmp, columns, self.columns, fmt=self.fmt, row_group_rows=self.row_group_rows,
                     metadata=self.shard_metadata)
         with open(tmp, "rb+") as f:
@@ -175,14 +180,30 @@ class VersionWriter:
         return info
 
     # -- commit ----------------------------------------------------------------------------------
-    def commit(self, manifest: dict[str, Any]) -> Path:
+    def commit(self, manifest: dict[str, Any]) -> Path | None:
         """Finish the version: validate, drop staging-only files, write the manifest last, rename.
 
         `manifest` lacks ``name``, ``version``, ``created_at`` and ``files``; they are filled in here.
 
         Returns:
-            the committed version directory ``STORE/NAME/vN``.
+            the committed version directory ``STORE/NAME/vN``, or None if another job of a sharded run is
+            committing (or has committed) this staging directory.
         """
+        import fcntl
+
+        fd = os.open(self._commit_lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return None
+            if not self.staging.is_dir():
+                return None
+            return self._commit(manifest)
+        finally:
+            os.close(fd)
+
+    def _commit(self, manifest: dict[str, Any]) -> Path:
         done = self.completed()
         infos = [done[i] for i in sorted(done)]
         expected = list(range(len(infos)))
@@ -210,7 +231,8 @@ class VersionWriter:
                     continue  # another writer committed vN first; take the next number
                 raise
             break
-        self._lock_path.unlink(missing_ok=True)
+        for lock in self.dataset_dir.glob(f"{self.staging.name}*.lock"):  # every participant's, ours included
+            lock.unlink(missing_ok=True)
         fsync_dir(self.dataset_dir)
         self.committed = target
         return target
