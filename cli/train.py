@@ -83,8 +83,12 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
     )
     trainer = Trainer(cfg)
     total = len(cfg.sweep()) * cfg.epochs * trainer.data.num_rows
-    with progress_bar(total, "train", "rows", disable=quiet) as bar:
-        results = trainer.run(progress=lambda rid, epoch, n: bar.update(n), resume=resume)
+    try:
+        with progress_bar(total, "train", "rows", disable=quiet) as bar:
+            results = trainer.run(progress=lambda rid, epoch, n: bar.update(n), resume=resume)
+    except KeyboardInterrupt:  # the generic message says "rerun the same command"; train needs --resume
+        raise click.ClickException(f"interrupted; finished epochs are checkpointed in {out}: rerun the same "
+                                   "command with --resume to continue") from None
     click.echo(format_results(trainer, results))
     plot = plot_sweep(results, Path(out) / "sweep.png", f"{student} on {trainer.data.version.ref}")
     click.echo(f"outputs in {out}/ (summary.json, metrics.jsonl, runs/*/student.safetensors"

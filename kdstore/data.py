@@ -192,6 +192,8 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
         super().__init__()
         if batch_size < 1 or buffer_row_groups < 1:
             raise ConfigError(f"batch_size {batch_size} and buffer_row_groups {buffer_row_groups} must be >= 1")
+        if seed < 0:
+            raise ConfigError(f"seed {seed}: must be >= 0")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} must be in [0, {world_size})")
         self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed

@@ -23,8 +23,8 @@ def normalise_weights(weights: Sequence[float] | None, members: int) -> Tensor:
     if len(weights) != members:
         raise ConfigError(f"--teacher-weights has {len(weights)} values for {members} teachers; give one per teacher")
     w = torch.tensor([float(x) for x in weights])
-    if bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ConfigError(f"--teacher-weights {list(weights)}: must be >= 0 with a positive sum")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ConfigError(f"--teacher-weights {list(weights)}: must be finite and >= 0 with a positive sum")
     return w / w.sum()
 
 

@@ -49,3 +49,7 @@ class ShapeMismatchError(KdstoreError, ValueError):
 
 class TrainingDiverged(KdstoreError):
     """The training loss became NaN or infinite."""
+
+
+class RemoteError(KdstoreError):
+    """A remote store (s3://, gs://, memory://, ...) could not be reached, read or written."""

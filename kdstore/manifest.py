@@ -63,7 +63,10 @@ def validate(manifest: dict[str, Any], where: str = "manifest") -> None:
 def check_relative_path(rel: str, where: str = "manifest") -> None:
     """Refuse a path that is absolute or climbs out of its directory (`..`)."""
     p = Path(rel)
-    if p.is_absolute() or rel.startswith(("/", "\\")) or ".." in p.parts or ":" in rel:
+    # "." and empty components are refused too: "data/." names the directory itself, never a file.
+    components = rel.replace("\\", "/").split("/")
+    if (p.is_absolute() or rel.startswith(("/", "\\")) or ".." in p.parts or ":" in rel
+            or any(c in ("", ".", "..") for c in components)):
         raise UnsafePathError(
             f"{where} names {rel!r}, which is outside its version directory; "
             "a manifest may only name files under data/ (the dataset may have been tampered with)"

@@ -87,6 +87,8 @@ class TrainConfig:
             e.append(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
         if self.weight_decay < 0:
             e.append(f"--weight-decay {self.weight_decay}: must be >= 0")
+        if self.seed < 0:
+            e.append(f"--seed {self.seed}: must be >= 0")
         if self.top_k is not None and self.top_k < 1:
             e.append(f"--top-k {self.top_k}: must be >= 1")
         if self.tail is not None and self.tail not in targets.TAIL_MODELS:
@@ -169,8 +171,12 @@ class Trainer:
         self.k = config.top_k or stored_k or self.num_classes
         if config.loss == "topk" and stored_k is not None and self.k > stored_k:
             raise ConfigError(f"--top-k {self.k}: {version.ref} stores top-{stored_k}; use a k <= {stored_k}")
+        if config.loss == "topk" and self.k > self.num_classes:
+            raise ConfigError(f"--top-k {self.k}: {version.ref} has {self.num_classes} classes; "
+                              f"use a k <= {self.num_classes}")
         self.tail = config.tail or (version.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
         self.eval_set = self._load_eval()
+        self._build_student()  # fail on a bad --student now, before --out is created
         mode = config.data_mode
         if mode == "auto":
             mode = "memory" if self.data.input_bytes_estimate() < config.memory_limit_gb * 2**30 else "stream"

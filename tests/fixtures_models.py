@@ -97,3 +97,17 @@ def asserting_teacher() -> nn.Module:
 
 def not_a_module() -> object:
     return "not a module"
+
+
+class NanStudent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(IN_FEATURES, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1)) * float("nan")  # the right shape, but the loss is NaN from the first step
+
+
+def nan_student() -> nn.Module:
+    """An 8 -> 5 student whose logits are all NaN (a diverging run, usable as --student)."""
+    return NanStudent()

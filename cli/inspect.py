@@ -1,0 +1,80 @@
+"""`kdstore inspect`: a dataset card in the terminal, and optionally as README.md + plots."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from kdstore.cli._common import user_errors
+
+
+@click.command("inspect", short_help="Show a version's dataset card; --card writes README.md + plots.")
+@click.argument("ref", metavar="STORE/NAME[@vN]")
+@click.option("--card", is_flag=True,
+              help="Also read the data once and write a dataset card: README.md with PNG plots (teacher confidence, "
+                   "reliability diagram + ECE if labeled, class-similarity heatmap, top-k mass) in VERSION/card/. "
+                   "The card is derived: the manifest and data files are not changed.")
+@click.option("--card-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Write the card into DIR instead of VERSION/card/ (for read-only stores).")
+@click.option("-T", "--temperature", type=float, default=4.0, show_default=True,
+              help="Temperature of the class-similarity heatmap (mean soft targets per class); higher T shows more "
+                   "of the similarity structure KD transfers.")
+@click.option("--teacher", default=None, metavar="ID",
+              help="Teacher (t0, t1, ...) whose soft targets make the heatmap. Default: the first.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the manifest (and, with --card, the computed statistics) as JSON instead of the card.")
+@user_errors
+def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teacher: str | None,
+            as_json: bool) -> None:
+    """Show a version's dataset card: provenance (teachers, transfer set, settings), stored targets, label-time
+    statistics and the top-k fidelity table (how well the stored top-k rebuilds the exact soft targets per T).
+
+    REF is STORE/NAME (latest version), STORE/NAME@vN, or the same under a URL. Without --card only the manifest
+    is read (for a remote version nothing else is downloaded).
+
+    \b
+    Examples:
+      kdstore inspect ./targets/mnist-t1200
+      kdstore inspect ./targets/mnist-t1200@v2 --card -T 8
+      kdstore inspect s3://team-bucket/targets/mnist-t1200 --card --card-dir ./card
+    """
+    from pathlib import Path
+
+    from kdstore import remote
+    from kdstore.card import card_text, compute_statistics, write_card
+    from kdstore.store import Version
+
+    if (card_dir or teacher) and not card:
+        raise click.UsageError("--card-dir and --teacher only apply with --card")
+    if not card and remote.is_remote(ref):
+        _, store, version, manifest = remote.remote_manifest(ref)
+        where = f"{store.url_of(manifest['name'])}@v{version}"
+        _show(manifest, where, None, as_json)
+        return
+    v = Version(remote.resolve_any(ref, option=""))
+    stats = compute_statistics(v, temperature=temperature, teacher=teacher) if card else None
+    _show(v.manifest, str(v.path), stats, as_json)
+    if stats is not None:
+        files = write_card(v, stats, Path(card_dir) if card_dir else None)
+        if not as_json:
+            click.echo(f"\nwrote card {files[-1]} (+ {len(files) - 1} plot(s))")
+
+
+def _show(manifest: dict, where: str, stats: object, as_json: bool) -> None:  # type: ignore[type-arg]
+    from kdstore.card import CardStatistics, card_text
+
+    if not as_json:
+        click.echo(card_text(manifest, where, stats if isinstance(stats, CardStatistics) else None))
+        return
+    out: dict = {"path": where, "manifest": manifest}  # type: ignore[type-arg]
+    if isinstance(stats, CardStatistics):
+        out["card_statistics"] = {
+            "temperature": stats.temperature, "similarity_teacher": stats.similarity_teacher,
+            "grouped_by": stats.grouped_by, "similarity": stats.similarity.tolist(),
+            "teachers": {s.teacher: {"accuracy": s.accuracy, "ece": s.ece, "mean_confidence": s.mean_confidence,
+                                     "mean_entropy_nats": s.mean_entropy,
+                                     "topk_mass_mean": {str(k): s.mass_mean(k) for k in stats.topk_ks}}
+                         for s in stats.teachers},
+        }
+    click.echo(json.dumps(out, indent=2))

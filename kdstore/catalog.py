@@ -1,0 +1,241 @@
+"""What a store holds (`kdstore ls`) and whether a version is intact (`kdstore verify`). Imports no torch.
+
+Both accept local stores and remote URLs. Listing a remote store reads only manifests; verifying a remote
+version downloads every file (into the cache, see `kdstore.remote`) and checks it exactly like a local one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdstore import manifest as mf
+from kdstore import remote
+from kdstore.errors import KdstoreError, StoreNotFoundError
+from kdstore.store.formats import numpy_dtype, read_shard
+from kdstore.store.reader import Version, VersionRef
+from kdstore.store.writer import VERSION_RE, existing_versions
+
+_SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+# --- ls -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VersionEntry:
+    """One committed version found in a store; `error` is set (and `manifest` None) if its manifest is bad."""
+
+    name: str
+    version: int
+    ref: str
+    manifest: dict[str, Any] | None
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Plain JSON-able description (what `kdstore ls --json` prints per version)."""
+        out: dict[str, Any] = {"name": self.name, "version": self.version, "ref": self.ref, "error": self.error}
+        if self.manifest is not None:
+            out.update(summarize(self.manifest))
+        return out
+
+
+@dataclass
+class Listing:
+    store: str
+    entries: list[VersionEntry]
+    unfinished: dict[str, int] = field(default_factory=dict)  # dataset -> staged (interrupted or running) runs
+    hint: str | None = None
+
+
+def short_source(source: str) -> str:
+    """A teacher spec with its file paths shortened to file names: 'mlp:8-5@/a/b/w.safetensors' -> 'mlp:8-5@w.safetensors'."""
+    model, at, weights = source.rpartition("@")
+    if at and model:
+        return f"{short_source(model)}@{Path(weights).name}"
+    return Path(source).name if ("/" in source or "\\" in source) else source
+
+
+def targets_text(targets: dict[str, Any]) -> str:
+    """'fp16 logits + top-10', 'top-5 (no logits)', 'fp32 logits'."""
+    parts = []
+    if targets.get("logits"):
+        parts.append(f"{_SHORT_DTYPE.get(targets['logits']['dtype'], targets['logits']['dtype'])} logits")
+    if targets.get("top_k"):
+        parts.append(f"top-{targets['top_k']['k']}" + ("" if targets.get("logits") else " (no logits)"))
+    return " + ".join(parts) or "-"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def summarize(m: dict[str, Any]) -> dict[str, Any]:
+    """The facts `ls` shows about one manifest."""
+    ts = m["transfer_set"]
+    return {
+        "created_at": m["created_at"],
+        "rows": m["num_rows"],
+        "num_classes": m["num_classes"],
+        "format": m["storage"]["format"],
+        "kind": ts["kind"],
+        "teachers": [{"id": t["id"], "source": t["source"], "short": short_source(t["source"]), "sha256": t["sha256"]}
+                     for t in m["teachers"]],
+        "transfer_set": {"file": Path(ts["path"]).name, "path": ts["path"], "sha256": ts["sha256"], "rows": ts["rows"]},
+        "targets": {"logits": (m["targets"]["logits"] or {}).get("dtype"),
+                    "top_k": (m["targets"]["top_k"] or {}).get("k"),
+                    "tail": (m["targets"]["top_k"] or {}).get("tail"),
+                    "labels": m["targets"]["labels"], "text": targets_text(m["targets"])},
+        "files": len(m["files"]),
+        "bytes": sum(f["bytes"] for f in m["files"]),
+        "parent": m.get("parent"),
+    }
+
+
+def list_store(store: str | Path) -> Listing:
+    """Every committed version in a store (local directory, file:// or remote URL), by name then version.
+
+    Raises:
+        StoreNotFoundError: the store does not exist.
+    """
+    text = str(store)
+    if remote.is_remote(text):
+        return _list_remote(text)
+    root = Path(remote.file_url_to_path(text) if remote.is_url(text) else text)
+    if not root.is_dir():
+        raise StoreNotFoundError(f"store {root} does not exist or is not a directory; expected the --out directory "
+                                 "of `kdstore label` (or a URL such as s3://bucket/targets)")
+    entries: list[VersionEntry] = []
+    unfinished: dict[str, int] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        staged = sum(1 for s in d.glob(".staging-*") if s.is_dir())
+        if staged:
+            unfinished[d.name] = staged
+        for n in existing_versions(d):
+            ref = f"{root / d.name}@v{n}"
+            try:
+                entries.append(VersionEntry(d.name, n, ref, mf.load(d / f"v{n}")))
+            except KdstoreError as e:
+                entries.append(VersionEntry(d.name, n, ref, None, str(e)))
+    hint = None
+    if not entries:
+        if (root / mf.MANIFEST_NAME).exists():
+            hint = f"{root} is a version directory; run `kdstore ls {root.parent.parent}`"
+        elif existing_versions(root):
+            hint = f"{root} is a dataset directory; run `kdstore ls {root.parent}`"
+    return Listing(str(root), entries, unfinished, hint)
+
+
+def _list_remote(url: str) -> Listing:
+    store = remote.RemoteStore(url)
+    found = store.datasets()
+    paths = {store.path(n, f"v{v}", mf.MANIFEST_NAME): (n, v) for n, vs in found.items() for v in vs}
+    texts: dict[str, Any] = {}
+    if paths:
+        with remote._remote_errors(store.url):
+            texts = store.fs.cat(list(paths), on_error="return")  # concurrent on async backends (s3, gcs)
+    entries = []
+    for p, (n, v) in paths.items():
+        where = store.url_of(n, f"v{v}", mf.MANIFEST_NAME)
+        raw = texts.get(p)
+        try:
+            if not isinstance(raw, bytes):
+                raise StoreNotFoundError(f"{where}: unreadable ({type(raw).__name__}: {raw})")
+            entries.append(VersionEntry(n, v, f"{store.url_of(n)}@v{v}", mf.loads(raw.decode("utf-8", "replace"), where)))
+        except KdstoreError as e:
+            entries.append(VersionEntry(n, v, f"{store.url_of(n)}@v{v}", None, str(e)))
+    entries.sort(key=lambda e: (e.name, e.version))
+    return Listing(store.url, entries)
+
+
+# --- verify ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    """Result of a full check; `problems` has one line per bad file (or one for a bad manifest)."""
+
+    ref: str
+    problems: list[str]
+    files: int = 0
+    bytes: int = 0
+    rows: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(ref: str | Path | VersionRef) -> VerifyReport:
+    """Check a version in full: manifest schema and path safety, every file's presence, size, sha256, row count
+    and columns. Never raises for damage it can name; raises StoreNotFoundError if the version does not exist."""
+    if isinstance(ref, str) and remote.is_remote(ref):
+        return _verify_remote(ref)
+    return verify_local(remote.resolve_any(ref, option=""))
+
+
+def verify_local(ref: VersionRef) -> VerifyReport:
+    try:
+        m = mf.load(ref.path)
+        v = Version(ref, check=False)  # refuses symlinks out of the version directory
+    except KdstoreError as e:
+        return VerifyReport(str(ref), [str(e)])
+    problems = v.verify(full=True)
+    bad = {p.split(":", 1)[0] for p in problems}
+    for i, f in enumerate(v.files):
+        if f["path"] not in bad:
+            problems.extend(_column_problems(v, i))
+    return VerifyReport(str(ref), problems, len(m["files"]), sum(f["bytes"] for f in m["files"]), m["num_rows"])
+
+
+def _column_problems(v: Version, index: int) -> list[str]:
+    """Every manifest column is in the file with the recorded dtype and shape (read from its first row group)."""
+    path = v.files[index]["path"]
+    specs = v.manifest["columns"]
+    try:
+        arrays = read_shard(v.file_paths[index], v.fmt, [c["name"] for c in specs], [0],
+                            v.manifest["storage"]["row_group_rows"])
+    except (KdstoreError, KeyError, OSError, ValueError) as e:
+        return [f"{path}: columns unreadable ({(str(e).splitlines() or [''])[0][:200]}); the manifest does not "
+                "describe this file"]
+    out = []
+    for c in specs:
+        a = arrays[c["name"]]
+        want = numpy_dtype(c["dtype"])
+        if a.dtype != want or list(a.shape[1:]) != list(c["shape"]):
+            out.append(f"{path}: column {c['name']!r} is {a.dtype}{list(a.shape[1:])}, manifest says "
+                       f"{c['dtype']}{c['shape']}")
+    return out
+
+
+def _verify_remote(ref: str) -> VerifyReport:
+    r = remote.parse_ref(ref)
+    store = remote.RemoteStore(r.store)
+    version = store.resolve(r.name, r.version, ref)
+    label = f"{store.url_of(r.name)}@v{version}"
+    try:
+        text, m = store.read_manifest(r.name, version)
+    except KdstoreError as e:
+        if isinstance(e, StoreNotFoundError):
+            raise
+        return VerifyReport(label, [str(e)])
+    staging = remote._new_staging(remote.cache_store_dir(store.url) / r.name, "verify")
+    try:
+        problems = remote.fetch_files(store, r.name, version, m, staging, stop_at_first=False)
+        if not problems:  # the bytes are the published ones: check rows and columns on the copy, keep it cached
+            local = VersionRef(remote.cache_store_dir(store.url), r.name, version)
+            remote._commit_cache(staging, local, text, m, store.url)
+            problems = verify_local(local).problems
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return VerifyReport(label, problems, len(m["files"]), sum(f["bytes"] for f in m["files"]), m["num_rows"])
+
+
+def is_version_dir(path: Path) -> bool:
+    return bool(VERSION_RE.match(path.name)) and (path / mf.MANIFEST_NAME).exists()

@@ -1,0 +1,215 @@
+"""`kdstore diff`: compare the targets of two versions labeled on the same transfer set, row by row.
+
+Also the small helpers that turn a block of stored columns into a teacher's soft targets (exact from full
+logits, else rebuilt from the top-k under the version's tail model); the dataset card uses them too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdstore import targets
+from kdstore.errors import ConfigError, ShapeMismatchError
+from kdstore.remote import resolve_any
+from kdstore.store.reader import Version, VersionRef
+
+# --- soft targets from stored columns -----------------------------------------------------------------------------
+
+
+def teacher_id(version: Version, teacher: str | None, option: str = "--teacher") -> str:
+    """`teacher` checked against the version's teachers (default: the first)."""
+    if teacher is None:
+        return version.teacher_ids[0]
+    if teacher not in version.teacher_ids:
+        raise ConfigError(f"{option} {teacher}: {version.ref} has teachers {', '.join(version.teacher_ids)}")
+    return teacher
+
+
+def tensor(a: np.ndarray, dtype: type = np.float32) -> torch.Tensor:
+    """A torch tensor of `a` as `dtype`, copying only when needed (read-only memory-mapped columns are copied)."""
+    return torch.from_numpy(np.require(a, dtype, ["C", "W"]))
+
+
+def columns_for(version: Version, teacher: str) -> list[str]:
+    """The columns needed to rebuild `teacher`'s soft targets (its logits, else its top-k + log-sum-exp)."""
+    logits = version.column_for("logits", teacher)
+    if logits:
+        return [logits]
+    names = [version.column_for(r, teacher) for r in ("topk_indices", "topk_values", "logsumexp")]
+    if not all(names):
+        raise ConfigError(f"{version.ref}: teacher {teacher} has neither logits nor top-k columns")
+    return [n for n in names if n]
+
+
+def log_probs(version: Version, block: dict[str, np.ndarray], teacher: str, temperature: float) -> torch.Tensor:
+    """(N, C) float32 log soft targets of `teacher` at `temperature` for a block read with `columns_for`."""
+    logits = version.column_for("logits", teacher)
+    if logits:
+        return targets.log_soft_targets(tensor(block[logits]), temperature)
+    idx, val, lse = (block[version.column_for(r, teacher) or ""] for r in ("topk_indices", "topk_values", "logsumexp"))
+    tail = (version.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
+    return targets.log_soft_targets_topk(tensor(val), tensor(idx, np.int64), tensor(lse), version.num_classes,
+                                         temperature, tail)
+
+
+def class_names(manifest: dict[str, Any]) -> list[str]:
+    names = manifest.get("class_names")
+    c = int(manifest["num_classes"])
+    return [str(n) for n in names] if isinstance(names, list) and len(names) == c else [str(i) for i in range(c)]
+
+
+# --- diff -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassDiff:
+    cls: int
+    name: str
+    rows: int  # rows whose reference class (true label, else A's argmax) is this class
+    agreement: float | None  # fraction of those rows where A's and B's argmax agree
+    mean_prob_a: float  # mean probability of this class over all rows, at T
+    mean_prob_b: float
+    shift: float  # mean_prob_b - mean_prob_a
+
+
+@dataclass
+class DiffResult:
+    a: str
+    b: str
+    teacher_a: str
+    teacher_b: str
+    temperature: float
+    rows: int
+    num_classes: int
+    transfer_sha256: str
+    transfer_file: str
+    agreement: float
+    disagreeing_rows: int
+    kl_mean: float | None  # None when some rows have infinite KL (B gives 0 where A gives mass: the drop tail)
+    kl_max: float | None
+    kl_infinite_rows: int
+    grouped_by: str  # "label" or "argmax of A"
+    accuracy_a: float | None = None
+    accuracy_b: float | None = None
+    per_class: list[ClassDiff] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_same_transfer(va: Version, vb: Version) -> None:
+    ta, tb = va.manifest["transfer_set"], vb.manifest["transfer_set"]
+    if ta["sha256"] != tb["sha256"]:
+        raise ShapeMismatchError(
+            f"{va.ref} was labeled on {Path(ta['path']).name} (sha256 {ta['sha256'][:12]}...) but {vb.ref} on "
+            f"{Path(tb['path']).name} (sha256 {tb['sha256'][:12]}...); diff compares rows one to one, so both "
+            "versions must come from the same transfer set (see `kdstore ls` for each version's transfer set)")
+    if va.num_rows != vb.num_rows or va.num_classes != vb.num_classes:
+        raise ShapeMismatchError(f"{va.ref} has {va.num_rows} rows x {va.num_classes} classes, {vb.ref} "
+                                 f"{vb.num_rows} x {vb.num_classes}; expected the same shape")
+
+
+def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature: float = 1.0,
+         teacher_a: str | None = None, teacher_b: str | None = None) -> DiffResult:
+    """Compare teacher `teacher_a` of version `a` with `teacher_b` of version `b`, row by row.
+
+    Args:
+        a, b: version references (local or remote).
+        temperature: KL(A || B) and the per-class probabilities are computed on soft targets at this T;
+            argmax agreement does not depend on T.
+
+    Raises:
+        ShapeMismatchError: the versions were labeled on different transfer sets (sha256) or disagree in shape.
+        ConfigError: unknown teacher id, or temperature <= 0.
+    """
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ConfigError(f"--temperature {temperature}: must be a positive number")
+    va, vb = Version(resolve_any(a, option="")), Version(resolve_any(b, option=""))
+    _check_same_transfer(va, vb)
+    ta, tb = teacher_id(va, teacher_a, "--teacher-a"), teacher_id(vb, teacher_b, "--teacher-b")
+    c = va.num_classes
+    cols_a = columns_for(va, ta) + (["label"] if va.has_labels and va.column_for("label") else [])
+    cols_b = columns_for(vb, tb)
+    label_col = va.column_for("label") if va.has_labels else None
+    agree = kl_sum = 0.0
+    kl_max = 0.0
+    kl_inf = 0
+    correct_a = correct_b = 0
+    rows_per = np.zeros(c, np.int64)
+    agree_per = np.zeros(c, np.int64)
+    prob_a = torch.zeros(c, dtype=torch.float64)
+    prob_b = torch.zeros(c, dtype=torch.float64)
+    for i, f in enumerate(va.files):
+        start, stop = f["first_row"], f["first_row"] + f["rows"]
+        block_a = va.read_file(i, cols_a)
+        block_b = vb.read_rows(start, stop, cols_b)
+        lpa, lpb = log_probs(va, block_a, ta, temperature), log_probs(vb, block_b, tb, temperature)
+        arg_a, arg_b = lpa.argmax(1).numpy(), lpb.argmax(1).numpy()
+        same = arg_a == arg_b
+        agree += float(same.sum())
+        kl = targets.kl_divergence(lpa, lpb).clamp(min=0.0).double()
+        finite = torch.isfinite(kl)
+        kl_inf += int((~finite).sum())
+        kl_sum += float(kl[finite].sum())
+        if bool(finite.any()):
+            kl_max = max(kl_max, float(kl[finite].max()))
+        prob_a += lpa.exp().double().sum(0)
+        prob_b += lpb.exp().double().sum(0)
+        if label_col:
+            y = block_a[label_col].astype(np.int64)
+            correct_a += int((arg_a == y).sum())
+            correct_b += int((arg_b == y).sum())
+            ref = y
+        else:
+            ref = arg_a
+        rows_per += np.bincount(ref, minlength=c)[:c]
+        agree_per += np.bincount(ref[same], minlength=c)[:c]
+    n = va.num_rows
+    names = class_names(va.manifest)
+    pa, pb = (prob_a / n).tolist(), (prob_b / n).tolist()
+    per_class = [ClassDiff(k, names[k], int(rows_per[k]), (float(agree_per[k] / rows_per[k]) if rows_per[k] else None),
+                           pa[k], pb[k], pb[k] - pa[k]) for k in range(c)]
+    return DiffResult(
+        a=str(va.ref), b=str(vb.ref), teacher_a=ta, teacher_b=tb, temperature=float(temperature), rows=n,
+        num_classes=c, transfer_sha256=va.manifest["transfer_set"]["sha256"],
+        transfer_file=Path(va.manifest["transfer_set"]["path"]).name, agreement=agree / n,
+        disagreeing_rows=int(n - agree), kl_mean=None if kl_inf else kl_sum / n, kl_max=None if kl_inf else kl_max,
+        kl_infinite_rows=kl_inf, grouped_by="label" if label_col else "argmax of A",
+        accuracy_a=correct_a / n if label_col else None, accuracy_b=correct_b / n if label_col else None,
+        per_class=per_class,
+    )
+
+
+def format_diff(r: DiffResult, max_classes: int = 50) -> str:
+    """The human-readable report `kdstore diff` prints."""
+    lines = [
+        f"A: {r.a} ({r.teacher_a})",
+        f"B: {r.b} ({r.teacher_b})",
+        f"transfer set {r.transfer_file} (sha256 {r.transfer_sha256[:12]}...), {r.rows} rows, {r.num_classes} classes",
+        "",
+        f"argmax agreement   {100 * r.agreement:.2f}%  ({r.disagreeing_rows} rows differ)",
+    ]
+    if r.kl_mean is None:
+        lines.append(f"KL(A||B) at T={r.temperature:g}   inf on {r.kl_infinite_rows} rows (B gives zero probability "
+                     "where A gives some: a 'drop' tail?)")
+    else:
+        lines.append(f"KL(A||B) at T={r.temperature:g}   mean {r.kl_mean:.4g} nats, max {r.kl_max:.4g}")
+    if r.accuracy_a is not None and r.accuracy_b is not None:
+        lines.append(f"accuracy           A {100 * r.accuracy_a:.2f}%   B {100 * r.accuracy_b:.2f}%   "
+                     f"(B - A: {100 * (r.accuracy_b - r.accuracy_a):+.2f} points)")
+    lines += ["", f"per class (rows grouped by {r.grouped_by}; mean probabilities at T={r.temperature:g}):",
+              f"{'class':<12} {'rows':>7} {'agree%':>7} {'mean p_A':>9} {'mean p_B':>9} {'shift':>9}"]
+    shown = sorted(r.per_class, key=lambda d: -abs(d.shift))[:max_classes] if len(r.per_class) > max_classes \
+        else r.per_class
+    for d in shown:
+        agree = f"{100 * d.agreement:7.2f}" if d.agreement is not None else f"{'-':>7}"
+        lines.append(f"{d.name[:12]:<12} {d.rows:7d} {agree} {d.mean_prob_a:9.4f} {d.mean_prob_b:9.4f} {d.shift:+9.4f}")
+    if len(r.per_class) > max_classes:
+        lines.append(f"({len(r.per_class) - max_classes} more classes with smaller shifts; --json lists all)")
+    return "\n".join(lines)
