@@ -82,6 +82,7 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
         smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers,
     )
     trainer = Trainer(cfg)
+    quiet = quiet or not trainer.dist.is_main  # under torchrun, rank 0 alone reports
     total = len(cfg.sweep()) * cfg.epochs * trainer.data.num_rows
     try:
         with progress_bar(total, "train", "rows", disable=quiet) as bar:
@@ -89,6 +90,8 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
     except KeyboardInterrupt:  # the generic message says "rerun the same command"; train needs --resume
         raise click.ClickException(f"interrupted; finished epochs are checkpointed in {out}: rerun the same "
                                    "command with --resume to continue") from None
+    if not trainer.dist.is_main:
+        return
     click.echo(format_results(trainer, results))
     plot = plot_sweep(results, Path(out) / "sweep.png", f"{student} on {trainer.data.version.ref}")
     click.echo(f"outputs in {out}/ (summary.json, metrics.jsonl, runs/*/student.safetensors"

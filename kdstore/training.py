@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdstore import ensemble, losses, targets
+from kdstore import distributed, ensemble, losses, targets
 from kdstore.data import TrainingData, describe_need, open_training_data
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, InputError, StudentError, TrainingDiverged
@@ -142,7 +142,7 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
         self.out = Path(config.out)
-        self.device = resolve_device(config.device)
+        self.dist, self.device = distributed.init(resolve_device(config.device))
         self.precision = resolve_precision(config.precision, self.device)
         need = set()
         for _, a in config.sweep():
@@ -232,16 +232,23 @@ class Trainer:
 
     # -- batches -----------------------------------------------------------------------------------------------
     def _batches(self, memory: dict[str, Tensor] | None, epoch: int) -> Iterator[dict[str, Tensor]]:
-        bs = self.cfg.batch_size
+        bs, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world_size
         if memory is not None:
+            # --batch-size is the global batch: every rank draws the same permutation and takes every
+            # world-th row of each global batch, so all ranks take the same number of steps (DDP needs that)
+            # and no row is dropped or repeated; the loss is rescaled to the global mean (see _train_one).
             n = len(memory["sample_id"])
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=g).to(self.device)
             for a in range(0, n, bs):
-                idx = perm[a : a + bs]
-                yield {k: v[idx] for k, v in memory.items()}
+                glob = perm[a : a + bs]
+                idx = glob[rank::world]
+                batch = {k: v[idx] for k, v in memory.items()}
+                batch["n_global"] = torch.tensor(len(glob))
+                yield batch
             return
-        ds = self.data.stream(bs, seed=self.cfg.seed)
+        # Streaming: each rank reads a disjoint set of row groups (uneven counts are handled with DDP's join).
+        ds = self.data.stream(max(1, bs // world), seed=self.cfg.seed, rank=rank, world_size=world)
         ds.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                              pin_memory=self.device.type == "cuda")
@@ -304,6 +311,9 @@ class Trainer:
         model.eval()
         agree = total = 0
         for batch in self._batches(memory, 0):
+            batch.pop("n_global", None)
+            if not len(batch["x"]):
+                continue
             with autocast(self.device, self.precision):
                 out = model(batch["x"])
             if "logits" in batch or "topk_values" in batch:
@@ -313,7 +323,8 @@ class Trainer:
             agree += int((out.float().argmax(1) == teacher).sum())
             total += len(teacher)
         model.train()
-        return agree / max(total, 1)
+        agree_all, total_all = self.dist.sum(agree, total)
+        return agree_all / max(total_all, 1)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self, progress: Progress | None = None, resume: bool = False) -> list[RunResult]:
@@ -331,9 +342,12 @@ class Trainer:
         rid = run_id(self.cfg.loss, temperature, alpha)
         rdir = self.out / "runs" / rid
         done = rdir / "result.json"
+        main = self.dist.is_main
+        self.dist.barrier()  # rank 0 may have just written result.json / checkpoint.pt
         if done.exists():
             return RunResult(**json.loads(done.read_text()))
-        rdir.mkdir(parents=True, exist_ok=True)
+        if main:
+            rdir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.cfg.seed)
         model = self._build_student()
         opt = self._optimizer(model)
@@ -344,52 +358,87 @@ class Trainer:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start_epoch, epoch_seconds = int(state["epoch"]) + 1, [float(s) for s in state["epoch_seconds"]]
+            if main:
+                self._truncate_metrics(rid, start_epoch)
+        net: nn.Module = model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         steps = math.ceil(self.data.num_rows / self.cfg.batch_size)
         t0 = time.perf_counter()
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
             te = time.perf_counter()
-            total = torch.zeros((), device=self.device)
-            count = 0
-            for step, batch in enumerate(self._batches(memory, epoch)):
-                for group in opt.param_groups:
-                    group["lr"] = self._lr_at(epoch, step, steps)
-                with autocast(self.device, self.precision):
-                    out = model(batch["x"])
-                loss = self.loss(out, batch, temperature, alpha)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach()
-                count += 1
-                if progress:
-                    progress(rid, epoch, len(batch["x"]))
-            train_loss = float(total) / max(count, 1)
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            rows = 0
+            with _join(net, self.dist.active and memory is None):
+                for step, batch in enumerate(self._batches(memory, epoch)):
+                    for group in opt.param_groups:
+                        group["lr"] = self._lr_at(epoch, step, steps)
+                    n_local = len(batch["x"])
+                    n_global = int(batch.pop("n_global", torch.tensor(n_local * self.dist.world_size)))
+                    if n_local:
+                        with autocast(self.device, self.precision):
+                            out = net(batch["x"])
+                        loss = self.loss(out, batch, temperature, alpha)
+                    else:  # a rank with no rows in the last global batch still joins the gradient all-reduce
+                        loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
+                    # DDP averages gradients over ranks; weighting by n_local / n_global * world makes the
+                    # update the gradient of the mean over the whole global batch, however rows were split.
+                    scale = n_local * self.dist.world_size / max(n_global, 1) if self.dist.active else 1.0
+                    opt.zero_grad(set_to_none=True)
+                    (loss * scale).backward()
+                    opt.step()
+                    total += loss.detach().double() * n_local
+                    rows += n_local
+                    if progress and main:
+                        progress(rid, epoch, n_global)
+            loss_sum, row_sum = self.dist.sum(float(total), float(rows))
+            train_loss = loss_sum / max(row_sum, 1)
             if not math.isfinite(train_loss):
-                raise TrainingDiverged(f"run {rid}: the loss became {train_loss} in epoch {epoch + 1}; "
-                                       "lower --lr (now {self.cfg.lr}) or check the stored targets".replace(
-                                           "{self.cfg.lr}", f"{self.cfg.lr:g}"))
+                raise TrainingDiverged(self._diverged(rid, f"the loss became {train_loss} in epoch {epoch + 1}"))
             epoch_seconds.append(time.perf_counter() - te)
             ev = self.evaluate(model)
-            line = {"run": rid, "temperature": temperature, "alpha": alpha, "epoch": epoch + 1,
-                    "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds[-1]}
-            if ev:
-                line.update(eval_accuracy=ev[0], eval_errors=ev[1], eval_nll=ev[2])
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "epoch_seconds": epoch_seconds}, tmp)
-            os.replace(tmp, ckpt)
+            if main:
+                line = {"run": rid, "temperature": temperature, "alpha": alpha, "epoch": epoch + 1,
+                        "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds[-1]}
+                if ev:
+                    line.update(eval_accuracy=ev[0], eval_errors=ev[1], eval_nll=ev[2])
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                            "epoch_seconds": epoch_seconds}, tmp)
+                os.replace(tmp, ckpt)
+                with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line) + "\n")
         ev = self.evaluate(model)
+        if ev and not math.isfinite(ev[2]):
+            raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
         result = RunResult(rid, self.cfg.loss, temperature, alpha, self.cfg.epochs,
                            ev[0] if ev else None, ev[1] if ev else None, ev[2] if ev else None,
                            self.agreement(model, memory), time.perf_counter() - t0, epoch_seconds,
-                           {"parameters": count_parameters(model)})
-        self._save_student(model, rdir, result)
-        ckpt.unlink(missing_ok=True)
-        done.write_text(json.dumps(asdict(result), indent=1))
+                           {"parameters": count_parameters(model), "world_size": self.dist.world_size})
+        if main:
+            self._save_student(model, rdir, result)
+            ckpt.unlink(missing_ok=True)
+            done.write_text(json.dumps(asdict(result), indent=1))
         return result
+
+    def _diverged(self, rid: str, what: str) -> str:
+        return (f"run {rid}: {what}; lower --lr (now {self.cfg.lr:g}) and train into a new --out, "
+                "or check the stored targets")
+
+    def _truncate_metrics(self, rid: str, start_epoch: int) -> None:
+        """Drop metrics lines of `rid` past the checkpoint (an interruption between the two writes)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text("utf-8").splitlines()
+        keep = [ln for ln in lines if not (json.loads(ln).get("run") == rid and json.loads(ln)["epoch"] > start_epoch)]
+        if len(keep) != len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep), "utf-8")
+            os.replace(tmp, path)
 
     def _save_student(self, model: nn.Module, rdir: Path, result: RunResult) -> None:
         from safetensors.torch import save_file
@@ -404,6 +453,13 @@ class Trainer:
         }, indent=1))
 
     def _prepare_out(self, resume: bool) -> None:
+        try:
+            if self.dist.is_main:
+                self._prepare_out_main(resume)
+        finally:
+            self.dist.barrier()
+
+    def _prepare_out_main(self, resume: bool) -> None:
         cfg = json.loads(json.dumps(asdict(self.cfg)))
         record = {"config": cfg, "targets": str(self.data.version.ref), "mode": self.mode,
                   "device": str(self.device), "precision": self.precision, "source": self.source,
@@ -426,6 +482,8 @@ class Trainer:
         path.write_text(json.dumps(record, indent=1))
 
     def _write_summary(self, results: list[RunResult]) -> None:
+        if not self.dist.is_main:
+            return
         summary = {"targets": str(self.data.version.ref), "student": self.cfg.student,
                    "teacher": self.data.version.manifest["statistics"]["teachers"],
                    "ensemble": self.data.version.manifest["statistics"].get("ensemble"),
@@ -433,6 +491,15 @@ class Trainer:
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, self.out / "summary.json")
+
+
+def _join(net: nn.Module, uneven: bool) -> Any:
+    """DDP's join context for uneven per-rank batch counts (streaming); a no-op otherwise."""
+    import contextlib
+
+    if not uneven:
+        return contextlib.nullcontext()
+    return net.join()  # type: ignore[operator]
 
 
 def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
