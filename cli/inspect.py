@@ -30,8 +30,9 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
     """Show a version's dataset card: provenance (teachers, transfer set, settings), stored targets, label-time
     statistics and the top-k fidelity table (how well the stored top-k rebuilds the exact soft targets per T).
 
-    REF is STORE/NAME (latest version), STORE/NAME@vN, or the same under a URL. Without --card only the manifest
-    is read (for a remote version nothing else is downloaded).
+    The version is STORE/NAME (latest), STORE/NAME@vN, or the same under a URL (s3://bucket/targets/NAME@v2).
+    Without --card only the manifest is read (for a remote version nothing else is downloaded); with --card a
+    remote version is downloaded to the local cache and its card written there (or to --card-dir).
 
     \b
     Examples:
@@ -42,23 +43,26 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
     from pathlib import Path
 
     from kdstore import remote
-    from kdstore.card import card_text, compute_statistics, write_card
+    from kdstore.card import compute_statistics, prepare_card_dir, write_card
     from kdstore.store import Version
 
     if (card_dir or teacher) and not card:
         raise click.UsageError("--card-dir and --teacher only apply with --card")
     if not card and remote.is_remote(ref):
-        _, store, version, manifest = remote.remote_manifest(ref)
-        where = f"{store.url_of(manifest['name'])}@v{version}"
+        r, store, version, manifest = remote.remote_manifest(ref)
+        where = f"{store.url_of(r.name)}@v{version}"
         _show(manifest, where, None, as_json)
         return
     v = Version(remote.resolve_any(ref, option=""))
-    stats = compute_statistics(v, temperature=temperature, teacher=teacher) if card else None
+    if not card:
+        _show(v.manifest, str(v.path), None, as_json)
+        return
+    out_dir = prepare_card_dir(v, Path(card_dir) if card_dir else None)
+    stats = compute_statistics(v, temperature=temperature, teacher=teacher)
+    files = write_card(v, stats, out_dir)
     _show(v.manifest, str(v.path), stats, as_json)
-    if stats is not None:
-        files = write_card(v, stats, Path(card_dir) if card_dir else None)
-        if not as_json:
-            click.echo(f"\nwrote card {files[-1]} (+ {len(files) - 1} plot(s))")
+    if not as_json:
+        click.echo(f"\nwrote card {files[-1]} (+ {len(files) - 1} plot(s))")
 
 
 def _show(manifest: dict, where: str, stats: object, as_json: bool) -> None:  # type: ignore[type-arg]

@@ -14,7 +14,8 @@ from kdstore.cli._common import parse_shard, progress_bar, user_errors
                    "file. Repeat to label with an ensemble in one pass.")
 @click.option("--transfer", required=True, metavar="PATH",
               help="Transfer set: .parquet, .npz, .npy or .h5 (original training data, unlabeled or synthetic).")
-@click.option("--out", required=True, metavar="STORE", help="Store directory; the version goes to STORE/NAME/vN.")
+@click.option("--out", required=True, metavar="STORE",
+              help="Store directory (or fsspec URL: s3://bucket/store, ...); the version goes to STORE/NAME/vN.")
 @click.option("--name", required=True, help="Dataset name inside the store (letters, digits, '.', '_', '-').")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "hdf5"]), default="parquet", show_default=True,
               help="On-disk format of the data files.")
@@ -65,7 +66,12 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
     from kdstore.transfer import open_transfer
 
     shard_index, num_shards = parse_shard(shard)
-    cfg = LabelConfig(teachers=teachers, transfer=transfer, out=out, name=name, format=fmt,
+    from kdstore import remote
+
+    # A remote --out (s3://...) is labeled into a local outbox (so an interrupted run resumes) and then pushed:
+    # data files first, manifest.json last.
+    local_out = str(remote.outbox_dir(out)) if remote.is_remote(out) else out
+    cfg = LabelConfig(teachers=teachers, transfer=transfer, out=local_out, name=name, format=fmt,
                       top_k=top_k or None, keep_logits=keep_logits, logits_dtype=logits_dtype,
                       batch_size=batch_size, device=device, precision=precision, input_columns=input_columns,
                       label_column=label_column, shard_rows=shard_rows, row_group_rows=row_group_rows,
@@ -93,5 +99,8 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
         fid_txt = (" top-k KL@T=1/4/20: " + "/".join("inf" if fid[t] is None else f"{fid[t]:.2g}"
                                                        for t in ("1.0", "4.0", "20.0"))) if fid else ""
         click.echo(f"  {tid}: {acc}, mean entropy {s['mean_entropy_nats']:.3f} nats{fid_txt}")
+    if remote.is_remote(out):
+        pushed = remote.push(result.path, out, name=name)
+        click.echo(f"pushed -> {pushed.url}")
     if "ensemble" in m["statistics"]:
         click.echo(f"  ensemble (mean-prob): accuracy {m['statistics']['ensemble']['accuracy']:.4f}")

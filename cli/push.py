@@ -10,7 +10,7 @@ from kdstore.cli._common import user_errors
 @click.command("push", short_help="Publish a version to a remote store (s3://, gs://, ...).")
 @click.argument("ref", metavar="STORE/NAME[@vN]")
 @click.argument("url", metavar="URL")
-@click.option("--name", default=None, help="Dataset name on the remote. Default: the source's.")
+@click.option("--name", default=None, help="Dataset name on the remote. Default: the source's dataset name.")
 @user_errors
 def push(ref: str, url: str, name: str | None) -> None:
     """Publish a version to the store at URL (s3://bucket/targets, gs://..., a directory) as NAME/vN, where N is

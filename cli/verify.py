@@ -14,8 +14,8 @@ def verify(ref: str) -> None:
     """Check a version in full: manifest schema and paths, every data file's presence, size, sha256, row count
     and columns. Exits 1 if anything is wrong, printing one line per problem (each naming its file) and a summary.
 
-    REF is STORE/NAME (latest version), STORE/NAME@vN, or the same under a URL (s3://bucket/targets/NAME@v2);
-    a remote version is downloaded to the local cache and checked there.
+    The version is STORE/NAME (latest), STORE/NAME@vN, or the same under a URL (s3://bucket/targets/NAME@v2);
+    a remote version is downloaded (into the local cache) and every file checked as it arrives.
 
     \b
     Examples:

@@ -277,17 +277,25 @@ def card_dir(version: Version) -> Path:
     return version.path / CARD_DIR
 
 
+def prepare_card_dir(version: Version, out_dir: Path | None = None) -> Path:
+    """Create the card directory (default ``vN/card/``) and return it; fails early if it cannot be written."""
+    out = Path(out_dir) if out_dir is not None else card_dir(version)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {out}: {e.strerror}; pass --card-dir DIR to write the card elsewhere") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"{out} is not writable; pass --card-dir DIR to write the card elsewhere")
+    return out
+
+
 def write_card(version: Version, stats: CardStatistics, out_dir: Path | None = None) -> list[Path]:
     """Write README.md and the PNG plots into `out_dir` (default ``vN/card/``); return the files written.
 
     Every file is written to a temporary name and renamed, README.md last, so a reader sees either the previous
     card or the new one, file by file; the manifest and data files are never touched.
     """
-    out = Path(out_dir) if out_dir is not None else card_dir(version)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create {out}: {e.strerror}; pass --card-dir DIR to write the card elsewhere") from None
+    out = prepare_card_dir(version, out_dir)
     names = class_names(version.manifest)
     written = []
     plots = _plots(version, stats, names)

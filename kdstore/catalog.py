@@ -16,7 +16,7 @@ from kdstore import remote
 from kdstore.errors import KdstoreError, StoreNotFoundError
 from kdstore.store.formats import numpy_dtype, read_shard
 from kdstore.store.reader import Version, VersionRef
-from kdstore.store.writer import VERSION_RE, existing_versions
+from kdstore.store.writer import existing_versions
 
 _SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -135,6 +135,9 @@ def list_store(store: str | Path) -> Listing:
 def _list_remote(url: str) -> Listing:
     store = remote.RemoteStore(url)
     found = store.datasets()
+    if not found and not store.exists():
+        raise StoreNotFoundError(f"store {store.url} does not exist or holds nothing (no such bucket or prefix); "
+                                 "check the URL")
     paths = {store.path(n, f"v{v}", mf.MANIFEST_NAME): (n, v) for n, vs in found.items() for v in vs}
     texts: dict[str, Any] = {}
     if paths:
@@ -235,7 +238,3 @@ def _verify_remote(ref: str) -> VerifyReport:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return VerifyReport(label, problems, len(m["files"]), sum(f["bytes"] for f in m["files"]), m["num_rows"])
-
-
-def is_version_dir(path: Path) -> bool:
-    return bool(VERSION_RE.match(path.name)) and (path / mf.MANIFEST_NAME).exists()

@@ -16,7 +16,7 @@ import torch
 
 from kdstore import targets
 from kdstore.errors import ConfigError, ShapeMismatchError
-from kdstore.remote import resolve_any
+from kdstore.remote import is_remote, resolve_any
 from kdstore.store.reader import Version, VersionRef
 
 # --- soft targets from stored columns -----------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
     per_class = [ClassDiff(k, names[k], int(rows_per[k]), (float(agree_per[k] / rows_per[k]) if rows_per[k] else None),
                            pa[k], pb[k], pb[k] - pa[k]) for k in range(c)]
     return DiffResult(
-        a=str(va.ref), b=str(vb.ref), teacher_a=ta, teacher_b=tb, temperature=float(temperature), rows=n,
+        a=_shown(a, va), b=_shown(b, vb), teacher_a=ta, teacher_b=tb, temperature=float(temperature), rows=n,
         num_classes=c, transfer_sha256=va.manifest["transfer_set"]["sha256"],
         transfer_file=Path(va.manifest["transfer_set"]["path"]).name, agreement=agree / n,
         disagreeing_rows=int(n - agree), kl_mean=None if kl_inf else kl_sum / n, kl_max=None if kl_inf else kl_max,
@@ -184,6 +184,16 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
         accuracy_a=correct_a / n if label_col else None, accuracy_b=correct_b / n if label_col else None,
         per_class=per_class,
     )
+
+
+def _shown(ref: object, v: Version) -> str:
+    """How a version is named in reports: a remote one by its URL (with version), a local one by its path."""
+    if isinstance(ref, str) and is_remote(ref):
+        from kdstore.remote import parse_ref
+
+        r = parse_ref(ref)
+        return f"{r.store}/{r.name}@v{v.ref.version}"
+    return str(v.ref)
 
 
 def format_diff(r: DiffResult, max_classes: int = 50) -> str:

@@ -32,7 +32,7 @@ from kdstore import __version__, targets
 from kdstore.errors import ConfigError
 from kdstore.manifest import FORMAT_VERSION
 from kdstore.compare import tensor
-from kdstore.remote import is_remote, resolve_any
+from kdstore.remote import is_remote, is_url, resolve_any
 from kdstore.store import Version, VersionWriter, check_name, decode_bfloat16, encode_bfloat16
 from kdstore.store.formats import FORMATS
 
@@ -174,6 +174,9 @@ def convert(cfg: ConvertConfig, progress: Callable[[int], None] | None = None) -
     if cfg.out is None and is_remote(cfg.source):
         raise ConfigError(f"{cfg.source} is remote: pass --out STORE (a local directory) for the new version, "
                           "then `kdstore push` it")
+    if cfg.out is not None and is_url(cfg.out):
+        raise ConfigError(f"--out {cfg.out}: convert writes to a local store directory; write there, then "
+                          "`kdstore push` the new version to the URL")
     ref = resolve_any(cfg.source, option="")
     src = Version(ref)
     plan = _plan(src, cfg)

@@ -121,7 +121,12 @@ def open_training_data(
         ConfigError: a needed target is not stored (e.g. logits in a top-k-only store, labels in an unlabeled one).
         InputError: transfer set missing, or its fingerprint or row count differ from the manifest's.
     """
-    version = targets if isinstance(targets, Version) else open_version(targets)
+    if isinstance(targets, Version):
+        version = targets
+    else:
+        from kdstore.remote import resolve_any  # s3://, gs://, ... refs are fetched into the local cache first
+
+        version = open_version(resolve_any(targets))
     bad = set(need) - set(NEEDS)
     if bad:
         raise ConfigError(f"need {sorted(bad)}: expected a subset of {NEEDS}")

@@ -410,7 +410,7 @@ def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
     Args:
         source: local or remote version reference.
         url: the destination store (``s3://bucket/targets``, ``memory://x``, a local directory...).
-        name: dataset name on the remote (default: the source's).
+        name: dataset name on the remote (default: the source's dataset directory name).
     """
     local = resolve_any(source, option="")
     v = Version(local)
@@ -418,7 +418,7 @@ def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
     if problems:
         raise StoreFormatError(f"{local}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                                + "; refusing to publish a damaged version (run `kdstore verify` on it)")
-    name = name or str(v.manifest["name"])
+    name = name or local.name
     check_name(name)
     if is_url(url) and not is_remote(url):
         url = file_url_to_path(url)
@@ -455,9 +455,10 @@ def _claim(store: RemoteStore, name: str, token: str, source: str) -> tuple[int,
     n = max(taken, default=0) + 1
     info = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(), "source": source,
                        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}).encode()
-    for _ in range(200):
+    collisions = 0
+    while collisions < 50:
         vdir = f"v{n}"
-        if store.ls(name, vdir):  # a committed version, or another push's claim or data
+        if store.ls(name, vdir):  # a committed version, or another push's claim or data: take the next number
             n += 1
             continue
         claim = store.path(name, vdir, CLAIM_PREFIX + token)
@@ -468,12 +469,13 @@ def _claim(store: RemoteStore, name: str, token: str, source: str) -> tuple[int,
         others = [x for x in store.ls(name, vdir) if x != CLAIM_PREFIX + token]
         if not others:
             return n, claim
-        # Someone else is in vN too: withdraw (they may withdraw as well; both then move on) and try vN+1.
+        # Another push wrote a claim in vN at the same moment: withdraw, wait a random, growing while (both may
+        # withdraw), and look at vN again; whoever then finds it empty takes it, the others move on.
         _remove(store, claim)
-        n += 1
-        time.sleep(random.uniform(0.0, 0.02))
-    raise RemoteError(f"{store.url_of(name)}: could not claim a version number after 200 tries; "
-                      "many pushes are running at once, or stale .push-* claims are left there: retry later")
+        collisions += 1
+        time.sleep(random.uniform(0.0, min(0.02 * 2 ** min(collisions, 6), 1.0)))
+    raise RemoteError(f"{store.url_of(name)}: could not claim a version number after {collisions} collisions; "
+                      "many pushes are running at once: retry later")
 
 
 def _publish_manifest(store: RemoteStore, name: str, version: int, text: str, token: str) -> None:
@@ -498,14 +500,12 @@ def _publish_manifest(store: RemoteStore, name: str, version: int, text: str, to
         finally:
             tmp.unlink(missing_ok=True)
         return
-    try:
-        with _remote_errors(where):
+    with _remote_errors(where):
+        try:
             # S3: PUT with If-None-Match: * (atomic exclusive create); other backends: exists-check + PUT.
             store.fs.pipe_file(dst, data, mode="create")
-    except RemoteError as e:
-        if "PreconditionFailed" in str(e) or "FileExists" in str(e):
+        except FileExistsError:
             raise RemoteError(f"{where} was written by another push a moment ago; push again") from None
-        raise
 
 
 def _remove(store: RemoteStore, path: str) -> None:
