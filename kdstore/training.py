@@ -158,6 +158,13 @@ class Trainer:
             self.source = "topk" if version.top_k is not None else "logits"
         if "topk" in need:
             self.source = "topk"
+        if config.loss in ("hard", "ls"):
+            # not used by the loss, but needed to report agreement with the teacher honestly
+            if version.has_logits:
+                need |= {"logits"}
+            elif version.top_k:
+                need |= {"topk"}
+                self.source = "topk"
         teachers = version.teacher_ids
         if config.ensemble.startswith("t") and config.ensemble[1:].isdigit():
             if config.ensemble not in teachers:
