@@ -183,6 +183,10 @@ def _nearest(enc: _Encoded, block_size: int) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(enc.cont_std))
     c = torch.from_numpy(np.ascontiguousarray(enc.codes))
     dc, dk = x.shape[1], c.shape[1]
+    # Categorical mismatches = dk - matches, and matches are a dot product of one-hot rows: one matrix product
+    # per tile instead of dk memory-bound comparisons. Small integer counts are exact in float64, so the
+    # distances (and neighbours) are the same for any blocking.
+    onehot = _one_hot(c) if dk else None
     result = np.empty(n_rows, dtype=np.int64)
     with torch.no_grad():
         for q0 in range(0, n_rows, block_size):
@@ -197,8 +201,8 @@ def _nearest(enc: _Encoded, block_size: int) -> np.ndarray:
                     d = torch.cdist(x[q0:q1], x[r0:r1], compute_mode="donot_use_mm_for_euclid_dist").square_()
                 else:
                     d = torch.zeros(q1 - q0, r1 - r0, dtype=torch.float64)
-                for k in range(dk):
-                    d += (c[q0:q1, k : k + 1] != c[r0:r1, k]).to(torch.float64)
+                if onehot is not None:
+                    d += dk - onehot[q0:q1] @ onehot[r0:r1].T
                 lo, hi = max(q0, r0), min(q1, r1)
                 if lo < hi:  # a row is never its own neighbour
                     idx = torch.arange(lo, hi)
@@ -209,6 +213,13 @@ def _nearest(enc: _Encoded, block_size: int) -> np.ndarray:
                 best_idx = torch.where(better, arg + r0, best_idx)
             result[q0:q1] = best_idx.numpy()
     return result
+
+
+def _one_hot(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) integer codes -> (N, sum of vocabulary sizes) float64 one-hot, one block per column."""
+    parts = [torch.nn.functional.one_hot(codes[:, k] - codes[:, k].min(), -1).to(torch.float64)
+             for k in range(codes.shape[1])]
+    return torch.cat(parts, dim=1)
 
 
 def nearest_neighbours(table: pa.Table, config: MungeConfig | None = None) -> np.ndarray:
