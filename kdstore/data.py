@@ -268,6 +268,3 @@ def describe_need(loss: str, alpha: float) -> set[str]:
         need = need | {"label"}
     return need
 
-
-def any_tensor(batch: dict[str, Any]) -> torch.Tensor:
-    return next(iter(batch.values()))  # type: ignore[no-any-return]
