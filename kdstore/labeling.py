@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,7 +258,7 @@ def _forward(teacher: Teacher, x: np.ndarray, device: torch.device, precision: s
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TeacherError(f"--teacher {teacher.source}: output {shape} for a batch of {xt.shape[0]}; "
                            "expected logits of shape (batch, classes)")
-    return out.float().cpu()
+    return out.float()
 
 
 def _probe_classes(teachers: list[Teacher], ts: TransferSet, device: torch.device, precision: str) -> int:
@@ -282,34 +282,33 @@ def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
     return encode_bfloat16(a)
 
 
-def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    from kdstore.store import decode_bfloat16
-
-    return torch.from_numpy(decode_bfloat16(a) if dtype == "bfloat16" else a.astype(np.float32))
-
-
 def _label_shard(
     teachers: list[Teacher], ids: list[str], ts: TransferSet, start: int, stop: int, c: int, k: int | None,
     cfg: LabelConfig, device: torch.device, precision: str, progress: Callable[[int], None] | None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     parts: dict[str, list[np.ndarray]] = {}
-    stats: dict[str, Any] = {"rows": 0, "labeled": 0, "teachers": {tid: _zero_stats() for tid in ids},
-                             "ensemble_correct": 0}
+    # Statistics accumulate on the device and are read back once per shard: no host sync per batch.
+    acc = {tid: torch.zeros(3 + len(FIDELITY_TEMPERATURES), dtype=torch.float64, device=device) for tid in ids}
+    ens_correct = torch.zeros((), dtype=torch.int64, device=device)
+    rows = labeled = 0
+    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.logits_dtype]
 
     def add(name: str, a: np.ndarray) -> None:
         parts.setdefault(name, []).append(a)
 
-    for first, x, y in ts.iter_batches(cfg.batch_size, start, stop):
+    for first, x, y in _prefetch(ts.iter_batches(cfg.batch_size, start, stop)):
         n = len(x)
         add("sample_id", np.arange(first, first + n, dtype=np.int64))
+        y_dev = None
         if y is not None:
             bad = np.flatnonzero((y < 0) | (y >= c))
             if len(bad):
                 raise InputError(f"--transfer {ts.path}: row {first + bad[0]} has label {y[bad[0]]}, outside the "
                                  f"teachers' class range 0..{c - 1}; fix the labels or pass --label-column none")
             add("label", y.astype(np.int64))
-            stats["labeled"] += n
-        probs_sum = torch.zeros(n, c)
+            labeled += n
+            y_dev = torch.from_numpy(y).to(device, non_blocking=True)
+        probs_sum = torch.zeros(n, c, device=device)
         for t, tid in zip(teachers, ids):
             z = _forward(t, x, device, precision)
             if z.shape[1] != c:
@@ -321,32 +320,70 @@ def _label_shard(
                                    "nothing was committed; check the teacher and that input row")
             lse = targets.logsumexp(z)
             if cfg.keep_logits:
-                add(f"{tid}_logits", _to_storage(z, cfg.logits_dtype))
-            if k:
-                v, idx = targets.top_k(z, k)
-                stored_v = _to_storage(v, cfg.logits_dtype)
-                add(f"{tid}_topk_indices", idx.numpy().astype(_index_dtype(c)))
-                add(f"{tid}_topk_values", stored_v)
-            add(f"{tid}_logsumexp", lse.numpy())
+                add(f"{tid}_logits", _to_storage(z.cpu(), cfg.logits_dtype))
             # statistics, from the full logits in memory (whether or not they are kept)
             logp = torch.log_softmax(z, dim=1)
-            s = stats["teachers"][tid]
-            s["entropy_sum"] += float(targets.entropy(logp).sum())
+            a = acc[tid]
+            a[0] += targets.entropy(logp).sum()
             probs_sum += logp.exp()
-            if y is not None:
-                s["correct"] += int((z.argmax(1).numpy() == y).sum())
+            if y_dev is not None:
+                a[1] += (z.argmax(1) == y_dev).sum()
             if k:
-                vq = _from_storage(stored_v, cfg.logits_dtype)
-                s["topk_mass_sum"] += float(torch.exp(v - lse[:, None]).sum(1).sum())
-                for temp, kl in targets.topk_fidelity(z, vq, idx, lse, FIDELITY_TEMPERATURES, cfg.tail).items():  # type: ignore[arg-type]
-                    s["fidelity_sum"][str(temp)] = s["fidelity_sum"].get(str(temp), 0.0) + float(kl.double().sum())
-        if y is not None:
-            stats["ensemble_correct"] += int((probs_sum.argmax(1).numpy() == y).sum())
-        stats["rows"] += n
+                v, idx = targets.top_k(z, k)
+                add(f"{tid}_topk_indices", idx.cpu().numpy().astype(_index_dtype(c)))
+                add(f"{tid}_topk_values", _to_storage(v.cpu(), cfg.logits_dtype))
+                vq = v.to(store_dtype).float()  # fidelity of the values as stored
+                a[2] += torch.exp(v - lse[:, None]).sum()
+                fid = targets.topk_fidelity(z, vq, idx, lse, FIDELITY_TEMPERATURES, cfg.tail)  # type: ignore[arg-type]
+                for j, temp in enumerate(FIDELITY_TEMPERATURES):
+                    a[3 + j] += fid[float(temp)].double().sum()
+            add(f"{tid}_logsumexp", lse.cpu().numpy())
+        if y_dev is not None:
+            ens_correct += (probs_sum.argmax(1) == y_dev).sum()
+        rows += n
         if progress:
             progress(n)
     cols = {name: np.concatenate(v) for name, v in parts.items()}
+    stats: dict[str, Any] = {"rows": rows, "labeled": labeled, "ensemble_correct": int(ens_correct), "teachers": {}}
+    for tid in ids:
+        a = acc[tid].cpu().tolist()
+        stats["teachers"][tid] = {"entropy_sum": a[0], "correct": int(a[1]), "topk_mass_sum": a[2],
+                                  "fidelity_sum": {str(float(t)): a[3 + j] for j, t in enumerate(FIDELITY_TEMPERATURES)}
+                                  if k else {}}
     return cols, stats
+
+
+def _prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Read transfer-set batches on a thread, `depth` ahead, so reading overlaps the teachers' compute."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+            return
+        q.put(done)
+
+    th = threading.Thread(target=reader, name="kdstore-transfer-reader", daemon=True)
+    th.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while th.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.01)
 
 
 def _zero_stats() -> dict[str, Any]:

@@ -281,6 +281,27 @@ class Trainer:
             return torch.log_softmax(ensemble.mean_logits(z, self.weights) / temperature, dim=1)
         return ensemble.mean_prob_log_targets(torch.log_softmax(z / temperature, dim=2), self.weights)
 
+    @torch.no_grad()
+    def _training_view(self, memory: dict[str, Tensor], temperature: float, alpha: float) -> dict[str, Tensor]:
+        """In-memory fast path: the targets this run's loss reads, precomputed once for every row.
+
+        With T fixed for a run, the teacher's log soft targets (or the ensemble's mean logits) are the same every
+        epoch, so they are computed once here and each step only gathers rows: a KD step then costs what a
+        hard-label step does, plus the soft cross-entropy.
+        """
+        view = {"x": memory["x"], "sample_id": memory["sample_id"]}
+        if "label" in memory and (self.cfg.loss in ("hard", "ls") or alpha < 1):
+            view["label"] = memory["label"]
+        n, chunk = len(memory["x"]), 65536
+        if self.cfg.loss in ("kd", "topk"):
+            parts = [self.teacher_log_probs({k: v[a : a + chunk] for k, v in memory.items()}, temperature)
+                     for a in range(0, n, chunk)]
+            view["teacher_logp"] = torch.cat(parts)
+        elif self.cfg.loss == "mse":
+            view["mse_target"] = torch.cat([ensemble.mean_logits(memory["logits"][a : a + chunk].float(), self.weights)
+                                            for a in range(0, n, chunk)])
+        return view
+
     def loss(self, student_logits: Tensor, batch: dict[str, Tensor], temperature: float, alpha: float) -> Tensor:
         c, labels = self.cfg, batch.get("label")
         if c.loss == "hard":
@@ -288,9 +309,10 @@ class Trainer:
         if c.loss == "ls":
             return losses.label_smoothing_loss(student_logits, batch["label"], smoothing=c.smoothing)
         if c.loss == "mse":
-            target = ensemble.mean_logits(batch["logits"].float(), self.weights)
+            target = batch["mse_target"] if "mse_target" in batch else ensemble.mean_logits(batch["logits"].float(),
+                                                                                             self.weights)
             return losses.mse_logit_loss(student_logits, target, zero_mean=c.zero_mean)
-        logp = self.teacher_log_probs(batch, temperature)
+        logp = batch["teacher_logp"] if "teacher_logp" in batch else self.teacher_log_probs(batch, temperature)
         return losses.kd_loss(student_logits, logp, labels if alpha < 1 else None, temperature=temperature, alpha=alpha)
 
     # -- evaluation --------------------------------------------------------------------------------------------
@@ -373,6 +395,7 @@ class Trainer:
 
             net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         steps = math.ceil(self.data.num_rows / self.cfg.batch_size)
+        train_view = self._training_view(memory, temperature, alpha) if memory is not None else None
         t0 = time.perf_counter()
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
@@ -380,7 +403,7 @@ class Trainer:
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             rows = 0
             with _join(net, self.dist.active and memory is None):
-                for step, batch in enumerate(self._batches(memory, epoch)):
+                for step, batch in enumerate(self._batches(train_view, epoch)):
                     for group in opt.param_groups:
                         group["lr"] = self._lr_at(epoch, step, steps)
                     n_local = len(batch["x"])
