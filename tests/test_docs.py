@@ -27,3 +27,16 @@ def test_schema_file_is_the_packaged_schema() -> None:
     repo_schema = json.loads((DOCS.parent / "schemas" / "manifest.v1.json").read_text("utf-8"))
     assert repo_schema == manifest.schema(1)
     jsonschema.Draft202012Validator.check_schema(repo_schema)
+
+
+def test_cli_md_is_current(capsys) -> None:  # type: ignore[no-untyped-def]
+    """docs/cli.md is generated from --help; regenerate with `python scripts/gen_cli_docs.py > docs/cli.md`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_cli_docs", DOCS.parent / "scripts" / "gen_cli_docs.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main_()
+    assert capsys.readouterr().out == (DOCS / "cli.md").read_text("utf-8"), (
+        "docs/cli.md is stale: run `python scripts/gen_cli_docs.py > docs/cli.md`")
