@@ -286,70 +286,64 @@ def _label_shard(
     teachers: list[Teacher], ids: list[str], ts: TransferSet, start: int, stop: int, c: int, k: int | None,
     cfg: LabelConfig, device: torch.device, precision: str, progress: Callable[[int], None] | None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    parts: dict[str, list[np.ndarray]] = {}
-    # Statistics accumulate on the device and are read back once per shard: no host sync per batch.
-    acc = {tid: torch.zeros(3 + len(FIDELITY_TEMPERATURES), dtype=torch.float64, device=device) for tid in ids}
-    ens_correct = torch.zeros((), dtype=torch.int64, device=device)
-    rows = labeled = 0
-    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.logits_dtype]
+    """Run the teachers over rows [start, stop); return the shard's columns and partial statistics.
 
-    def add(name: str, a: np.ndarray) -> None:
-        parts.setdefault(name, []).append(a)
-
+    Per batch only the teachers run; everything row-wise (log-sum-exp, top-k, statistics) is computed once per
+    shard on the whole block. Few large ops instead of many small ones: on a CPU whose cores are shared, every
+    small multi-threaded op can stall for a scheduler time slice.
+    """
+    logits: dict[str, list[torch.Tensor]] = {tid: [] for tid in ids}
+    labels: list[np.ndarray] = []
     for first, x, y in _prefetch(ts.iter_batches(cfg.batch_size, start, stop)):
-        n = len(x)
-        add("sample_id", np.arange(first, first + n, dtype=np.int64))
-        y_dev = None
         if y is not None:
             bad = np.flatnonzero((y < 0) | (y >= c))
             if len(bad):
                 raise InputError(f"--transfer {ts.path}: row {first + bad[0]} has label {y[bad[0]]}, outside the "
                                  f"teachers' class range 0..{c - 1}; fix the labels or pass --label-column none")
-            add("label", y.astype(np.int64))
-            labeled += n
-            y_dev = torch.from_numpy(y).to(device, non_blocking=True)
-        probs_sum = torch.zeros(n, c, device=device)
+            labels.append(y.astype(np.int64))
         for t, tid in zip(teachers, ids):
             z = _forward(t, x, device, precision)
             if z.shape[1] != c:
                 raise ShapeMismatchError(f"--teacher {t.source}: {z.shape[1]} classes, expected {c}")
-            finite = torch.isfinite(z).all(dim=1)
-            if not bool(finite.all()):
-                row = first + int(torch.nonzero(~finite)[0, 0])
-                raise TeacherError(f"--teacher {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
-                                   "nothing was committed; check the teacher and that input row")
-            lse = targets.logsumexp(z)
-            if cfg.keep_logits:
-                add(f"{tid}_logits", _to_storage(z.cpu(), cfg.logits_dtype))
-            # statistics, from the full logits in memory (whether or not they are kept)
-            logp = torch.log_softmax(z, dim=1)
-            a = acc[tid]
-            a[0] += targets.entropy(logp).sum()
-            probs_sum += logp.exp()
-            if y_dev is not None:
-                a[1] += (z.argmax(1) == y_dev).sum()
-            if k:
-                v, idx = targets.top_k(z, k)
-                add(f"{tid}_topk_indices", idx.cpu().numpy().astype(_index_dtype(c)))
-                add(f"{tid}_topk_values", _to_storage(v.cpu(), cfg.logits_dtype))
-                vq = v.to(store_dtype).float()  # fidelity of the values as stored
-                a[2] += torch.exp(v - lse[:, None]).sum()
-                fid = targets.topk_fidelity(z, vq, idx, lse, FIDELITY_TEMPERATURES, cfg.tail)  # type: ignore[arg-type]
-                for j, temp in enumerate(FIDELITY_TEMPERATURES):
-                    a[3 + j] += fid[float(temp)].double().sum()
-            add(f"{tid}_logsumexp", lse.cpu().numpy())
-        if y_dev is not None:
-            ens_correct += (probs_sum.argmax(1) == y_dev).sum()
-        rows += n
+            logits[tid].append(z)
         if progress:
-            progress(n)
-    cols = {name: np.concatenate(v) for name, v in parts.items()}
-    stats: dict[str, Any] = {"rows": rows, "labeled": labeled, "ensemble_correct": int(ens_correct), "teachers": {}}
-    for tid in ids:
-        a = acc[tid].cpu().tolist()
-        stats["teachers"][tid] = {"entropy_sum": a[0], "correct": int(a[1]), "topk_mass_sum": a[2],
-                                  "fidelity_sum": {str(float(t)): a[3 + j] for j, t in enumerate(FIDELITY_TEMPERATURES)}
-                                  if k else {}}
+            progress(len(x))
+    n = stop - start
+    cols: dict[str, np.ndarray] = {"sample_id": np.arange(start, stop, dtype=np.int64)}
+    y_all = np.concatenate(labels) if labels else None
+    y_dev = torch.from_numpy(y_all).to(device) if y_all is not None else None
+    if y_all is not None:
+        cols["label"] = y_all
+    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.logits_dtype]
+    stats: dict[str, Any] = {"rows": n, "labeled": n if y_all is not None else 0, "teachers": {}}
+    probs_sum = torch.zeros(n, c, device=device)
+    for t, tid in zip(teachers, ids):
+        z = torch.cat(logits.pop(tid))
+        finite = torch.isfinite(z).all(dim=1)
+        if not bool(finite.all()):
+            row = start + int(torch.nonzero(~finite)[0, 0])
+            raise TeacherError(f"--teacher {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
+                               "nothing was committed; check the teacher and that input row")
+        lse = targets.logsumexp(z)
+        if cfg.keep_logits:
+            cols[f"{tid}_logits"] = _to_storage(z.cpu(), cfg.logits_dtype)
+        # statistics, from the full logits in memory (whether or not they are kept)
+        logp = torch.log_softmax(z, dim=1)
+        probs_sum += logp.exp()
+        entry: dict[str, Any] = {"entropy_sum": float(targets.entropy(logp).double().sum()),
+                                 "correct": int((z.argmax(1) == y_dev).sum()) if y_dev is not None else 0,
+                                 "topk_mass_sum": 0.0, "fidelity_sum": {}}
+        if k:
+            v, idx = targets.top_k(z, k)
+            cols[f"{tid}_topk_indices"] = idx.cpu().numpy().astype(_index_dtype(c))
+            cols[f"{tid}_topk_values"] = _to_storage(v.cpu(), cfg.logits_dtype)
+            vq = v.to(store_dtype).float()  # fidelity of the values as stored
+            entry["topk_mass_sum"] = float(torch.exp(v - lse[:, None]).double().sum())
+            fid = targets.topk_fidelity(z, vq, idx, lse, FIDELITY_TEMPERATURES, cfg.tail)  # type: ignore[arg-type]
+            entry["fidelity_sum"] = {str(float(temp)): float(kl.double().sum()) for temp, kl in fid.items()}
+        cols[f"{tid}_logsumexp"] = lse.cpu().numpy()
+        stats["teachers"][tid] = entry
+    stats["ensemble_correct"] = int((probs_sum.argmax(1) == y_dev).sum()) if y_dev is not None else 0
     return cols, stats
 
 
