@@ -110,3 +110,30 @@ def test_ddp_training_matches_one_process(data, tmp_path: Path, mode: str) -> No
         assert abs(r2["eval_accuracy"] - r1["eval_accuracy"]) <= 0.15
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # one line per epoch, written by rank 0 only
+
+
+def test_ddp_resumes_a_checkpoint(data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted mid-epoch (checkpoint of epoch 1 on disk), then resumed by 2 torchrun processes."""
+    from kdstore.training import Trainer
+
+    assert _label(data, tmp_path / "s").exit_code == 0
+    args = ["train", "--targets", tmp_path / "s" / "ds", "--student", "mlp:8-32-5", "-T", "2", "--epochs", "3",
+            "--batch-size", "16", "--eval", data.parquet, "--device", "cpu", "--quiet", "--out", tmp_path / "run"]
+    real, calls = Trainer.loss, []
+
+    def flaky(self, *a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 7 + 3:  # 7 steps per epoch (100 rows / 16): stop inside epoch 2
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "loss", flaky)
+    assert cli(args).exit_code != 0
+    monkeypatch.setattr(Trainer, "loss", real)
+    assert (tmp_path / "run" / "runs" / "kd-T2-a0.9" / "checkpoint.pt").is_file()
+    p = _torchrun(2, [*args, "--resume"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    result = json.loads((tmp_path / "run" / "runs" / "kd-T2-a0.9" / "result.json").read_text())
+    assert result["extra"]["world_size"] == 2 and result["eval_accuracy"] is not None
