@@ -39,6 +39,7 @@ from kdstore.store import (
 from kdstore.store.formats import read_shard, write_shard
 from tests.conftest import Data, teacher_logits
 from tests.helpers import REPO_ROOT, all_bytes, data_bytes, run_label, versions_of
+from tests.sharing_helpers import copy_version, edit_manifest
 
 EPS = {"float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,19 +52,6 @@ def versions(data: Data, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     pq_v = run_label(data.teacher_pt, data.parquet, store, "pq", format="parquet", top_k=3).path
     h5_v = run_label(data.teacher_pt, data.parquet, store, "h5", format="hdf5", top_k=3, logits_dtype="bfloat16").path
     return {"parquet": pq_v, "hdf5": h5_v}
-
-
-def copy_version(src: Path, store: Path, name: str = "copy") -> Path:
-    dst = store / name / "v1"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_manifest(version_dir: Path, edit: Any) -> None:
-    path = version_dir / "manifest.json"
-    m = json.loads(path.read_text())
-    edit(m)
-    path.write_text(json.dumps(m))
 
 
 # --- 2. round trips --------------------------------------------------------------------------------------------
