@@ -8,7 +8,7 @@ errors (14 on 3s: 98.6% of the 3s right).
 
 Phases (wall time printed for each):
   1. teacher   plain torch loop in this script: dropout 0.2 input / 0.5 hidden, jitter up to 2 pixels,
-               max-norm, SGD + Nesterov momentum, warm-up + cosine; saved as safetensors.
+               max-norm 3.5, Adam (or SGD + Nesterov momentum), warm-up + cosine; saved as safetensors.
   2. label     `kdstore label` ONCE over the 60k training set (full float32 logits + top-5), and once over
                the set without 3s.
   3. students  `kdstore train` only, from the stored targets (the teacher never runs again):
@@ -56,6 +56,7 @@ PAPER = {"teacher": 67, "hard-800": 146, "kd-800-T20": 74, "gap_closed": (146 - 
          "no3_fixed_errors_on_3": 14, "no3_fixed_3_accuracy": 0.986}
 TEACHER_SPEC = "mlp:784-1200-1200-10"
 TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
+CHECKPOINT_SECONDS = 60.0  # teacher checkpoint interval
 EXPERIMENTS = ("tsweep", "alpha", "mse", "topk", "small", "no3")
 
 
@@ -92,13 +93,13 @@ def drop_class(src: Path, dst: Path, cls: int) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- teacher
-def jitter(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
-    """Shift each 28x28 image by a random (dy, dx) in [-pixels, pixels]^2, filling with zeros."""
+def jitter(x: torch.Tensor, pixels: int, d: torch.Tensor) -> torch.Tensor:
+    """Shift each 28x28 image by (dy, dx) = d[:, i] - pixels, filling with zeros; d (2, B) holds random
+    integers in [0, 2 * pixels] drawn on the host once per epoch (one copy, no per-step device sync)."""
     if pixels == 0:
         return x
     b = x.shape[0]
     img = torch.nn.functional.pad(x.view(b, 28, 28), (pixels,) * 4)
-    d = torch.randint(0, 2 * pixels + 1, (2, b), generator=gen, device="cpu").to(x.device)
     ar = torch.arange(28, device=x.device)
     rows = (ar[None, :] + d[0][:, None])[:, :, None]  # (b, 28, 1)
     cols = (ar[None, :] + d[1][:, None])[:, None, :]  # (b, 1, 28)
@@ -116,7 +117,10 @@ def errors_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
 
 
 def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.device, out: Path) -> dict[str, Any]:
-    """784-1200-1200-10 with dropout, jitter and max-norm; writes teacher.safetensors and teacher.json."""
+    """784-1200-1200-10 with dropout, jitter and max-norm; writes teacher.safetensors and teacher.json.
+
+    Checkpoints to OUT/checkpoint.pt at most once a minute and resumes from it when the config is the same
+    (a command cut off by a time limit continues where it stopped)."""
     from safetensors.torch import save_file
 
     x, y = load_xy(train)
@@ -125,14 +129,33 @@ def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.de
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     model = MLP([784, 1200, 1200, 10], dropout=cfg["dropout"], input_dropout=cfg["input_dropout"]).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
+    if cfg.get("optimizer", "sgd") == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
     n, bs, epochs = len(x), cfg["batch_size"], cfg["epochs"]
     steps = math.ceil(n / bs)
     total, warm = epochs * steps, max(1, int(0.02 * epochs * steps))
-    history, t0, step = [], time.perf_counter(), 0
-    for epoch in range(epochs):
-        te = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    t0, step, start, prior = time.perf_counter(), 0, 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own file, written below
+        if state["config"] == cfg:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            start, history, prior = state["epoch"], state["history"], state["seconds"]
+            step = start * steps
+            print(f"  resuming the teacher after epoch {start} from {ckpt}")
+    last_save = time.perf_counter()
+    for epoch in range(start, epochs):
+        te, ce = time.perf_counter(), time.process_time()
         perm = torch.randperm(n, generator=gen).to(device)
+        shifts = torch.randint(0, 2 * cfg["jitter"] + 1, (2, n), generator=gen).to(device)
         loss_sum = torch.zeros((), device=device)
         for a in range(0, n, bs):
             idx = perm[a : a + bs]
@@ -140,7 +163,8 @@ def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.de
                 cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = torch.nn.functional.cross_entropy(model(jitter(xd[idx], cfg["jitter"], gen)), yd[idx])
+            xb = jitter(xd[idx], cfg["jitter"], shifts[:, a : a + bs])
+            loss = torch.nn.functional.cross_entropy(model(xb), yd[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -148,30 +172,48 @@ def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.de
             loss_sum += loss.detach()
             step += 1
         seconds = time.perf_counter() - te
-        line = {"epoch": epoch + 1, "loss": float(loss_sum) / steps, "seconds": seconds}
+        line = {"epoch": epoch + 1, "loss": float(loss_sum) / steps, "seconds": seconds,
+                "cpu_seconds": time.process_time() - ce}
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == epochs:
             line["test_errors"] = errors_of(model, xt, yt, device)
         history.append(line)
-        print(f"  teacher epoch {epoch + 1:3d}/{epochs}  loss {line['loss']:.4f}  {seconds:5.1f} s"
+        print(f"  teacher epoch {epoch + 1:3d}/{epochs}  loss {line['loss']:.4f}  {seconds:5.1f} s "
+              f"(CPU {line['cpu_seconds']:.1f} s)"
               + (f"  test errors {line['test_errors']}" if "test_errors" in line else ""), flush=True)
+        if time.perf_counter() - last_save > CHECKPOINT_SECONDS and epoch + 1 < epochs:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({"config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "epoch": epoch + 1, "history": history,
+                        "seconds": prior + time.perf_counter() - t0}, out / "checkpoint.tmp")
+            (out / "checkpoint.tmp").replace(ckpt)
+            last_save = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "teacher.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(weights))
     info = {"config": cfg, "spec": TEACHER_SPEC, "test_errors": history[-1]["test_errors"],
-            "train_errors": errors_of(model, x, y, device), "seconds": time.perf_counter() - t0,
+            "train_errors": errors_of(model, x, y, device), "seconds": prior + time.perf_counter() - t0,
             "epoch_seconds": [h["seconds"] for h in history], "history": history,
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "device": str(device)}
     (out / "teacher.json").write_text(json.dumps(info, indent=1))
+    ckpt.unlink(missing_ok=True)
     return info
 
 
 # ------------------------------------------------------------------------------------- kdstore CLI calls
 def kdstore(argv: list[str]) -> None:
     """Run one `kdstore ...` command in this process (same code path as the shell command)."""
+    import click
+
     from kdstore.cli import main
 
     print("$ kdstore " + " ".join(argv), flush=True)
-    main.main(args=argv, prog_name="kdstore", standalone_mode=False)
+    try:
+        main.main(args=argv, prog_name="kdstore", standalone_mode=False)
+    except click.ClickException as e:
+        sys.exit(f"kdstore {argv[0]} failed: {e.format_message()}\n(outputs of an earlier run with other "
+                 "settings? rerun with --fresh, or give another --out)")
 
 
 def label_once(store: Path, name: str, teacher: str, transfer: Path, sha: str, device: str) -> str:
@@ -191,7 +233,8 @@ def label_once(store: Path, name: str, teacher: str, transfer: Path, sha: str, d
 
 
 def train_students(name: str, targets: str, student: str, loss: str, runs_dir: Path, common: list[str],
-                   temperatures: tuple[float, ...] = (20.0,), alpha: float = 0.9, top_k: int | None = None) -> list[dict[str, Any]]:
+                   temperatures: tuple[float, ...] = (20.0,), alpha: float = 0.9,
+                   top_k: int | None = None) -> list[dict[str, Any]]:
     """One `kdstore train` call (a temperature sweep is one call); returns its summary's runs."""
     out = runs_dir / name
     argv = ["train", "--targets", targets, "--student", student, "--loss", loss, "--out", str(out), "--quiet",
@@ -234,19 +277,125 @@ def bias_correction(run_dir: Path, student: str, train: Path, test: Path, cls: i
         return {"bias": b, "errors": int((pred != y).sum()), "errors_on_class": int((pred[on] != cls).sum()),
                 "class_total": int(on.sum()), "class_accuracy": float((pred[on] == cls).float().mean())}
 
+    def corrected(b: float) -> dict[str, Any]:
+        """The student with its class-`cls` output bias raised by b, evaluated on the test set; saved beside it."""
+        fixed = build_model(student)
+        fixed.load_state_dict(model.state_dict())
+        fixed.eval()
+        fixed.layers[-1].bias[cls] += b  # type: ignore[index]
+        x, y = load_xy(test)
+        s = score(torch.cat([fixed(x[a : a + 8192]) for a in range(0, len(x), 8192)]), y, 0.0)
+        if b:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in fixed.state_dict().items()},
+                      str(run_dir / f"student_bias{cls}+{b:g}.safetensors"))
+        return {**s, "bias": b}
+
+    # b on a 0.25 grid; adding b to the logit of `cls` is the same as adding it to the output bias
     grid = [round(0.25 * i, 2) for i in range(0, 61)]
     b_train = min(grid, key=lambda b: (score(z_train, y_train, b)["errors"], b))
     b_test = min(grid, key=lambda b: (score(z_test, y_test, b)["errors"], b))
     return {"learned_bias": float(last.bias[cls]),
-            "before": score(z_test, y_test, 0.0),
-            "paper_bias": score(z_test, y_test, PAPER["no3_bias"]),
-            "train_chosen": score(z_test, y_test, b_train),
-            "test_optimal": score(z_test, y_test, b_test),
-            "note": "train_chosen: b minimising errors on the full 60k training set (its 3s were never in "
+            "before": corrected(0.0),
+            "paper_bias": corrected(PAPER["no3_bias"]),
+            "train_chosen": corrected(b_train),
+            "test_optimal": corrected(b_test),
+            "note": "train_chosen: b minimising errors on the training set, 3s included (they were never in "
                     "the student's transfer set); test_optimal: b minimising test errors, as the paper chose it"}
 
 
+# ---------------------------------------------------------------------------------------------- estimate
+def _best_step_seconds(step: Any, repeats: int = 5, steps: int = 40) -> float:
+    """Least seconds per step over `repeats` chunks of `steps` steps (the least-disturbed chunk on a shared
+    machine), after a warm-up chunk."""
+    for _ in range(5):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - t) / steps)
+    return best
+
+
+def estimate(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Time the steps of every phase on random data and extrapolate this command's wall time (no training)."""
+    from kdstore import losses, targets
+
+    rows, test_rows, no3_rows = a.train_rows or 60_000, 10_000, int(0.898 * (a.train_rows or 60_000))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    teacher = MLP([784, 1200, 1200, 10], dropout=0.5, input_dropout=0.2).to(device)
+    opt_t = torch.optim.Adam(teacher.parameters(), lr=1e-3) if a.teacher_optimizer == "adam" else \
+        torch.optim.SGD(teacher.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    xb, yb = torch.rand(100, 784, device=device), torch.randint(0, 10, (100,), device=device)
+    shifts = torch.randint(0, 5, (2, 100), generator=gen).to(device)
+
+    def teacher_step() -> None:
+        loss = torch.nn.functional.cross_entropy(teacher(jitter(xb, 2, shifts)), yb)
+        opt_t.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_t.step()
+        max_norm_(teacher, 3.5)
+        sync()
+
+    per: dict[str, float] = {"teacher_epoch": _best_step_seconds(teacher_step) * math.ceil(rows / 100)}
+    teacher.eval()
+    big = torch.rand(4096, 784, device=device)
+
+    def teacher_forward() -> None:
+        with torch.no_grad():
+            teacher(big)
+        sync()
+
+    per["label_60k"] = _best_step_seconds(teacher_forward, 3, 3) * rows / 4096
+    x128, y128 = torch.rand(128, 784, device=device), torch.randint(0, 10, (128,), device=device)
+    z128 = torch.randn(128, 10, device=device) * 5
+    for hidden_size in (800, 300, 30):
+        student = MLP([784, hidden_size, hidden_size, 10]).to(device)
+        opt_s = torch.optim.Adam(student.parameters(), lr=1e-3)
+
+        def student_step() -> None:
+            loss = losses.kd_loss(student(x128), targets.log_soft_targets(z128, 20.0), y128, temperature=20.0,
+                                  alpha=0.9)
+            opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_s.step()
+            sync()
+
+        def student_eval() -> None:
+            with torch.no_grad():
+                student(big)
+            sync()
+
+        per[f"student_{hidden_size}_epoch"] = _best_step_seconds(student_step) * math.ceil(rows / 128)
+        per[f"student_{hidden_size}_eval_10k"] = _best_step_seconds(student_eval, 3, 3) * test_rows / 4096
+    # runs per student size, as main() makes them (the T sweep is 5 runs; the no-3 run has ~10% fewer rows)
+    n800 = 1 + (len(TEMPERATURES) if "tsweep" in a.experiments else 1) + ("alpha" in a.experiments) \
+        + ("mse" in a.experiments) + 3 * ("topk" in a.experiments)
+    small = "small" in a.experiments
+    e = a.student_epochs
+
+    def run_cost(h: int, n: int = rows) -> float:  # epochs x (train + eval on the test set) + agreement pass
+        return e * (per[f"student_{h}_epoch"] * n / rows + per[f"student_{h}_eval_10k"]) \
+            + per[f"student_{h}_eval_10k"] * n / test_rows
+
+    total = {"teacher": a.teacher_epochs * per["teacher_epoch"],
+             "label": per["label_60k"] * (1 + 0.898 * ("no3" in a.experiments)),
+             "students_800": n800 * run_cost(800), "students_small": small * (2 * run_cost(300) + 3 * run_cost(30)),
+             "students_no3": ("no3" in a.experiments) * run_cost(800, no3_rows)}
+    return {"per_epoch_seconds": per, "phase_seconds": total, "total_seconds": sum(total.values()),
+            "runs_800": n800, "device": str(device), "threads": torch.get_num_threads()}
+
+
 # ------------------------------------------------------------------------------------------------ report
+def hidden(spec: str) -> str:
+    """'mlp:784-800-800-10' -> '800-800'."""
+    return spec.split(":")[1].split("-", 1)[1].rsplit("-", 1)[0]
+
+
 def gap(base: int | None, student: int | None, teacher: int) -> float | None:
     if base is None or student is None or base == teacher:
         return None
@@ -262,10 +411,14 @@ def report(res: dict[str, Any]) -> str:
     lines = [f"{'model':<34} {'paper errors':>12} {'errors':>7} {'test acc%':>9} {'gap closed':>10}",
              f"{'teacher 1200-1200 (dropout+jitter)':<34} {PAPER['teacher']:>12} {t_err:>7} "
              f"{100 * (1 - t_err / n_test):9.2f} {'':>10}"]
-    for r in runs:
-        if r["name"].startswith("no3"):
-            continue
-        size = r["student"].split(":")[1].split("-", 1)[1].rsplit("-", 1)[0]
+    loss_order = {"hard": 0, "kd": 1, "mse": 2, "topk": 3}
+
+    def order(r: dict[str, Any]) -> tuple[Any, ...]:  # by width (widest first), then hard, KD by alpha and T, ...
+        return (-int(hidden(r["student"]).split("-")[0]), loss_order.get(r["loss"], 9), r["alpha"],
+                r["temperature"], r["top_k"] or 0)
+
+    for r in sorted((r for r in runs if not r["name"].startswith("no3")), key=order):
+        size = hidden(r["student"])
         what = r["run"] + (f"-k{r['top_k']}" if r["top_k"] else "")
         g = None if r["loss"] == "hard" else gap(base.get(r["student"]), r["eval_errors"], t_err)
         r["gap_closed"] = g
@@ -273,6 +426,8 @@ def report(res: dict[str, Any]) -> str:
         lines.append(f"{size + ' ' + what:<34} {pe if pe is not None else '-':>12} {r['eval_errors']:>7} "
                      f"{100 * r['eval_accuracy']:9.2f} {'' if g is None else f'{100 * g:9.1f}%':>10}")
     lines.append(f"paper: gap closed by 800-800 KD at T=20: {100 * PAPER['gap_closed']:.1f}%")
+    if res.get("partial"):
+        lines.append("(partial: more student runs to come; rerun the same command to continue)")
     if "no3" in res:
         n3 = res["no3"]
         lines.append(f"omitted 3s (800-800 KD T=20 on a transfer set without 3s; test 3s: {n3['before']['class_total']}):")
@@ -294,33 +449,39 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.6, 4.4))
     runs = [r for r in res["runs"] if not r["name"].startswith("no3")]
     for student, color in (("mlp:784-800-800-10", "C0"), ("mlp:784-300-300-10", "C1"), ("mlp:784-30-30-10", "C2")):
         pts = sorted((r["temperature"], r["eval_errors"]) for r in runs
                      if r["student"] == student and r["loss"] == "kd" and r["alpha"] == 0.9)
         if pts:
-            ax.plot(*zip(*pts), marker="o", color=color, label=f"{student[10:-3]} KD, alpha 0.9")
+            ax.plot(*zip(*pts), marker="o", color=color, label=f"{hidden(student)} KD, alpha 0.9")
         hard = [r["eval_errors"] for r in runs if r["student"] == student and r["loss"] == "hard"]
         if hard:
-            ax.axhline(hard[0], color=color, ls=":", lw=1, label=f"{student[10:-3]} hard labels")
+            ax.axhline(hard[0], color=color, ls=":", lw=1, label=f"{hidden(student)} hard labels")
     a1 = [(r["temperature"], r["eval_errors"]) for r in runs if r["loss"] == "kd" and r["alpha"] == 1.0
           and r["student"] == "mlp:784-800-800-10"]
     if a1:
         ax.plot(*zip(*a1), ls="", marker="s", color="C0", mfc="none", label="800-800 KD, alpha 1.0")
     ax.axhline(res["teacher"]["test_errors"], color="k", ls="--", lw=1, label="teacher 1200-1200")
-    if res["test_rows"] == 10_000:
+    if res["train_rows"] == 60_000 and res["test_rows"] == 10_000:  # the paper's setting, not a --quick subset
         ax.plot([20], [PAPER["kd-800-T20"]], marker="*", ms=12, ls="", color="C3", label="paper: 800-800 KD T=20")
         ax.axhline(PAPER["hard-800"], color="C3", ls=":", lw=1, label="paper: 800-800 hard (146)")
         ax.axhline(PAPER["teacher"], color="C3", ls="--", lw=1, label="paper: teacher (67)")
     ax.set_xscale("log")
+    lo, hi = ax.get_ylim()
+    if hi > 4 * max(lo, 1):  # 30-30 students make hundreds of errors: a log axis keeps 800-800 readable
+        ax.set_yscale("log")
+        ax.set_yticks([v for v in (50, 70, 100, 150, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000) if lo <= v <= hi])
+        ax.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_yaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(list(TEMPERATURES) + [3.0])
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("temperature T")
     ax.set_ylabel(f"test errors (of {res['test_rows']})")
     ax.set_title("MNIST, distilled from stored targets (kdstore)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -332,9 +493,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="10k-row subset and few epochs (a smoke run, < 5 min on 2 cores)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda (teacher, labeling and students)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--teacher-epochs", type=int, default=None, help="default 60 (quick: 3)")
-    ap.add_argument("--student-epochs", type=int, default=None, help="default 40 (quick: 3)")
-    ap.add_argument("--teacher-lr", type=float, default=0.1)
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="default 150 (quick: 10)")
+    ap.add_argument("--student-epochs", type=int, default=None, help="default 30 (quick: 5)")
+    ap.add_argument("--teacher-optimizer", choices=("adam", "sgd"), default="adam",
+                    help="adam (default; converged faster in trials) or sgd (Nesterov momentum 0.9)")
+    ap.add_argument("--teacher-lr", type=float, default=None, help="peak lr (default: adam 1e-3, sgd 0.1)")
     ap.add_argument("--student-lr", type=float, default=1e-3, help="Adam peak lr, cosine schedule, every student")
     ap.add_argument("--max-norm", type=float, default=3.5)
     ap.add_argument("--train-rows", type=int, default=None, help="use the first N training rows (quick: 10000)")
@@ -345,9 +508,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/out (quick: benchmarks/out/quick)")
     ap.add_argument("--fresh", action="store_true", help="delete previous outputs in --out first")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--estimate", action="store_true",
+                    help="time each kind of step (best of several chunks, random data) and print the extrapolated "
+                         "wall time of this command; trains nothing")
     a = ap.parse_args(argv)
-    a.teacher_epochs = a.teacher_epochs or (3 if a.quick else 60)
-    a.student_epochs = a.student_epochs or (3 if a.quick else 40)
+    a.teacher_epochs = a.teacher_epochs or (10 if a.quick else 150)
+    a.student_epochs = a.student_epochs or (5 if a.quick else 30)
+    a.teacher_lr = a.teacher_lr or (1e-3 if a.teacher_optimizer == "adam" else 0.1)
     a.train_rows = a.train_rows or (10_000 if a.quick else None)
     a.out = a.out or (HERE / "out" / ("quick" if a.quick else ""))
     a.experiments = {e.strip() for e in a.experiments.split(",") if e.strip()}
@@ -362,6 +529,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
+    if a.estimate:
+        est = estimate(a, device)
+        print(f"per-epoch seconds on {device}, {est['threads']} threads (best of 5 chunks; an extrapolation):")
+        for k, v in est["per_epoch_seconds"].items():
+            print(f"  {k:<24} {v:8.2f}")
+        print(f"extrapolated wall time of this command ({a.teacher_epochs} teacher epochs, {a.student_epochs} "
+              f"student epochs, {est['runs_800']} 800-800 runs + no-3 run + small students):")
+        for k, v in est["phase_seconds"].items():
+            print(f"  {k:<24} {v / 60:8.1f} min")
+        print(f"  {'total':<24} {est['total_seconds'] / 60:8.1f} min (excludes the per-epoch checkpoint and start-up)")
+        return est
     if a.fresh and a.out.exists():
         for sub in ("teacher", "targets", "students", "quick_data"):
             shutil.rmtree(a.out / sub, ignore_errors=True)
@@ -385,9 +563,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- 1. teacher
     t = time.perf_counter()
-    tcfg = {"epochs": a.teacher_epochs, "lr": a.teacher_lr, "momentum": 0.9, "batch_size": 100, "dropout": 0.5,
-            "input_dropout": 0.2, "jitter": 2, "max_norm": a.max_norm, "seed": a.seed, "train": train.name,
-            "eval_every": 1 if a.quick else 5}
+    tcfg = {"epochs": a.teacher_epochs, "optimizer": a.teacher_optimizer, "lr": a.teacher_lr, "momentum": 0.9,
+            "batch_size": 100, "dropout": 0.5, "input_dropout": 0.2, "jitter": 2, "max_norm": a.max_norm,
+            "seed": a.seed, "train": train.name, "eval_every": 1 if a.quick else 5}
     tdir = a.out / "teacher"
     info_path = tdir / "teacher.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else None
@@ -410,7 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "no3" in a.experiments else None
     phases["label"] = time.perf_counter() - t
 
-    # -- 3. students, from the stored targets only
+    # -- 3. students, from the stored targets only; the paper's headline runs first, so that a run cut off by
+    # a time limit has them (results are written after every `kdstore train` call; rerun to continue)
     print("== 3. students (kdstore train; the teacher is not run)", flush=True)
     common = ["--epochs", str(a.student_epochs), "--lr", f"{a.student_lr:g}", "--optimizer", "adam",
               "--schedule", "cosine", "--batch-size", "128", "--seed", str(a.seed), "--device", a.device,
@@ -418,62 +597,72 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s800, s300, s30 = "mlp:784-800-800-10", "mlp:784-300-300-10", "mlp:784-30-30-10"
     sd = a.out / "students"
     runs: list[dict[str, Any]] = []
-    t = time.perf_counter()
-    runs += train_students("800-hard", targets, s800, "hard", sd, common)
-    temps = TEMPERATURES if "tsweep" in a.experiments else (20.0,)
-    runs += train_students("800-kd-a0.9", targets, s800, "kd", sd, common, temperatures=temps, alpha=0.9)
-    phases["students_800_hard_and_kd"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if "alpha" in a.experiments:
-        runs += train_students("800-kd-a1", targets, s800, "kd", sd, common, temperatures=(20.0,), alpha=1.0)
-    if "mse" in a.experiments:
-        runs += train_students("800-mse", targets, s800, "mse", sd, common)
-    if "topk" in a.experiments:
-        for k in (1, 3, 5):
-            runs += train_students(f"800-topk{k}", targets, s800, "topk", sd, common, temperatures=(20.0,), top_k=k)
-    phases["students_800_other"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if "small" in a.experiments:
-        runs += train_students("300-hard", targets, s300, "hard", sd, common)
-        runs += train_students("300-kd", targets, s300, "kd", sd, common, temperatures=(20.0,))
-        runs += train_students("30-hard", targets, s30, "hard", sd, common)
-        runs += train_students("30-kd", targets, s30, "kd", sd, common, temperatures=(3.0, 20.0))
-    phases["students_small"] = time.perf_counter() - t
-
     res: dict[str, Any] = {"paper": PAPER, "teacher": {k: v for k, v in info.items() if k != "history"},
                            "teacher_history": info["history"], "test_rows": len(load_xy(test)[1]),
                            "train_rows": len(load_xy(train)[1]), "settings": {k: (sorted(v) if isinstance(v, set)
                            else str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                            "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                           "targets": targets, "runs": runs}
-    if targets_no3:
+                           "targets": targets, "runs": runs, "phase_seconds": phases}
+
+    def group(phase: str, *calls: tuple[Any, ...]) -> None:
         t = time.perf_counter()
-        no3 = train_students("no3-800-kd", targets_no3, s800, "kd", sd, common, temperatures=(20.0,))
-        runs += no3
-        res["no3"] = {"targets": targets_no3, "run": no3[0]["run"],
-                      **bias_correction(Path(no3[0]["dir"]), s800, train if not a.train_rows else
-                                        a.out / "quick_data" / f"mnist_train_{a.train_rows}.parquet", test)}
-        phases["students_no3"] = time.perf_counter() - t
+        for name, tg, student, loss, kw in calls:
+            runs.extend(train_students(name, tg, student, loss, sd, common, **kw))
+            finish(res, a.out, t_all, partial=True)
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - t
+
+    group("students_800_core", ("800-hard", targets, s800, "hard", {}),
+          ("800-kd-a0.9", targets, s800, "kd", {"temperatures": (20.0,)}))
+    if targets_no3:
+        group("students_no3", ("no3-800-kd", targets_no3, s800, "kd", {"temperatures": (20.0,)}))
+        no3 = [r for r in runs if r["name"] == "no3-800-kd"][0]
+        t = time.perf_counter()
+        res["no3"] = {"targets": targets_no3, "run": no3["run"],
+                      **bias_correction(Path(no3["dir"]), s800, train, test)}
+        phases["students_no3"] += time.perf_counter() - t
+    if "small" in a.experiments:
+        group("students_small", ("300-hard", targets, s300, "hard", {}),
+              ("300-kd", targets, s300, "kd", {"temperatures": (20.0,)}),
+              ("30-hard", targets, s30, "hard", {}),
+              ("30-kd", targets, s30, "kd", {"temperatures": (3.0, 20.0)}))
+    if "tsweep" in a.experiments:
+        group("students_800_tsweep", ("800-kd-a0.9-sweep", targets, s800, "kd",
+                                      {"temperatures": tuple(t for t in TEMPERATURES if t != 20.0)}))
+    other: list[tuple[Any, ...]] = []
+    if "alpha" in a.experiments:
+        other.append(("800-kd-a1", targets, s800, "kd", {"temperatures": (20.0,), "alpha": 1.0}))
+    if "mse" in a.experiments:
+        other.append(("800-mse", targets, s800, "mse", {}))
+    if "topk" in a.experiments:
+        other += [(f"800-topk{k}", targets, s800, "topk", {"temperatures": (20.0,), "top_k": k}) for k in (1, 3, 5)]
+    if other:
+        group("students_800_other", *other)
 
     # -- 4. report
-    phases["total"] = time.perf_counter() - t_all
-    res["phase_seconds"] = phases
-    res["student_epoch_seconds"] = {f"{r['name']}/{r['run']}": float(np.median(r["epoch_seconds"]))
-                                    for r in runs if r["epoch_seconds"]}
-    table = report(res)
-    res["table"] = table
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "hinton_results.json").write_text(json.dumps(res, indent=1))
-    plot(res, a.out / "hinton_errors_vs_T.png")
+    finish(res, a.out, t_all, partial=False)
     print("\n== Hinton et al. 2015, MNIST (test errors of " + str(res["test_rows"]) + ")"
           + (" -- QUICK: 10k-row subset, few epochs; not comparable to the paper" if a.quick else ""))
-    print(table)
+    print(res["table"])
     te = info["epoch_seconds"]
-    print("\nwall time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    print("\nwall time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+          + f"; total {res['total_seconds']:.1f} s")
     print(f"teacher: {np.median(te):.2f} s/epoch (median of {len(te)}); students (s/epoch, median): "
           + ", ".join(f"{k} {v:.2f}" for k, v in res["student_epoch_seconds"].items()))
     print(f"wrote {a.out / 'hinton_results.json'} and {a.out / 'hinton_errors_vs_T.png'}")
     return res
+
+
+def finish(res: dict[str, Any], out: Path, t_all: float, partial: bool) -> None:
+    """Table, JSON and plot from the runs so far (`partial`: more runs are to come)."""
+    res["partial"] = partial
+    res["total_seconds"] = time.perf_counter() - t_all
+    res["student_epoch_seconds"] = {f"{r['name']}/{r['run']}": float(np.median(r["epoch_seconds"]))
+                                    for r in res["runs"] if r["epoch_seconds"]}
+    res["table"] = report(res)
+    tmp = out / "hinton_results.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out / "hinton_results.json")
+    plot(res, out / "hinton_errors_vs_T.png")
 
 
 if __name__ == "__main__":
