@@ -16,7 +16,6 @@ This module never prints or exits; bad options raise ConfigError, bad data or fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kdstore.errors import ConfigError, InputError
+from kdstore.store.formats import sha256_file  # re-exported: the one file hasher
 
 __all__ = [
     "METADATA_KEY",
@@ -291,15 +291,6 @@ def read_table(path: str | os.PathLike[str]) -> pa.Table:
         if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
             table = table.set_column(i, field, pc.utf8_trim_whitespace(table.column(i)))
     return table
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_synthetic(
