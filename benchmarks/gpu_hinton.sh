@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Hinton MNIST on one GPU in one command (the device lease is short): two teacher recipes side by side, then
+# every student run of the SGD teacher at once (`--jobs`). Needs benchmarks/data/mnist_*.parquet
+# (benchmarks/prepare_mnist.py). Results, logs and the teachers' weights land in $OUT.
+# Usage: OUT=gpu-out bash benchmarks/gpu_hinton.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+TE=${1:-220}; SE=${2:-40}; LIMIT=${HINTON_LIMIT:-540}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/log.txt"
+nproc | tee -a "$OUT/log.txt"
+t=$SECONDS
+timeout "$LIMIT" python3 benchmarks/hinton_mnist.py --device cuda --teacher-optimizer sgd --teacher-epochs "$TE" \
+  --student-epochs "$SE" --jobs 16 --out /tmp/h-sgd > "$OUT/hinton_sgd.txt" 2>&1 &
+timeout "$LIMIT" python3 benchmarks/hinton_mnist.py --device cuda --teacher-optimizer adam --teacher-epochs "$TE" \
+  --student-epochs "$SE" --jobs 2 --experiments "" --out /tmp/h-adam > "$OUT/hinton_adam.txt" 2>&1 &
+wait
+echo "both done in $((SECONDS - t)) s" | tee -a "$OUT/log.txt"
+for r in sgd adam; do
+  mkdir -p "$OUT/$r"
+  cp /tmp/h-$r/hinton_results.json /tmp/h-$r/hinton_errors_vs_T.png /tmp/h-$r/teacher/teacher.json \
+     /tmp/h-$r/teacher/teacher.safetensors "$OUT/$r/" 2>/dev/null
+  cp /tmp/h-$r/students/*.log "$OUT/$r/" 2>/dev/null
+done
+tail -45 "$OUT/hinton_sgd.txt"; tail -12 "$OUT/hinton_adam.txt"
