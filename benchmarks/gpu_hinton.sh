@@ -21,10 +21,9 @@ timeout "$LIMIT" python3 benchmarks/hinton_mnist.py --device cuda --teacher-opti
   --student-epochs "$SE" --jobs 2 --experiments "" --out /tmp/h-adam > "$OUT/hinton_adam.txt" 2>&1 &
 wait
 echo "both done in $((SECONDS - t)) s" | tee -a "$OUT/log.txt"
+# the device tool brings back only a few files: one archive per recipe (results, plot, teacher, student logs)
 for r in sgd adam; do
-  mkdir -p "$OUT/$r"
-  cp /tmp/h-$r/hinton_results.json /tmp/h-$r/hinton_errors_vs_T.png /tmp/h-$r/teacher/teacher.json \
-     /tmp/h-$r/teacher/teacher.safetensors "$OUT/$r/" 2>/dev/null
-  cp /tmp/h-$r/students/*.log "$OUT/$r/" 2>/dev/null
+  tar -czf "$OUT/hinton_$r.tar.gz" --exclude='*.pt' --exclude='student*.safetensors' -C /tmp/h-$r \
+    hinton_results.json hinton_errors_vs_T.png teacher/teacher.json teacher/teacher.safetensors students 2>/dev/null
 done
 tail -45 "$OUT/hinton_sgd.txt"; tail -12 "$OUT/hinton_adam.txt"

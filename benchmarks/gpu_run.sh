@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one script: tests with CUDA visible (device auto -> cuda), the quick start, the benchmarks
-# on the GPU, then the Hinton MNIST reproduction. One log ($OUT/log.txt) plus the result JSON files.
-# Usage: OUT=gpu-out bash benchmarks/gpu_run.sh [hinton]
+# on the GPU. One log ($OUT/log.txt) plus the result JSON files. (Hinton MNIST: benchmarks/gpu_hinton.sh.)
+# Usage: OUT=gpu-out bash benchmarks/gpu_run.sh
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1
@@ -20,7 +20,3 @@ step pytest 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "not s
 step quickstart 40 kdstore quickstart --out /tmp/qs --device cuda
 step bench_label 90 python3 -m benchmarks.bench_label --device cuda --json "$OUT/bench_label.json"
 step bench_train 150 python3 -m benchmarks.bench_train --device cuda --stream-gb 1 --json "$OUT/bench_train.json"
-if [ "${1:-}" = hinton ] && [ -f benchmarks/data/mnist_train.parquet ]; then
-  step hinton "${HINTON_LIMIT:-300}" python3 benchmarks/hinton_mnist.py --device cuda --out /tmp/hinton
-  cp /tmp/hinton/hinton_results.json /tmp/hinton/hinton_errors_vs_T.png "$OUT/" 2>/dev/null
-fi

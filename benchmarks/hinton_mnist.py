@@ -576,6 +576,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "many steps as the other students); the teacher, the 800-800 hard baseline and 800-800 KD "
                          "at T=20 always run")
     ap.add_argument("--aug-copies", type=int, default=4, help="jittered copies of the 60k for --experiments aug")
+    ap.add_argument("--aug-epochs", type=int, default=None,
+                    help="epochs of the aug students (default: as many optimizer steps as the other students)")
     ap.add_argument("--data-dir", type=Path, default=HERE / "data")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/out (quick: benchmarks/out/quick)")
     ap.add_argument("--fresh", action="store_true", help="delete previous outputs in --out first")
@@ -703,7 +705,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calls += [("students_800_tsweep", f"800-kd-a0.9-T{t:g}", targets, s800, "kd", {"temperatures": (t,)})
                   for t in TEMPERATURES if t != 20.0]
     if targets_aug:  # as many optimizer steps as the students on the 60k
-        aug_epochs = max(1, round(a.student_epochs / (a.aug_copies + 1)))
+        aug_epochs = a.aug_epochs or max(1, round(a.student_epochs / (a.aug_copies + 1)))
         calls += [("students_aug", "aug-800-hard", targets_aug, s800, "hard", {"epochs": aug_epochs}),
                   ("students_aug", "aug-800-kd", targets_aug, s800, "kd", {"temperatures": (20.0,), "epochs": aug_epochs})]
     if "alpha" in a.experiments:
