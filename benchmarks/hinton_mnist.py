@@ -35,7 +35,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -56,6 +55,8 @@ if str(HERE.parent) not in sys.path:  # `python benchmarks/hinton_mnist.py` from
     sys.path.insert(0, str(HERE.parent))
 
 from kdstore.device import resolve_device  # noqa: E402
+from kdstore.store.formats import sha256_file  # noqa: E402
+from kdstore.store.writer import existing_versions  # noqa: E402
 from kdstore.students import MLP, build_model, max_norm_  # noqa: E402
 from kdstore.transfer import open_transfer  # noqa: E402
 
@@ -229,7 +230,7 @@ def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.de
     info = {"config": cfg, "spec": TEACHER_SPEC, "test_errors": history[-1]["test_errors"],
             "train_errors": errors_of(model, x, y, device), "seconds": prior + time.perf_counter() - t0,
             "epoch_seconds": [h["seconds"] for h in history], "history": history,
-            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "device": str(device)}
+            "sha256": sha256_file(weights), "device": str(device)}
     (out / "teacher.json").write_text(json.dumps(info, indent=1))
     ckpt.unlink(missing_ok=True)
     return info
@@ -253,17 +254,14 @@ def kdstore(argv: list[str]) -> None:
 def label_once(store: Path, name: str, teacher: str, transfer: Path, sha: str, device: str) -> str:
     """`kdstore label` unless STORE/NAME already holds a version by this teacher; returns STORE/NAME@vN."""
     ds = store / name
-    for v in sorted(ds.glob("v*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1, reverse=True):
-        m = v / "manifest.json"
-        if m.exists():
-            man = json.loads(m.read_text())
-            if man["teachers"][0]["sha256"] == sha and Path(man["transfer_set"]["path"]).name == transfer.name:
-                print(f"  reusing {v} (labeled by this teacher)")
-                return f"{ds}@{v.name}"
+    for n in reversed(existing_versions(ds)):
+        man = json.loads((ds / f"v{n}" / "manifest.json").read_text())
+        if man["teachers"][0]["sha256"] == sha and Path(man["transfer_set"]["path"]).name == transfer.name:
+            print(f"  reusing {ds}@v{n} (labeled by this teacher)")
+            return f"{ds}@v{n}"
     kdstore(["label", "--teacher", teacher, "--transfer", str(transfer), "--out", str(store), "--name", name,
              "--top-k", "5", "--logits-dtype", "float32", "--precision", "fp32", "--device", device, "--quiet"])
-    latest = max((p for p in ds.glob("v*") if (p / "manifest.json").exists()), key=lambda p: int(p.name[1:]))
-    return f"{ds}@{latest.name}"
+    return f"{ds}@v{existing_versions(ds)[-1]}"
 
 
 def kdstore_subprocess(argv: list[str], log: Path, threads: int) -> None:

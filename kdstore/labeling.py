@@ -380,10 +380,6 @@ def _prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
                 th.join(0.01)
 
 
-def _zero_stats() -> dict[str, Any]:
-    return {"correct": 0, "entropy_sum": 0.0, "topk_mass_sum": 0.0, "fidelity_sum": {}}
-
-
 def _combine_stats(parts: list[dict[str, Any]], ids: list[str], k: int | None) -> dict[str, Any]:
     rows = sum(p["rows"] for p in parts)
     labeled = sum(p["labeled"] for p in parts)
