@@ -6,13 +6,8 @@
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 TE=${1:-220}; SE=${2:-40}; LIMIT=${HINTON_LIMIT:-540}
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/log.txt"
+: > "$OUT/log.txt"
+source "$(dirname "$0")/_gpu_env.sh" "$OUT/log.txt"
 nproc | tee -a "$OUT/log.txt"
 t=$SECONDS
 timeout "$LIMIT" python3 benchmarks/hinton_mnist.py --device cuda --teacher-optimizer sgd --teacher-epochs "$TE" \

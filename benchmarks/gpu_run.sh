@@ -4,13 +4,7 @@
 # Usage: OUT=gpu-out bash benchmarks/gpu_run.sh
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+source "$(dirname "$0")/_gpu_env.sh" "$LOG"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))" | tee -a "$LOG"
 step() { local name=$1 limit=$2; shift 2; echo "=== $name" | tee -a "$LOG"; local t=$SECONDS
   timeout "$limit" "$@" > "/tmp/$name.txt" 2>&1; local rc=$?
