@@ -65,7 +65,7 @@ from kdstore.labeling import LabelConfig, label  # noqa: E402
 from kdstore.munge import MungeConfig, munge, read_generator_metadata, sha256_file, write_synthetic  # noqa: E402
 from kdstore.students import MLP, build_model, count_parameters  # noqa: E402
 from kdstore.teachers import load_teacher  # noqa: E402
-from kdstore.training import Trainer, TrainConfig  # noqa: E402
+from kdstore.training import TrainConfig, Trainer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Teacher architectures (hidden sizes), cycled when --teachers is larger than this list.
@@ -181,7 +181,8 @@ def kdstore_cmds(args: argparse.Namespace, work: Path, teacher_specs: list[str],
         f"kdstore label {teachers} --transfer {work}/train_munge_m{m}.parquet --out {work}/targets "
         f"--name adult-munge-m{m} --top-k 0 --logits-dtype float32 --device cpu",
         f"kdstore train --targets {work}/targets/adult-orig --loss hard {common} --seed S --out RUN_A",
-        f"kdstore train --targets {work}/targets/adult-orig --loss kd -T {args.temperature:g} --alpha {args.alpha_b.split(',')[0]} "
+        f"kdstore train --targets {work}/targets/adult-orig --loss kd -T {args.temperature:g} "
+        f"--alpha {args.alpha_b.split(',')[0]} "
         f"{common} --seed S --out RUN_B",
         f"kdstore train --targets {work}/targets/adult-munge-m{m} --loss kd -T {args.temperature:g} --alpha 1 "
         f"{common} --seed S --out RUN_C",
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if ts["kind"] != want:
                 raise SystemExit(f"BUG: {name}: manifest transfer_set.kind is {ts['kind']!r}, expected {want!r}")
             if want == "synthetic" and (ts["generator"] or {}).get("generator") != "munge":
-                raise SystemExit(f"BUG: {name}: manifest transfer_set.generator lost the munge record: {ts['generator']}")
+                raise SystemExit(f"BUG: {name}: manifest transfer_set.generator lost the munge record: "
+                                 f"{ts['generator']}")
             stats = man["statistics"]
             label_info[name] = {
                 "rows": man["num_rows"], "kind": ts["kind"], "generator": ts["generator"],
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with timer.phase("ensemble-test"):
         # reload through kdstore's own teacher loader: the same modules `kdstore label` ran
         loaded = [probs(load_teacher(s).module, x_test) for s in teacher_specs]
-        for a, b in zip(loaded, member_probs):
+        for a, b in zip(loaded, member_probs, strict=True):
             assert np.allclose(a, b, atol=1e-5), "reloaded teacher differs from the trained one"
         ens_p = np.mean(loaded, axis=0)
         ens_pred = ens_p.argmax(1)
@@ -373,13 +375,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     lines = [f"UCI Adult, {train_raw.num_rows:,} train / {test_raw.num_rows:,} test rows, D = {dim}; "
              f"MUNGE p={args.p:g} s={args.s:g} M={','.join(map(str, multipliers))}; "
-             f"students {args.epochs} epochs (unless marked), batch {args.batch_size}, lr {args.lr:g}, T={args.temperature:g}, "
+             f"students {args.epochs} epochs (unless marked), batch {args.batch_size}, "
+             f"lr {args.lr:g}, T={args.temperature:g}, "
              f"--ensemble mean-prob, {args.seeds} seeds (mean ± sd)",
-             f"{'model':<22} {'setting':<22} {'rows':>7} {'steps':>6} {'test acc %':>15} {'gap':>6} {'agree w/ ens %':>15}"]
+             f"{'model':<22} {'setting':<22} {'rows':>7} {'steps':>6} "
+             f"{'test acc %':>15} {'gap':>6} {'agree w/ ens %':>15}"]
     for t, info in enumerate(teacher_info):
         lines.append(f"{'teacher t' + str(t):<22} {info['spec'].split('@')[0]:<22} {train_raw.num_rows:>7,} {'':>6} "
                      f"{100 * info['test_accuracy']:15.2f} {'':>6} {'':>15}")
-    lines.append(f"{'ENSEMBLE (mean-prob)':<22} {str(args.teachers) + ' teachers':<22} {train_raw.num_rows:>7,} {'':>6} "
+    lines.append(f"{'ENSEMBLE (mean-prob)':<22} {str(args.teachers) + ' teachers':<22} "
+                 f"{train_raw.num_rows:>7,} {'':>6} "
                  f"{100 * ensemble_acc:15.2f} {'':>6} {100.0:15.2f}")
     for s in summary:
         lines.append(f"{s['student']:<22} {s['setting']:<22} {s['rows']:>7,} {s['steps']:>6} "
@@ -392,7 +397,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         c_rows = [s for s in mine if s["setting"].startswith("(c)")]
         verdict = "YES" if best["setting"].startswith("(c)") else "NO"
         lines.append(f"mlp hidden {h}: closest to the ensemble's accuracy: {best['setting']} -> paper's claim "
-                     f"'(c) closest' {verdict}" + ("; (c) agreement " + ", ".join(f"{100 * s['agreement_mean']:.2f}%" for s in c_rows) if c_rows else ""))
+                     f"'(c) closest' {verdict}"
+                     + ("; (c) agreement " + ", ".join(f"{100 * s['agreement_mean']:.2f}%" for s in c_rows)
+                        if c_rows else ""))
     table = "\n".join(lines)
     print("\n" + table)
     total = time.perf_counter() - timer.t0

@@ -29,7 +29,7 @@ from kdstore.labeling import LabelConfig, label
 from kdstore.store import VersionWriter
 from kdstore.students import build_model
 from kdstore.teachers import load_teacher
-from kdstore.training import Trainer, TrainConfig
+from kdstore.training import TrainConfig, Trainer
 
 
 def trainer_epoch(store: str, loss: str, mode: str, out: Path, device: str, epochs: int = 2) -> float:
@@ -188,12 +188,16 @@ def main() -> None:
         sweep_on = 5 * e * oo["online_epoch_s"]
         res.update(rows=args.rows, label_s=label_s, mem_hard=mem_hard, mem_kd=mem_kd, stream_hard=st_hard,
                    stream_kd=st_kd, **oo, sweep5_offline_s=sweep_off, sweep5_online_s=sweep_on)
-        print(f"device {dev}, torch threads {torch.get_num_threads()}, {args.rows} rows, student 784-800-800-10, batch 128")
-        print(f"  in memory:  hard {mem_hard:.2f} s/epoch  kd {mem_kd:.2f} s/epoch  ratio kd/hard = {mem_kd / mem_hard:.3f} (goal <= 1.05)")
-        print(f"  streamed:   hard {st_hard:.2f} s/epoch  kd {st_kd:.2f} s/epoch  ratio kd/hard = {st_kd / st_hard:.3f}; "
+        print(f"device {dev}, torch threads {torch.get_num_threads()}, {args.rows} rows, "
+              "student 784-800-800-10, batch 128")
+        print(f"  in memory:  hard {mem_hard:.2f} s/epoch  kd {mem_kd:.2f} s/epoch  "
+              f"ratio kd/hard = {mem_kd / mem_hard:.3f} (goal <= 1.05)")
+        print(f"  streamed:   hard {st_hard:.2f} s/epoch  kd {st_kd:.2f} s/epoch  "
+              f"ratio kd/hard = {st_kd / st_hard:.3f}; "
               f"kd streamed / hard in memory = {st_kd / mem_hard:.3f} (goal <= 1.15)")
         print(f"  online KD (teacher 784-1200-1200-10 every step) {oo['online_epoch_s']:.2f} s/epoch vs offline "
-              f"{oo['offline_epoch_s']:.2f} s/epoch: online/offline = {oo['online_epoch_s'] / oo['offline_epoch_s']:.2f}")
+              f"{oo['offline_epoch_s']:.2f} s/epoch: "
+              f"online/offline = {oo['online_epoch_s'] / oo['offline_epoch_s']:.2f}")
         print(f"  5-temperature sweep x {e} epochs (from the per-epoch times above): online {sweep_on:.1f} s vs "
               f"offline {sweep_off:.1f} s (label once {label_s:.1f} s + 5 x {e} student epochs): "
               f"online/offline = {sweep_on / sweep_off:.2f}")

@@ -411,7 +411,7 @@ def estimate(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         student = MLP([784, hidden_size, hidden_size, 10]).to(device)
         opt_s = torch.optim.Adam(student.parameters(), lr=1e-3)
 
-        def student_step() -> None:
+        def student_step(student: MLP = student, opt_s: torch.optim.Optimizer = opt_s) -> None:
             loss = losses.kd_loss(student(x128), targets.log_soft_targets(z128, 20.0), y128, temperature=20.0,
                                   alpha=0.9)
             opt_s.zero_grad(set_to_none=True)
@@ -419,7 +419,7 @@ def estimate(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             opt_s.step()
             sync()
 
-        def student_eval() -> None:
+        def student_eval(student: MLP = student) -> None:
             with torch.no_grad():
                 student(big)
             sync()
@@ -485,7 +485,8 @@ def report(res: dict[str, Any]) -> str:
     aug = [r for r in runs if r["name"].startswith("aug")]
     if aug:
         a_hard = next((r["eval_errors"] for r in aug if r["loss"] == "hard"), None)
-        lines.append(f"beyond the paper -- transfer set: the {res['train_rows']:,} plus {res.get('aug_copies')} jittered copies, labeled "
+        lines.append(f"beyond the paper -- transfer set: the {res['train_rows']:,} plus "
+                     f"{res.get('aug_copies')} jittered copies, labeled "
                      "once (gap vs the plain 800-800 hard baseline / vs hard labels on the same jittered set):")
         for r in sorted(aug, key=order):
             g1 = gap(base.get(r["student"]), r["eval_errors"], t_err) if r["loss"] != "hard" else None
@@ -496,7 +497,8 @@ def report(res: dict[str, Any]) -> str:
                          f"{'':>12} {r['eval_errors']:>7} {100 * r['eval_accuracy']:9.2f} {gs:>16}")
     if "no3" in res:
         n3 = res["no3"]
-        lines.append(f"omitted 3s (800-800 KD T=20 on a transfer set without 3s; test 3s: {n3['before']['class_total']}):")
+        lines.append("omitted 3s (800-800 KD T=20 on a transfer set without 3s; "
+                     f"test 3s: {n3['before']['class_total']}):")
         lines.append(f"  {'':<30} {'paper errors (on 3s)':>20} {'errors (on 3s)':>15} {'3s right':>9}")
         rows = [("no correction", n3["before"], f"{PAPER['no3_errors']} ({PAPER['no3_errors_on_3']})"),
                 ("3-bias +3.5 (paper's b)", n3["paper_bias"],
@@ -521,14 +523,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
         pts = sorted((r["temperature"], r["eval_errors"]) for r in runs
                      if r["student"] == student and r["loss"] == "kd" and r["alpha"] == 0.9)
         if pts:
-            ax.plot(*zip(*pts), marker="o", color=color, label=f"{hidden(student)} KD, alpha 0.9")
+            ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=f"{hidden(student)} KD, alpha 0.9")
         hard = [r["eval_errors"] for r in runs if r["student"] == student and r["loss"] == "hard"]
         if hard:
             ax.axhline(hard[0], color=color, ls=":", lw=1, label=f"{hidden(student)} hard labels")
     a1 = [(r["temperature"], r["eval_errors"]) for r in runs if r["loss"] == "kd" and r["alpha"] == 1.0
           and r["student"] == "mlp:784-800-800-10"]
     if a1:
-        ax.plot(*zip(*a1), ls="", marker="s", color="C0", mfc="none", label="800-800 KD, alpha 1.0")
+        ax.plot(*zip(*a1, strict=True), ls="", marker="s", color="C0", mfc="none", label="800-800 KD, alpha 1.0")
     ax.axhline(res["teacher"]["test_errors"], color="k", ls="--", lw=1, label="teacher 1200-1200")
     if res["train_rows"] == 60_000 and res["test_rows"] == 10_000:  # the paper's setting, not a --quick subset
         ax.plot([20], [PAPER["kd-800-T20"]], marker="*", ms=12, ls="", color="C3", label="paper: 800-800 KD T=20")
@@ -538,7 +540,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     lo, hi = ax.get_ylim()
     if hi > 4 * max(lo, 1):  # 30-30 students make hundreds of errors: a log axis keeps 800-800 readable
         ax.set_yscale("log")
-        ax.set_yticks([v for v in (50, 70, 100, 150, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000) if lo <= v <= hi])
+        ax.set_yticks([v for v in (50, 70, 100, 150, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000)
+                       if lo <= v <= hi])
         ax.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.get_yaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(list(TEMPERATURES) + [3.0])
@@ -556,7 +559,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10k-row subset and few epochs (a smoke run, < 5 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true",
+                    help="10k-row subset and few epochs (a smoke run, < 5 min on 2 cores)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda (teacher, labeling and students)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--teacher-epochs", type=int, default=None, help="default 150 (quick: 10)")
@@ -625,7 +629,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- data
     t = time.perf_counter()
-    train, train_no3, test = (a.data_dir / f for f in ("mnist_train.parquet", "mnist_train_no3.parquet", "mnist_test.parquet"))
+    train, train_no3, test = (a.data_dir / f
+                              for f in ("mnist_train.parquet", "mnist_train_no3.parquet", "mnist_test.parquet"))
     if not all(p.exists() for p in (train, train_no3, test)):
         from benchmarks.prepare_mnist import prepare
 
@@ -705,7 +710,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if targets_aug:  # as many optimizer steps as the students on the 60k
         aug_epochs = a.aug_epochs or max(1, round(a.student_epochs / (a.aug_copies + 1)))
         calls += [("students_aug", "aug-800-hard", targets_aug, s800, "hard", {"epochs": aug_epochs}),
-                  ("students_aug", "aug-800-kd", targets_aug, s800, "kd", {"temperatures": (20.0,), "epochs": aug_epochs})]
+                  ("students_aug", "aug-800-kd", targets_aug, s800, "kd",
+                   {"temperatures": (20.0,), "epochs": aug_epochs})]
     if "alpha" in a.experiments:
         calls.append(("students_800_other", "800-kd-a1", targets, s800, "kd", {"temperatures": (20.0,), "alpha": 1.0}))
     if "mse" in a.experiments:

@@ -68,13 +68,14 @@ def load_pickle_arrays(raw: bytes) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     if not (isinstance(obj, tuple) and len(obj) == 3):
         raise ValueError(f"unexpected pickle content {type(obj).__name__}; expected a 3-tuple of (x, y) splits")
     out = []
-    for split, n in zip(obj, expected):
+    for split, n in zip(obj, expected, strict=True):
         x, y = split
         if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
             raise ValueError("a split is not a pair of numpy arrays")
         if x.shape != (n, 784) or x.dtype != np.float32 or y.shape != (n,) or y.dtype.kind not in "iu":
-            raise ValueError(f"split of shape {x.shape} {x.dtype} / {y.shape} {y.dtype}; expected ({n}, 784) float32 / ({n},) int")
-        if not (0.0 <= float(x.min()) and float(x.max()) <= 1.0) or not (0 <= y.min() and y.max() <= 9):
+            raise ValueError(f"split of shape {x.shape} {x.dtype} / {y.shape} {y.dtype}; "
+                             f"expected ({n}, 784) float32 / ({n},) int")
+        if not (float(x.min()) >= 0.0 and float(x.max()) <= 1.0) or not (y.min() >= 0 and y.max() <= 9):
             raise ValueError("pixel values outside [0, 1] or labels outside 0..9")
         out.append((x, y.astype(np.int64)))
     return tuple(out)

@@ -35,7 +35,8 @@ def parse_float_list(option: str, text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 1,2,5", param_hint=option) from None
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 1,2,5",
+                                 param_hint=option) from None
     if not values:
         raise click.BadParameter("needs at least one value", param_hint=option)
     return values

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from kdstore.cli import main
-from kdstore.cli.label import label
-from kdstore.cli.munge import munge_command
-from kdstore.cli.quickstart import quickstart
-from kdstore.cli.train import train
-from kdstore.cli.ls import ls
-from kdstore.cli.inspect import inspect
-from kdstore.cli.verify import verify
 from kdstore.cli.convert import convert
 from kdstore.cli.diff import diff
+from kdstore.cli.inspect import inspect
+from kdstore.cli.label import label
+from kdstore.cli.ls import ls
+from kdstore.cli.munge import munge_command
 from kdstore.cli.push import push
+from kdstore.cli.quickstart import quickstart
+from kdstore.cli.train import train
+from kdstore.cli.verify import verify
 
 main.add_command(label)
 main.add_command(train)

@@ -49,7 +49,8 @@ from kdstore.cli._common import parse_shard, progress_bar, user_errors
 @user_errors
 def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str, top_k: int, keep_logits: bool,
           logits_dtype: str, batch_size: int, device: str, precision: str, input_columns: tuple[str, ...],
-          label_column: str | None, shard_rows: int, row_group_rows: int, tail: str, shard: str | None, quiet: bool) -> None:
+          label_column: str | None, shard_rows: int, row_group_rows: int, tail: str, shard: str | None,
+          quiet: bool) -> None:
     """Run one or more teachers ONCE over a transfer set; write logits and top-k targets as a new version.
 
     \b

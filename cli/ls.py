@@ -62,7 +62,8 @@ def ls(store: str, as_json: bool) -> None:
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) if i < len(r) - 1 else c for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        click.echo("  ".join(c.ljust(w) if i < len(r) - 1 else c
+                             for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
     for name, n in listing.unfinished.items():
         click.echo(f"{name}: {n} unfinished run(s) staged (rerun the same `kdstore label` to resume)")
     for line in errors:

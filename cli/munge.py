@@ -23,7 +23,8 @@ from kdstore.cli._common import user_errors
 @click.option("--s", "s", default=1.0, show_default=True, type=float,
               help="Local variance parameter: a swapped continuous value is redrawn from "
                    "Normal(neighbour's value, |a - b| / s). Larger s keeps values closer to real ones.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives the same output.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Random seed; the same seed gives the same output.")
 @click.option("--label-column", default=None,
               help="Column holding labels; it is dropped (synthetic rows are unlabeled: a teacher labels them).")
 @click.option("--exclude-column", "exclude_columns", multiple=True,

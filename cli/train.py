@@ -69,7 +69,7 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
     Writes RUN/config.json, RUN/metrics.jsonl (per epoch), RUN/summary.json, RUN/runs/<id>/student.safetensors
     and, for sweeps, RUN/sweep.png; prints one results table.
     """
-    from kdstore.training import Trainer, TrainConfig, plot_sweep
+    from kdstore.training import TrainConfig, Trainer, plot_sweep
 
     cfg = TrainConfig(
         targets=targets, student=student, out=out, loss=loss,
@@ -110,7 +110,8 @@ def format_results(trainer: object, results: list) -> str:  # type: ignore[type-
         err = f"{r.eval_errors:6d}" if r.eval_errors is not None else f"{'-':>6}"
         nll = f"{r.eval_nll:7.4f}" if r.eval_nll is not None else f"{'-':>7}"
         per = sum(r.epoch_seconds) / max(len(r.epoch_seconds), 1)
-        lines.append(f"{r.run:<22} {r.temperature:5g} {r.alpha:5g} {acc} {err} {nll} {100 * r.teacher_agreement:7.2f} {per:7.2f}")
+        lines.append(f"{r.run:<22} {r.temperature:5g} {r.alpha:5g} {acc} {err} {nll} "
+                     f"{100 * r.teacher_agreement:7.2f} {per:7.2f}")
     teachers = ", ".join(f"{t}: {100 * s['accuracy']:.2f}% on the transfer set" for t, s in stats["teachers"].items()
                          if s.get("accuracy") is not None)
     if teachers:

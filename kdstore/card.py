@@ -101,7 +101,8 @@ class CardStatistics:
         np.fill_diagonal(m, -1.0)
         m[self.group_rows == 0] = -1.0
         flat = np.argsort(m, axis=None)[::-1][:n]
-        return [(names[i], names[j], float(m[i, j])) for i, j in zip(*np.unravel_index(flat, m.shape)) if m[i, j] >= 0]
+        return [(names[i], names[j], float(m[i, j]))
+                for i, j in zip(*np.unravel_index(flat, m.shape), strict=True) if m[i, j] >= 0]
 
 
 def compute_statistics(version: Version, *, temperature: float = 4.0, teacher: str | None = None) -> CardStatistics:
@@ -226,7 +227,8 @@ def card_text(m: dict[str, Any], where: str, stats: CardStatistics | None = None
     out.append(f"  inputs       {', '.join(ts['inputs']['columns'])}: {ts['inputs']['dtype']} {ts['inputs']['shape']}")
     if ts.get("generator"):
         g = ts["generator"]
-        out.append(f"  generator    {g.get('generator')}: " + ", ".join(f"{k}={v}" for k, v in g.get("settings", {}).items()))
+        out.append(f"  generator    {g.get('generator')}: "
+                   + ", ".join(f"{k}={v}" for k, v in g.get("settings", {}).items()))
     out.append(f"  labeling     {lab['device']}, {lab['precision']}, batch {lab['batch_size']}"
                + (f", torch {lab['torch_version']}" if lab.get("torch_version") else "")
                + (f", {lab['seconds']:.1f} s" if lab.get("seconds") is not None else ""))
@@ -283,7 +285,8 @@ def prepare_card_dir(version: Version, out_dir: Path | None = None) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create {out}: {e.strerror}; pass --card-dir DIR to write the card elsewhere") from None
+        raise ConfigError(f"cannot create {out}: {e.strerror}; "
+                          "pass --card-dir DIR to write the card elsewhere") from None
     if not os.access(out, os.W_OK):
         raise ConfigError(f"{out} is not writable; pass --card-dir DIR to write the card elsewhere")
     return out
@@ -316,7 +319,8 @@ def _atomic_write(path: Path, data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path}: {e.strerror}; pass --card-dir DIR to write the card elsewhere") from None
+        raise ConfigError(f"cannot write {path}: {e.strerror}; "
+                          "pass --card-dir DIR to write the card elsewhere") from None
     return path
 
 
@@ -427,7 +431,8 @@ def card_markdown(version: Version, stats: CardStatistics, plots: list[str]) -> 
         f"| labeling | {lab['device']}, {lab['precision']}, batch {lab['batch_size']}"
         + (f", torch {lab['torch_version']}" if lab.get("torch_version") else "") + " |",
         f"| stored | {targets_text(tg)}"
-        + (f"; top-{tk['k']} {tk['values_dtype']} values, {tk['indices_dtype']} indices, {tk['tail']} tail" if tk else "")
+        + (f"; top-{tk['k']} {tk['values_dtype']} values, {tk['indices_dtype']} indices, {tk['tail']} tail"
+           if tk else "")
         + "; float32 log-sum-exp |",
     ]
     if ts.get("generator"):
@@ -440,7 +445,8 @@ def card_markdown(version: Version, stats: CardStatistics, plots: list[str]) -> 
     by_id = {s.teacher: s for s in stats.teachers}
     for tid, s in st.get("teachers", {}).items():
         d = by_id.get(tid)
-        lines.append(f"| {tid} | {_pct(s.get('accuracy'))} | {s.get('errors') if s.get('errors') is not None else '-'} | "
+        lines.append(f"| {tid} | {_pct(s.get('accuracy'))} | "
+                     f"{s.get('errors') if s.get('errors') is not None else '-'} | "
                      f"{s.get('mean_entropy_nats', float('nan')):.4f} | "
                      f"{format(s['topk_mass_mean'], '.4f') if s.get('topk_mass_mean') is not None else '-'} | "
                      f"{format(d.ece, '.4f') if d and d.ece is not None else '-'} | "
@@ -451,7 +457,8 @@ def card_markdown(version: Version, stats: CardStatistics, plots: list[str]) -> 
     temps = _fidelity_temps(m)
     if tk:
         lines += ["", "## Top-k fidelity", "",
-                  f"Mean KL(exact soft targets ‖ soft targets rebuilt from the stored top-{tk['k']}, {tk['tail']} tail), "
+                  "Mean KL(exact soft targets ‖ soft targets rebuilt from the stored "
+                  f"top-{tk['k']}, {tk['tail']} tail), "
                   "in nats, per temperature (docs/format.md, \"The tail model\"). Smaller is better; "
                   "\"inf\" means the rebuilt targets give zero probability somewhere (the drop tail).", ""]
         if temps:

@@ -51,7 +51,8 @@ class Listing:
 
 
 def short_source(source: str) -> str:
-    """A teacher spec with its file paths shortened to file names: 'mlp:8-5@/a/b/w.safetensors' -> 'mlp:8-5@w.safetensors'."""
+    """A teacher spec with its file paths shortened to file names:
+    'mlp:8-5@/a/b/w.safetensors' -> 'mlp:8-5@w.safetensors'."""
     model, at, weights = source.rpartition("@")
     if at and model:
         return f"{short_source(model)}@{Path(weights).name}"
@@ -150,7 +151,8 @@ def _list_remote(url: str) -> Listing:
         try:
             if not isinstance(raw, bytes):
                 raise StoreNotFoundError(f"{where}: unreadable ({type(raw).__name__}: {raw})")
-            entries.append(VersionEntry(n, v, f"{store.url_of(n)}@v{v}", mf.loads(raw.decode("utf-8", "replace"), where)))
+            entries.append(VersionEntry(n, v, f"{store.url_of(n)}@v{v}",
+                                        mf.loads(raw.decode("utf-8", "replace"), where)))
         except KdstoreError as e:
             entries.append(VersionEntry(n, v, f"{store.url_of(n)}@v{v}", None, str(e)))
     entries.sort(key=lambda e: (e.name, e.version))

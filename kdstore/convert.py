@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from kdstore import __version__, targets
+from kdstore.compare import tensor
 from kdstore.errors import ConfigError
 from kdstore.manifest import FORMAT_VERSION
-from kdstore.compare import tensor
 from kdstore.remote import is_remote, is_url, resolve_any
 from kdstore.store import Version, VersionWriter, check_name, decode_bfloat16, encode_bfloat16
 from kdstore.store.formats import FORMATS
@@ -249,9 +249,11 @@ def _convert_block(src: Version, block: dict[str, np.ndarray], columns: list[dic
             out[f"{tid}_topk_indices"] = np.ascontiguousarray(indices).astype(idx_spec["dtype"])
             out[f"{tid}_topk_values"] = values
             if plan.recompute_topk_stats:
-                vq = torch.from_numpy(decode_bfloat16(values) if plan.dtype == "bfloat16" else values.astype(np.float32))
+                vq = torch.from_numpy(decode_bfloat16(values) if plan.dtype == "bfloat16"
+                                      else values.astype(np.float32))
                 iq = torch.from_numpy(out[f"{tid}_topk_indices"].astype(np.int64))
-                s: dict[str, Any] = {"mass": float(torch.exp(vq.double() - lse.double()[:, None]).sum(1).clamp(max=1.0).sum()),
+                s: dict[str, Any] = {"mass": float(torch.exp(vq.double() - lse.double()[:, None])
+                                                   .sum(1).clamp(max=1.0).sum()),
                                      "fid": {}}
                 if z is not None:
                     tail = (src.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
@@ -297,7 +299,8 @@ def _manifest(src: Version, plan: _Plan, columns: list[dict[str, Any]], acc: dic
                 fid = acc[tid]["fid"]
                 entry["topk_fidelity_kl"] = {t: (fid[t] / rows if math.isfinite(fid.get(t, math.inf)) else None)
                                              for t in (str(float(x)) for x in temps)}
-                entry["topk_fidelity_reference"] = f"stored {src.manifest['targets']['logits']['dtype']} logits of the parent"
+                entry["topk_fidelity_reference"] = (f"stored {src.manifest['targets']['logits']['dtype']} "
+                                                    "logits of the parent")
             else:
                 entry["topk_fidelity_kl"] = None  # no full logits: the error of a truncated top-k cannot be measured
     return m

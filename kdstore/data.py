@@ -134,7 +134,8 @@ def open_training_data(
     if unknown:
         raise ConfigError(f"teacher {unknown[0]!r} is not in {version.ref}; it has {version.teacher_ids}")
     if "logits" in need and not version.has_logits:
-        raise ConfigError(f"{version.ref} stores only top-k targets (labeled with --no-logits); this needs full logits: "
+        raise ConfigError(f"{version.ref} stores only top-k targets (labeled with --no-logits); "
+                          "this needs full logits: "
                           "use --loss kd/topk (rebuilt from top-k) or relabel with --logits")
     if "topk" in need and not version.top_k:
         raise ConfigError(f"{version.ref} stores no top-k targets; use --loss kd, or relabel with --top-k K")

@@ -8,8 +8,8 @@ import math
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,8 +198,9 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
             "class_names": next((d["class_names"] for d in [t.describe("t0", num_classes) for t in teachers]
                                  if d["class_names"]), None),
             "storage": {"format": config.format, "shard_rows": config.shard_rows,
-                        "row_group_rows": config.row_group_rows, "compression": "zstd" if config.format == "parquet" else "none"},
-            "teachers": [t.describe(i, num_classes) for t, i in zip(teachers, ids)],
+                        "row_group_rows": config.row_group_rows,
+                        "compression": "zstd" if config.format == "parquet" else "none"},
+            "teachers": [t.describe(i, num_classes) for t, i in zip(teachers, ids, strict=True)],
             "transfer_set": ts.describe(),
             "targets": {
                 "logits": {"dtype": config.logits_dtype} if config.keep_logits else None,
@@ -227,12 +228,14 @@ def _index_dtype(num_classes: int) -> str:
 
 
 def _column_specs(ids: list[str], c: int, k: int | None, cfg: LabelConfig, labels: bool) -> list[dict[str, Any]]:
-    cols: list[dict[str, Any]] = [{"name": "sample_id", "role": "sample_id", "teacher": None, "dtype": "int64", "shape": []}]
+    cols: list[dict[str, Any]] = [{"name": "sample_id", "role": "sample_id", "teacher": None, "dtype": "int64",
+                                   "shape": []}]
     if labels:
         cols.append({"name": "label", "role": "label", "teacher": None, "dtype": "int64", "shape": []})
     for tid in ids:
         if cfg.keep_logits:
-            cols.append({"name": f"{tid}_logits", "role": "logits", "teacher": tid, "dtype": cfg.logits_dtype, "shape": [c]})
+            cols.append({"name": f"{tid}_logits", "role": "logits", "teacher": tid, "dtype": cfg.logits_dtype,
+                         "shape": [c]})
         if k:
             cols.append({"name": f"{tid}_topk_indices", "role": "topk_indices", "teacher": tid,
                          "dtype": _index_dtype(c), "shape": [k]})
@@ -250,7 +253,8 @@ def _forward(teacher: Teacher, x: np.ndarray, device: torch.device, precision: s
     except Exception as e:  # a shape the teacher rejects is the commonest cause
         raise TeacherError(
             f"--teacher {teacher.source}: forward pass failed on inputs of shape {tuple(xt.shape)} "
-            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); check --input-column and the teacher's input size"
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+            "check --input-column and the teacher's input size"
         ) from None
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -301,7 +305,7 @@ def _label_shard(
                 raise InputError(f"--transfer {ts.path}: row {first + bad[0]} has label {y[bad[0]]}, outside the "
                                  f"teachers' class range 0..{c - 1}; fix the labels or pass --label-column none")
             labels.append(y.astype(np.int64))
-        for t, tid in zip(teachers, ids):
+        for t, tid in zip(teachers, ids, strict=True):
             z = _forward(t, x, device, precision)
             if z.shape[1] != c:
                 raise ShapeMismatchError(f"--teacher {t.source}: {z.shape[1]} classes, expected {c}")
@@ -317,7 +321,7 @@ def _label_shard(
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.logits_dtype]
     stats: dict[str, Any] = {"rows": n, "labeled": n if y_all is not None else 0, "teachers": {}}
     probs_sum = torch.zeros(n, c, device=device)
-    for t, tid in zip(teachers, ids):
+    for t, tid in zip(teachers, ids, strict=True):
         z = torch.cat(logits.pop(tid))
         finite = torch.isfinite(z).all(dim=1)
         if not bool(finite.all()):

@@ -18,7 +18,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schema(format_version: int = FORMAT_VERSION) -> dict[str, Any]:
     """The normative JSON Schema for a manifest of `format_version`, shipped inside the package."""
     text = resources.files("kdstore.schemas").joinpath(f"manifest.v{format_version}.json").read_text("utf-8")

@@ -17,7 +17,7 @@ import torch
 
 from kdstore.labeling import LabelConfig, LabelResult, label
 from kdstore.teachers import load_teacher
-from kdstore.training import RunResult, Trainer, TrainConfig
+from kdstore.training import RunResult, TrainConfig, Trainer
 from kdstore.transfer import open_transfer
 
 STUDENT = "mlp:64-32-10"

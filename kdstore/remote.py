@@ -23,6 +23,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -416,7 +417,8 @@ def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
     v = Version(local)
     problems = v.verify(full=True)
     if problems:
-        raise StoreFormatError(f"{local}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        raise StoreFormatError(f"{local}: {problems[0]}"
+                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                                + "; refusing to publish a damaged version (run `kdstore verify` on it)")
     name = name or local.name
     check_name(name)
@@ -428,7 +430,7 @@ def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
     uploaded: list[str] = []
     ok = False
     try:
-        for f, p in zip(v.files, v.file_paths):
+        for f, p in zip(v.files, v.file_paths, strict=True):
             dst = store.path(name, f"v{version}", f["path"])
             with _remote_errors(store.url_of(name, f"v{version}", f["path"])):
                 if store.local:
@@ -446,7 +448,8 @@ def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
         if not ok:  # leave no orphan data in a version number we held
             for p in uploaded:
                 _remove(store, p)
-    return PushResult(store.url_of(name) + f"@v{version}", name, version, len(v.files), sum(f["bytes"] for f in v.files))
+    return PushResult(store.url_of(name) + f"@v{version}", name, version, len(v.files),
+                      sum(f["bytes"] for f in v.files))
 
 
 def _claim(store: RemoteStore, name: str, token: str, source: str) -> tuple[int, str]:
@@ -509,10 +512,8 @@ def _publish_manifest(store: RemoteStore, name: str, version: int, text: str, to
 
 
 def _remove(store: RemoteStore, path: str) -> None:
-    try:
+    with contextlib.suppress(Exception):  # best effort: a leftover claim or orphan file is invisible to readers
         store.fs.rm_file(path)
-    except Exception:  # best effort: a leftover claim or orphan file is invisible to readers
-        pass
 
 
 def remote_manifest(ref: str) -> tuple[RemoteRef, RemoteStore, int, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import re
 from typing import Any
@@ -26,7 +27,7 @@ class MLP(nn.Module):
 
     def __init__(self, sizes: list[int], dropout: float = 0.0, input_dropout: float = 0.0) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.sizes, self.dropout, self.input_dropout = list(sizes), dropout, input_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

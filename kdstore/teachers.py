@@ -59,7 +59,8 @@ def load_teacher(spec: str, option: str = "--teacher") -> Teacher:
         raise TeacherError(f"{option} {spec!r}: no such file, and not a model spec; expected {TEACHER_HELP}")
     kind = "factory" if model_spec.split(":")[0] not in ("mlp", "cnn") else "builtin"
     if weights is None and kind == "builtin":
-        raise TeacherError(f"{option} {spec!r}: a built-in spec needs trained weights: {model_spec}@weights.safetensors")
+        raise TeacherError(f"{option} {spec!r}: a built-in spec needs trained weights: "
+                           f"{model_spec}@weights.safetensors")
     try:
         module = build_model(model_spec)
     except StudentError as e:
@@ -90,7 +91,8 @@ def _load_torchscript(path: Path, option: str) -> Teacher:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError/ValueError variants for non-TorchScript files
         raise TeacherError(
-            f"{option} {path}: cannot load it as TorchScript ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
+            f"{option} {path}: cannot load it as TorchScript "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
             "save it with torch.jit.script(model).save(path), or give MODEL@WEIGHTS"
         ) from None
     module.eval()

@@ -206,7 +206,8 @@ class Trainer:
             raise InputError(f"--eval {self.cfg.eval}: inputs of shape {x.shape[1:]}, but the transfer set's are "
                              f"{shape}; evaluate on data of the same kind")
         if y.min() < 0 or y.max() >= self.num_classes:
-            raise InputError(f"--eval {self.cfg.eval}: labels span {y.min()}..{y.max()}, outside 0..{self.num_classes - 1}")
+            raise InputError(f"--eval {self.cfg.eval}: labels span {y.min()}..{y.max()}, "
+                             f"outside 0..{self.num_classes - 1}")
         return torch.from_numpy(x.reshape(len(x), *shape)), torch.from_numpy(y)
 
     def _build_student(self) -> nn.Module:
@@ -217,7 +218,8 @@ class Trainer:
                 out = model(torch.zeros(2, *shape))
         except Exception as e:
             raise StudentError(f"--student {self.cfg.student}: forward failed on inputs of shape {(2, *shape)} "
-                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); match its input size to the data") from None
+                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
+                               "match its input size to the data") from None
         if out.ndim != 2 or out.shape[1] != self.num_classes:
             raise StudentError(f"--student {self.cfg.student}: outputs {tuple(out.shape[1:])} classes, but the store "
                                f"has {self.num_classes}; make its last size {self.num_classes}")
@@ -545,7 +547,8 @@ def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for a in sorted({r.alpha for r in points}):
         rs = sorted((r for r in points if r.alpha == a), key=lambda r: r.temperature)
-        ax.plot([r.temperature for r in rs], [100 * (r.eval_accuracy or 0) for r in rs], marker="o", label=f"alpha={a:g}")
+        ax.plot([r.temperature for r in rs], [100 * (r.eval_accuracy or 0) for r in rs], marker="o",
+                label=f"alpha={a:g}")
     ax.set_xscale("log")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("eval accuracy (%)")

@@ -83,7 +83,8 @@ class TransferSet:
             x = x.copy()
         return x.reshape((stop - start, *self.input_shape)), y
 
-    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    def iter_batches(self, batch_size: int, start: int = 0,
+                     stop: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """Yield (first_row, inputs, labels) batches covering rows [start, stop)."""
         stop = self.rows if stop is None else stop
         for s in range(start, stop, batch_size):
@@ -100,7 +101,8 @@ class TransferSet:
             "sha256": self.sha256,
             "rows": self.rows,
             "format": self.format,
-            "inputs": {"columns": list(self.input_columns), "shape": list(self.input_shape), "dtype": self.source_dtype},
+            "inputs": {"columns": list(self.input_columns), "shape": list(self.input_shape),
+                       "dtype": self.source_dtype},
             "label_column": self.label_column,
             "kind": kind,
             "generator": gen,
@@ -154,7 +156,8 @@ def open_transfer(
 
 
 # ---------------------------------------------------------------------------------------------- Parquet
-def _open_parquet(p: Path, inputs: Sequence[str] | None, label: str | None, no_labels: bool, option: str) -> TransferSet:
+def _open_parquet(p: Path, inputs: Sequence[str] | None, label: str | None, no_labels: bool,
+                  option: str) -> TransferSet:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -184,7 +187,8 @@ def _open_parquet(p: Path, inputs: Sequence[str] | None, label: str | None, no_l
         if len(lists) > 1:
             raise InputError(f"{option} {p}: several array columns {lists}; choose one with --input-column")
         cols = lists or [f.name for f in schema if f.name not in (label, default_label) and f.name not in _ID_COLUMNS
-                         and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type))]
+                         and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+                              or pa.types.is_boolean(f.type))]
         if not cols:
             raise InputError(f"{option} {p}: no array or numeric input columns found; columns are {names}; "
                              "pass --input-column")
@@ -237,7 +241,8 @@ class _ParquetReader:
         t = self.pf.read_row_group(g, columns=cols)
         n = t.num_rows
         first = t.column(self.cols[0]).combine_chunks()
-        if pa.types.is_fixed_size_list(first.type) or pa.types.is_list(first.type) or pa.types.is_large_list(first.type):
+        if (pa.types.is_fixed_size_list(first.type) or pa.types.is_list(first.type)
+                or pa.types.is_large_list(first.type)):
             if first.null_count:
                 raise InputError(f"input column {self.cols[0]!r} has null rows in row group {g}; remove them")
             if not pa.types.is_fixed_size_list(first.type):

@@ -146,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [64, args.hidden, args.hidden, 10]
     spec = spec_of(sizes)
     settings = {
-        "sizes": sizes, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "sgd_nesterov",
+        "sizes": sizes, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
+        "optimizer": "sgd_nesterov",
         "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
         "schedule": f"linear warmup {args.warmup_epochs} epochs, then cosine to 0 (per step)",
         "warmup_epochs": args.warmup_epochs, "dropout": args.dropout, "input_dropout": args.input_dropout,
-        "max_shift": args.max_shift, "shift_prob": args.shift_prob, "max_norm": args.max_norm, "label_smoothing": args.label_smoothing,
+        "max_shift": args.max_shift, "shift_prob": args.shift_prob, "max_norm": args.max_norm,
+        "label_smoothing": args.label_smoothing,
     }
 
     x_tr, y_tr = load_split(args.data / "digits_train.parquet")

@@ -101,7 +101,8 @@ def main() -> int:
         x_tr, y_tr, t_logits = x_tr[: args.train_rows], y_tr[: args.train_rows], t_logits[: args.train_rows]
         print(f"students train on the first {args.train_rows} rows, per class "
               f"{torch.bincount(y_tr, minlength=10).tolist()}")
-    print(f"\n{'student':<12}{'epochs':>7}  {'target':<10}{'test acc mean':>14}{'std':>8}  {'per-seed':<26}{'s/run':>7}")
+    print(f"\n{'student':<12}{'epochs':>7}  {'target':<10}{'test acc mean':>14}"
+          f"{'std':>8}  {'per-seed':<26}{'s/run':>7}")
     for spec in args.students.split(","):
         sizes = [int(s) for s in spec.split("-")]
         for epochs in [int(e) for e in args.epochs.split(",")]:

@@ -23,7 +23,9 @@ ever visible. `--device auto` uses CUDA when present. Progress bars go to stderr
 def main_() -> None:
     runner = CliRunner()
     print(INTRO)
-    print("## kdstore\n\n```text\n" + runner.invoke(main, ["--help"], terminal_width=100, prog_name="kdstore").output.rstrip() + "\n```\n")
+    print("## kdstore\n\n```text\n"
+          + runner.invoke(main, ["--help"], terminal_width=100, prog_name="kdstore").output.rstrip()
+          + "\n```\n")
     assert isinstance(main, click.Group)
     for name in sorted(main.commands):
         out = runner.invoke(main, [name, "--help"], terminal_width=100, prog_name="kdstore").output.rstrip()

@@ -76,7 +76,7 @@ def stratified_split(labels: np.ndarray, n_test: int, seed: int) -> tuple[np.nda
     order = np.argsort(-(exact - quota), kind="stable")
     quota[order[:short]] += 1
     test: list[np.ndarray] = []
-    for c, q in zip(classes, quota):
+    for c, q in zip(classes, quota, strict=True):
         idx = np.flatnonzero(labels == c)
         test.append(rng.permutation(idx)[:q])
     test_idx = np.sort(np.concatenate(test))

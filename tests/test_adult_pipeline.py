@@ -24,7 +24,7 @@ from benchmarks.adult_data import (
 )
 from kdstore.labeling import LabelConfig, label
 from kdstore.munge import MungeConfig, munge, read_generator_metadata, sha256_file, write_synthetic
-from kdstore.training import Trainer, TrainConfig
+from kdstore.training import TrainConfig, Trainer
 
 CONT = ["age", "hours"]
 CAT = ["job", "sex"]
@@ -42,7 +42,8 @@ def _mixed(n: int = 120, seed: int = 0) -> pa.Table:
 
 
 def test_parse_adult_csv_cleans_and_labels() -> None:
-    row = "39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 2174, 0, 40, United-States, {}"
+    row = ("39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, "
+           "2174, 0, 40, United-States, {}")
     text = "|1x3 Cross validator\n" + "\n".join([
         row.format("<=50K."),
         row.replace("State-gov", "?").format(">50K."),   # a missing value: dropped

@@ -31,7 +31,8 @@ def test_inspect_terminal_card(shared: dict[str, Path]) -> None:
     out = r.output
     assert out.startswith(f"pq@v1   {shared['pq']}\n  100 rows x 5 classes; parquet, 3 file(s)")
     assert f"teacher t0   teacher.pt  (torchscript, sha256 {m['teachers'][0]['sha256'][:12]})" in out
-    assert f"transfer set transfer.parquet  (original, 100 rows, labels in 'label', sha256 {m['transfer_set']['sha256'][:12]})" in out
+    assert ("transfer set transfer.parquet  (original, 100 rows, labels in 'label', "
+            f"sha256 {m['transfer_set']['sha256'][:12]})") in out
     assert "stored       fp16 logits + top-3 (int16 indices, float16 values, uniform tail), log-sum-exp, labels" in out
     acc = m["statistics"]["teachers"]["t0"]["accuracy"]
     assert f"{100 * acc:.2f}%" in out
@@ -47,7 +48,8 @@ def test_inspect_terminal_card(shared: dict[str, Path]) -> None:
 def test_inspect_ensemble_and_top_k_only(shared: dict[str, Path]) -> None:
     r = cli(["inspect", shared["ens"].parent])
     assert r.exit_code == 0, r.output
-    assert "teacher t1   tests.fixtures_models:tiny_teacher@tiny_seed1.safetensors  (factory" in r.output and "no labels" in r.output
+    assert ("teacher t1   tests.fixtures_models:tiny_teacher@tiny_seed1.safetensors  (factory" in r.output
+            and "no labels" in r.output)
     assert "unlabeled" in r.output
     r = cli(["inspect", shared["topk"].parent, "--json"])
     assert json.loads(r.output)["manifest"]["targets"]["logits"] is None

@@ -102,7 +102,8 @@ def test_dtype_conversion_and_dropping_logits(shared: dict[str, Path], tmp_path:
     res = convert(ConvertConfig(str(shared["pq"]), keep_logits=False, top_k=1, out=str(tmp_path), name="top1"))
     v = Version(res.path)
     assert not v.has_logits and v.top_k == 1 and "t0_logits" not in v.columns
-    assert v.manifest["statistics"]["teachers"]["t0"]["topk_fidelity_kl"]["1.0"] > 0  # measured from the parent's logits
+    # measured from the parent's logits
+    assert v.manifest["statistics"]["teachers"]["t0"]["topk_fidelity_kl"]["1.0"] > 0
 
 
 def test_top_k_only_source_truncates_without_fidelity(shared: dict[str, Path], tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ def pair(data: Data, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
         "a": run_label(data.teacher_pt, data.parquet, store, "a", logits_dtype="float32").path,
         "b": run_label(data.factory_spec, data.parquet, store, "b", logits_dtype="float32").path,
         "b_drop": run_label(data.factory_spec, data.parquet, store, "bd", keep_logits=False, top_k=2, tail="drop").path,
-        "ens": run_label([str(data.teacher_pt), data.factory_spec], data.npy, store, "ens", logits_dtype="float32").path,
+        "ens": run_label([str(data.teacher_pt), data.factory_spec], data.npy, store, "ens",
+                         logits_dtype="float32").path,
         "other": run_label(data.teacher_pt, data.npz, store, "other").path,
     }
 
@@ -39,7 +40,8 @@ def test_diff_matches_a_direct_computation(data: Data, pair: dict[str, Path]) ->
     assert r.agreement == pytest.approx((arg_a == arg_b).mean())
     assert r.disagreeing_rows == int((arg_a != arg_b).sum()) > 0
     assert r.kl_mean == pytest.approx(kl.mean(), rel=1e-4) and r.kl_max == pytest.approx(kl.max(), rel=1e-4)
-    assert r.accuracy_a == pytest.approx((arg_a == data.y).mean()) and r.accuracy_b == pytest.approx((arg_b == data.y).mean())
+    assert (r.accuracy_a == pytest.approx((arg_a == data.y).mean())
+            and r.accuracy_b == pytest.approx((arg_b == data.y).mean()))
     assert r.grouped_by == "label"
     for c, d in enumerate(r.per_class):
         rows = data.y == c

@@ -15,7 +15,7 @@ from kdstore.ensemble import mean_logits, mean_prob_log_targets, normalise_weigh
 from kdstore.errors import ConfigError
 from kdstore.store import Version
 from kdstore.targets import log_soft_targets_topk
-from kdstore.training import Trainer, TrainConfig
+from kdstore.training import TrainConfig, Trainer
 from tests.conftest import Data, teacher_logits
 from tests.helpers import assert_clean_error, cli, run_label
 
@@ -87,7 +87,7 @@ def test_shape_errors() -> None:
         mean_logits(torch.zeros(4, 5), w)
 
 
-# --- end to end ---------------------------------------------------------------------------------------------------------
+# --- end to end -------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,8 @@ def test_trainer_combines_members_as_asked(ens: dict[str, Path], temperature: fl
         "mean-prob": trainer(ens["ens"]).teacher_log_probs(batch, temperature),
         "weighted": trainer(ens["ens"], teacher_weights=(1.0, 3.0)).teacher_log_probs(batch, temperature),
         "mean-logit": trainer(ens["ens"], ensemble="mean-logit").teacher_log_probs(batch, temperature),
-        "t1": trainer(ens["ens"], ensemble="t1").teacher_log_probs({**batch, "logits": batch["logits"][:, 1:]}, temperature),
+        "t1": trainer(ens["ens"], ensemble="t1").teacher_log_probs({**batch, "logits": batch["logits"][:, 1:]},
+                                                                   temperature),
     }
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)

@@ -50,7 +50,8 @@ def test_label_config_lists_every_problem(data: Data, store: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU messages")
 def test_device_and_precision_without_cuda() -> None:
     assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
-    with pytest.raises(ConfigError, match="--device cuda: CUDA is not available on this machine; use --device auto or cpu"):
+    with pytest.raises(ConfigError,
+                       match="--device cuda: CUDA is not available on this machine; use --device auto or cpu"):
         resolve_device("cuda")
     with pytest.raises(ConfigError, match="--device cuda:1: CUDA is not available"):
         resolve_device("cuda:1")
@@ -131,7 +132,8 @@ def test_state_dict_pt_weights(data: Data, tmp_path: Path) -> None:
     with pytest.raises(TeacherError, match=r"list.pt does not hold a state_dict \(name -> tensor\)"):
         load_teacher(f"{FIX}:tiny_teacher@{tmp_path / 'list.pt'}")
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
-    with pytest.raises(TeacherError, match=r"cannot read weights .*bad.safetensors \(.*\); expected .safetensors or a state_dict"):
+    with pytest.raises(TeacherError,
+                       match=r"cannot read weights .*bad.safetensors \(.*\); expected .safetensors or a state_dict"):
         load_teacher(f"{FIX}:tiny_teacher@{tmp_path / 'bad.safetensors'}")
     with pytest.raises(TeacherError, match=r"--teacher: weights file .*missing.safetensors not found"):
         load_teacher(f"{FIX}:tiny_teacher@{tmp_path / 'missing.safetensors'}")
@@ -144,7 +146,8 @@ def test_state_dict_pt_weights(data: Data, tmp_path: Path) -> None:
      (f"{FIX}:missing_factory", rf"'{FIX}:missing_factory': module '{FIX}' has no callable 'missing_factory'"),
      (f"{FIX}:not_a_module", r"not_a_module\(\) returned str, expected a torch.nn.Module"),
      (f"{FIX}:NUM_CLASSES", "has no callable 'NUM_CLASSES'"),
-     ("nonexistent/teacher.pt", r"'nonexistent/teacher.pt': no such file, and not a model spec; expected a TorchScript"),
+     ("nonexistent/teacher.pt",
+      r"'nonexistent/teacher.pt': no such file, and not a model spec; expected a TorchScript"),
      ("mlp:8-x-5@w.safetensors", "no such file, and not a model spec")],
 )
 def test_teacher_spec_errors(spec: str, match: str) -> None:
@@ -154,7 +157,8 @@ def test_teacher_spec_errors(spec: str, match: str) -> None:
 
 def test_not_torchscript(tmp_path: Path) -> None:
     (tmp_path / "teacher.pt").write_text("not a model\n")
-    with pytest.raises(TeacherError, match=r"teacher.pt: cannot load it as TorchScript \(RuntimeError: .*\); save it with"):
+    with pytest.raises(TeacherError,
+                       match=r"teacher.pt: cannot load it as TorchScript \(RuntimeError: .*\); save it with"):
         load_teacher(str(tmp_path / "teacher.pt"))
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(TeacherError, match="cannot load it as TorchScript"):
@@ -173,7 +177,7 @@ def test_weights_that_do_not_fit(data: Data, tmp_path: Path) -> None:
         load_teacher(f"{FIX}:tiny_teacher@{tmp_path / 'other.safetensors'}")
 
 
-# --- failures while labeling --------------------------------------------------------------------------------------------
+# --- failures while labeling ------------------------------------------------------------------------------------------
 
 
 def assert_nothing_committed(store: Path, name: str = "ds") -> None:
@@ -184,8 +188,9 @@ def test_nan_logits_name_the_row(data: Data, tmp_path: Path, store: Path) -> Non
     x = data.x.copy()
     x[57, 0] = fm.NAN_SENTINEL
     transfer = write_parquet_array(tmp_path / "nan.parquet", x, data.y)
-    with pytest.raises(TeacherError, match=rf"--teacher {FIX}:nan_teacher: NaN or Inf logits for row 57 of .*nan.parquet; "
-                                           "nothing was committed"):
+    with pytest.raises(TeacherError,
+                       match=rf"--teacher {FIX}:nan_teacher: NaN or Inf logits for row 57 of .*nan.parquet; "
+                             "nothing was committed"):
         run_label(f"{FIX}:nan_teacher", transfer, store)
     assert_nothing_committed(store)
 
@@ -210,7 +215,8 @@ def test_wrong_input_width(data: Data, tmp_path: Path, store: Path) -> None:
     narrow = write_parquet_array(tmp_path / "narrow.parquet", data.x[:, :6], data.y)
     with pytest.raises(TeacherError, match=r"forward pass failed on inputs of shape \(2, 6\) .*check --input-column"):
         run_label(data.teacher_pt, narrow, store)
-    with pytest.raises(TeacherError, match=r"asserting_teacher: forward pass failed on inputs of shape \(2, 6\) \(AssertionError"):
+    with pytest.raises(TeacherError,
+                       match=r"asserting_teacher: forward pass failed on inputs of shape \(2, 6\) \(AssertionError"):
         run_label(f"{FIX}:asserting_teacher", narrow, store)
     with pytest.raises(TeacherError, match=r"forward pass failed on inputs of shape \(2, 9\)"):
         run_label(data.teacher_pt, data.parquet_numeric, store)  # f0..f7 + weight
@@ -240,8 +246,9 @@ def test_labels_out_of_range(data: Data, tmp_path: Path, store: Path) -> None:
 
 
 def test_ensemble_class_mismatch(data: Data, store: Path) -> None:
-    with pytest.raises(ShapeMismatchError, match=rf"the teachers disagree on the number of classes: .*teacher.pt has 5, "
-                                                 rf"{FIX}:three_class_teacher has 3; an ensemble needs one class set"):
+    with pytest.raises(ShapeMismatchError,
+                       match=rf"the teachers disagree on the number of classes: .*teacher.pt has 5, "
+                             rf"{FIX}:three_class_teacher has 3; an ensemble needs one class set"):
         run_label([str(data.teacher_pt), f"{FIX}:three_class_teacher"], data.parquet, store)
     assert not (store / "ds").exists()
 

@@ -114,14 +114,18 @@ def bad(tmp: Path, data: Data) -> dict[str, Path]:
 CASES = {
     "missing transfer": (lambda d, b, t: ("T", t / "nope.parquet"), r"--transfer .*nope.parquet: file not found"),
     "unknown extension": (lambda d, b, t: ("T", b["csv"]), r"unknown file type '.csv'; expected one of"),
-    "teacher file missing": (lambda d, b, t: (t / "missing.pt", "P"), r"missing.pt': no such file, and not a model spec"),
+    "teacher file missing": (lambda d, b, t: (t / "missing.pt", "P"),
+                             r"missing.pt': no such file, and not a model spec"),
     "teacher not torchscript": (lambda d, b, t: (b["text"], "P"), r"text.pt: cannot load it as TorchScript"),
     "factory import failure": (lambda d, b, t: ("no_such_pkg_kdstore:teacher", "P"),
                                r"cannot import module 'no_such_pkg_kdstore' .*ModuleNotFoundError"),
-    "weights do not fit": (lambda d, b, t: (f"{FIX}:tiny_teacher@{b['w3']}", "P"), r"w3.safetensors do not fit .*size mismatch"),
-    "output not 2-D": (lambda d, b, t: (f"{FIX}:three_d_teacher", "P"), r"output \(2, 5, 1\) .*expected logits of shape"),
+    "weights do not fit": (lambda d, b, t: (f"{FIX}:tiny_teacher@{b['w3']}", "P"),
+                           r"w3.safetensors do not fit .*size mismatch"),
+    "output not 2-D": (lambda d, b, t: (f"{FIX}:three_d_teacher", "P"),
+                       r"output \(2, 5, 1\) .*expected logits of shape"),
     "nan logits": (lambda d, b, t: (f"{FIX}:nan_teacher", b["nan"]), r"NaN or Inf logits for row 57 of .*nan.parquet"),
-    "labels out of range": (lambda d, b, t: ("T", b["labels"]), r"row 63 has label 7, outside the teachers' class range 0..4"),
+    "labels out of range": (lambda d, b, t: ("T", b["labels"]),
+                            r"row 63 has label 7, outside the teachers' class range 0..4"),
     "empty transfer set": (lambda d, b, t: ("T", b["empty"]), r"empty.parquet: the transfer set is empty \(0 rows\)"),
     "wrong input width": (lambda d, b, t: ("T", b["narrow"]), r"forward pass failed on inputs of shape \(2, 6\)"),
     "bare assert in teacher": (lambda d, b, t: (f"{FIX}:asserting_teacher", b["narrow"]),
@@ -141,7 +145,8 @@ def test_bad_input_is_one_error_line(data: Data, tmp_path: Path, store: Path, ca
 
 @pytest.mark.parametrize(
     ("extra", "match"),
-    [(["--top-k", "0", "--no-logits"], r"--no-logits with --top-k 0 would store no targets; keep logits or give --top-k K"),
+    [(["--top-k", "0", "--no-logits"],
+      r"--no-logits with --top-k 0 would store no targets; keep logits or give --top-k K"),
      (["--top-k", "6"], r"--top-k 6: the teachers have 5 classes; use 1..5"),
      (["--top-k", "-2"], r"--top-k -2: must be >= 1"),
      (["--name", "../evil"], r"--name '../evil' is not a valid dataset name"),
@@ -258,7 +263,7 @@ def test_concurrent_labels_with_different_settings_make_v1_and_v2(data: Data, st
 
     procs = [start("2"), start("3")]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     assert versions_of(store / "shared") == ["v1", "v2"]
     written = sorted(out.split()[1] for out, _ in outs)

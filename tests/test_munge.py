@@ -289,14 +289,16 @@ def test_cli_munge(tmp_path) -> None:
 def test_cli_bad_p(tmp_path) -> None:
     src = tmp_path / "real.parquet"
     pq.write_table(_table(n=12), src)
-    result = CliRunner().invoke(munge_command, ["--input", str(src), "--out", str(tmp_path / "o.parquet"), "--p", "1.5"])
+    result = CliRunner().invoke(munge_command,
+                                ["--input", str(src), "--out", str(tmp_path / "o.parquet"), "--p", "1.5"])
     assert result.exit_code != 0
     assert result.output.strip() == "Error: --p must be in [0, 1], got 1.5"
     assert "Traceback" not in result.output
 
 
 def test_cli_missing_input(tmp_path) -> None:
-    result = CliRunner().invoke(munge_command, ["--input", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o.parquet")])
+    result = CliRunner().invoke(munge_command,
+                                ["--input", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o.parquet")])
     assert result.exit_code == 1
     assert "no such file" in result.output and len(result.output.strip().splitlines()) == 1
 

@@ -23,6 +23,7 @@ from tests.conftest import Data
 from tests.helpers import assert_clean_error, cli, run_label
 from tests.sharing_helpers import copy_version, flip_byte
 
+
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 (free port), with dummy credentials and the endpoint set for this module."""
@@ -236,7 +237,8 @@ def test_corrupted_remote_file_is_named_and_never_cached(versions: dict[str, Pat
     raw[len(raw) // 2] ^= 0xFF
     fs.pipe(key, bytes(raw))
     fs.pipe(f"{_key(bucket)}/ds/v1/data/part-00002.parquet", b"short")
-    with pytest.raises(StoreFormatError, match=r"data/part-00001.parquet: sha256 .* \(corrupted\); the remote copy is damaged"):
+    with pytest.raises(StoreFormatError,
+                       match=r"data/part-00001.parquet: sha256 .* \(corrupted\); the remote copy is damaged"):
         remote.materialize(f"{bucket}/ds")
     assert not list(cache.rglob("v1"))  # nothing half-downloaded is visible
     assert not list(cache.rglob(".staging-*"))

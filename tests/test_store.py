@@ -67,7 +67,8 @@ def test_round_trip_logits_topk_lse_labels(data: Data, store: Path, fmt: str, dt
     assert v.has_labels and v.has_logits and v.teacher_ids == ["t0"]
     assert [f["rows"] for f in v.files] == [40, 40, 20]
     assert [f["first_row"] for f in v.files] == [0, 40, 80]
-    assert [f["path"] for f in v.files] == [f"data/part-0000{i}{'.parquet' if fmt == 'parquet' else '.h5'}" for i in range(3)]
+    assert [f["path"] for f in v.files] == [f"data/part-0000{i}{'.parquet' if fmt == 'parquet' else '.h5'}"
+                                            for i in range(3)]
     assert v.verify(full=True) == []
 
     names = ["sample_id", "label", "t0_logits", "t0_topk_indices", "t0_topk_values", "t0_logsumexp"]
@@ -100,11 +101,13 @@ def test_round_trip_logits_topk_lse_labels(data: Data, store: Path, fmt: str, dt
 
 @pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
 def test_round_trip_topk_only(data: Data, store: Path, fmt: str) -> None:
-    res = run_label(data.teacher_pt, data.parquet, store, format=fmt, top_k=2, keep_logits=False, logits_dtype="float32")
+    res = run_label(data.teacher_pt, data.parquet, store, format=fmt, top_k=2, keep_logits=False,
+                    logits_dtype="float32")
     v = Version(res.path)
     assert not v.has_logits and v.column_for("logits") is None
     assert v.manifest["targets"]["logits"] is None
-    assert v.manifest["targets"]["top_k"] == {"k": 2, "values_dtype": "float32", "indices_dtype": "int16", "tail": "uniform"}
+    assert v.manifest["targets"]["top_k"] == {"k": 2, "values_dtype": "float32", "indices_dtype": "int16",
+                                              "tail": "uniform"}
     assert [c["name"] for c in v.manifest["columns"]] == ["sample_id", "label", "t0_topk_indices", "t0_topk_values",
                                                           "t0_logsumexp"]
     ref = teacher_logits(data.x)
@@ -175,8 +178,8 @@ def test_bfloat16_codec_matches_torch() -> None:
 
 def test_read_parquet_with_plain_pyarrow_and_polars(versions: dict[str, Path], data: Data) -> None:
     # Only json + pyarrow/polars/numpy here: this is what docs/format.md shows.
-    import pyarrow.parquet as pq
     import polars as pl
+    import pyarrow.parquet as pq
 
     vdir = versions["parquet"]
     manifest = json.loads((vdir / "manifest.json").read_text())
@@ -258,7 +261,7 @@ def test_manifest_statistics(versions: dict[str, Path], data: Data) -> None:
     s = m["statistics"]
     assert s["rows"] == 100 and s["labeled_rows"] == 100
     t0 = s["teachers"]["t0"]
-    correct = int(sum(int(np.argmax(row)) == int(lab) for row, lab in zip(ref.numpy(), data.y)))
+    correct = int(sum(int(np.argmax(row)) == int(lab) for row, lab in zip(ref.numpy(), data.y, strict=True)))
     assert 0 < correct < 100
     assert t0["accuracy"] == pytest.approx(correct / 100)
     assert t0["errors"] == 100 - correct
@@ -317,7 +320,8 @@ def test_manifest_missing(store: Path) -> None:
 def test_manifest_missing_fields(versions: dict[str, Path], store: Path, field: str) -> None:
     vdir = copy_version(versions["parquet"], store)
     edit_manifest(vdir, lambda m: m.pop(field))
-    with pytest.raises(ManifestError, match=rf"does not match schema manifest.v1.json: <root>: '{field}' is a required property"):
+    with pytest.raises(ManifestError,
+                       match=rf"does not match schema manifest.v1.json: <root>: '{field}' is a required property"):
         Version(vdir)
 
 
@@ -359,7 +363,8 @@ def test_symlink_out_of_the_version_is_refused(versions: dict[str, Path], store:
     shutil.copy(shard, outside)
     shard.unlink()
     shard.symlink_to(outside)
-    with pytest.raises(UnsafePathError, match=r"'data/part-00001.parquet', which resolves to .*outside.* \(a symlink out\?\)"):
+    with pytest.raises(UnsafePathError,
+                       match=r"'data/part-00001.parquet', which resolves to .*outside.* \(a symlink out\?\)"):
         Version(vdir)
 
 
@@ -388,7 +393,8 @@ def test_corrupted_truncated_and_missing_files(versions: dict[str, Path], store:
     assert len(problems) == 1 and f"data/part-00001{ext}: sha256" in problems[0] and "(corrupted)" in problems[0]
     # truncated: opening fails
     p2.write_bytes(p2.read_bytes()[:-10])
-    with pytest.raises(StoreFormatError, match=rf"part-00002{ext}: \d+ bytes, manifest says \d+ \(truncated or replaced\)"):
+    with pytest.raises(StoreFormatError,
+                       match=rf"part-00002{ext}: \d+ bytes, manifest says \d+ \(truncated or replaced\)"):
         Version(vdir)
     assert Version(vdir, check=False).verify(full=False)  # check=False opens it anyway
     p0.unlink()
@@ -587,9 +593,9 @@ def test_writer_rejects_bad_settings(store: Path) -> None:
 
 def test_writer_lock_refuses_a_second_writer_with_the_same_key(store: Path) -> None:
     with writer(store):
-        with pytest.raises(KdstoreError, match="another kdstore process is writing .* with the same settings; wait"):
-            with writer(store):
-                pass
+        with pytest.raises(KdstoreError, match="another kdstore process is writing .* with the same settings; wait"), \
+                writer(store):
+            pass
         with writer(store, key="cd" * 8):  # other settings: another staging dir, no conflict
             pass
     with writer(store):  # released on exit
@@ -599,9 +605,9 @@ def test_writer_lock_refuses_a_second_writer_with_the_same_key(store: Path) -> N
 def test_writer_refuses_staging_with_other_settings(store: Path) -> None:
     with writer(store) as w:
         w.write(0, 0, shard(0, 4), {})
-    with pytest.raises(StoreFormatError, match="holds an interrupted run with other settings; delete that directory"):
-        with writer(store, shard_rows=8):
-            pass
+    with pytest.raises(StoreFormatError, match="holds an interrupted run with other settings; delete that directory"), \
+            writer(store, shard_rows=8):
+        pass
 
 
 def test_writer_refuses_non_contiguous_shards(store: Path) -> None:
@@ -614,9 +620,10 @@ def test_writer_refuses_non_contiguous_shards(store: Path) -> None:
 
 def test_unwritable_store(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(StoreFormatError, match=r"--out .*file/store: cannot create .*: Not a directory; choose a writable"):
-        with writer(tmp_path / "file" / "store"):
-            pass
+    with pytest.raises(StoreFormatError,
+                       match=r"--out .*file/store: cannot create .*: Not a directory; choose a writable"), \
+            writer(tmp_path / "file" / "store"):
+        pass
 
 
 def test_commit_takes_the_next_number_when_another_writer_won(

@@ -144,7 +144,8 @@ def test_drop_tail_renormalises_over_the_topk() -> None:
     r = 2 + math.sqrt(3)  # sqrt(0.4) : sqrt(0.3) = 2 : sqrt(3)
     assert q2.tolist() == pytest.approx([0.0, 2 / r, 0.0, math.sqrt(3) / r], abs=1e-6)
     # the drop tail ignores lse entirely
-    assert torch.equal(targets.rebuild_logits(v, i, torch.zeros(7), 4, "drop"), targets.rebuild_logits(v, i, lse, 4, "drop"))
+    assert torch.equal(targets.rebuild_logits(v, i, torch.zeros(7), 4, "drop"),
+                       targets.rebuild_logits(v, i, lse, 4, "drop"))
 
 
 def test_uniform_tail_when_topk_holds_all_the_mass() -> None:
@@ -159,7 +160,8 @@ def test_uniform_tail_when_topk_holds_all_the_mass() -> None:
     ("args", "match"),
     [((torch.zeros(2, 3), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2), 4, "uniform"), r"must both be \(N, k\)"),
      ((torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(1), 4, "uniform"), r"must both be \(N, k\)"),
-     ((torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.long), torch.zeros(2), 4, "uniform"), "k=5 exceeds num_classes=4"),
+     ((torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.long), torch.zeros(2), 4, "uniform"),
+      "k=5 exceeds num_classes=4"),
      ((torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), torch.zeros(3), 4, "uniform"), r"lse must be \(N,\)"),
      ((torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2), 4, "cubic"), "tail must be one of")],
 )

@@ -118,7 +118,8 @@ def test_sweep_writes_every_output(data: Data, stores: dict[str, Path], tmp_path
      ("pq", ["--loss", "mse", "--no-zero-mean"], "mse", "logits"),
      ("pq", ["--loss", "topk", "--top-k", "2", "-T", "2", "--alpha", "0.7"], "topk-T2-a0.7", "topk"),
      ("pq", ["--loss", "topk", "--tail", "drop", "-T", "2"], "topk-T2-a0.9", "topk"),
-     ("pq", ["--loss", "kd", "-T", "3", "--alpha", "0", "--optimizer", "sgd", "--schedule", "constant"], "kd-T3-a0", "logits"),
+     ("pq", ["--loss", "kd", "-T", "3", "--alpha", "0", "--optimizer", "sgd", "--schedule", "constant"],
+      "kd-T3-a0", "logits"),
      ("pq", ["--loss", "kd", "--data", "stream", "--num-workers", "2"], "kd-T4-a0.9", "logits"),
      ("k0", ["--loss", "topk", "--top-k", "2", "--alpha", "1"], "topk-T4-a1", "logits"),  # top-k from full logits
      ("nolog", ["--loss", "kd", "-T", "2"], "kd-T2-a0.9", "topk"),  # soft targets rebuilt from the stored top-k
@@ -178,7 +179,8 @@ def test_interrupt_then_resume_matches_a_clean_run(data: Data, stores: dict[str,
         assert_clean_error(train(stores["pq"], out, *args, epochs=3),
                            rf"^Error: interrupted; finished epochs are checkpointed in {out}: rerun the same command "
                            r"with --resume to continue$")
-    assert [(x["run"], x["epoch"]) for x in metrics(out)] == [("kd-T1-a0.5", e) for e in (1, 2, 3)] + [("kd-T4-a0.5", 1)]
+    assert ([(x["run"], x["epoch"]) for x in metrics(out)]
+            == [("kd-T1-a0.5", e) for e in (1, 2, 3)] + [("kd-T4-a0.5", 1)])
     assert (out / "runs" / "kd-T4-a0.5" / "checkpoint.pt").is_file()
     assert [r["run"] for r in summary(out)["runs"]] == ["kd-T1-a0.5"]
 
@@ -193,9 +195,10 @@ def test_interrupt_then_resume_matches_a_clean_run(data: Data, stores: dict[str,
     assert "kd-T4-a0.5" in r.output
     got, want = metrics(out), metrics(clean)
     assert [(x["run"], x["epoch"]) for x in got] == [(x["run"], x["epoch"]) for x in want]  # no line twice
-    for a, b in zip(got, want):
-        assert (a["train_loss"], a["eval_accuracy"], a["eval_nll"]) == (b["train_loss"], b["eval_accuracy"], b["eval_nll"])
-    for a, b in zip(summary(out)["runs"], summary(clean)["runs"]):
+    for a, b in zip(got, want, strict=True):
+        assert ((a["train_loss"], a["eval_accuracy"], a["eval_nll"])
+                == (b["train_loss"], b["eval_accuracy"], b["eval_nll"]))
+    for a, b in zip(summary(out)["runs"], summary(clean)["runs"], strict=True):
         for key in ("run", "eval_accuracy", "eval_errors", "eval_nll", "teacher_agreement"):
             assert a[key] == b[key], key
         wa, wb = weights(out, a["run"]), weights(clean, b["run"])
@@ -206,7 +209,8 @@ def test_interrupt_then_resume_matches_a_clean_run(data: Data, stores: dict[str,
     assert metrics(out) == got
 
 
-def test_learning_distilled_student_agrees_with_the_teacher(data: Data, stores: dict[str, Path], tmp_path: Path) -> None:
+def test_learning_distilled_student_agrees_with_the_teacher(data: Data, stores: dict[str, Path],
+                                                            tmp_path: Path) -> None:
     out = tmp_path / "run"
     spec = "mlp:8-64-5"
     ok(train(stores["unl"], out, "-T", "1", "--alpha", "1", "--lr", "0.01", "--schedule", "constant",
@@ -258,7 +262,8 @@ BAD: dict[str, tuple[Any, list[str], str]] = {
     "unlabeled kd alpha 0.5": (lambda s, d, t: s["unl"], ["--loss", "kd", "--alpha", "0.5"],
                                r"unl@v1 is unlabeled .*hard-label terms need labels; use --loss kd with --alpha 1"),
     "unlabeled hard": (lambda s, d, t: s["unl"], ["--loss", "hard"], r"unl@v1 is unlabeled"),
-    "unlabeled topk alpha 0.5": (lambda s, d, t: s["unl"], ["--loss", "topk", "--alpha", "0.5"], r"unl@v1 is unlabeled"),
+    "unlabeled topk alpha 0.5": (lambda s, d, t: s["unl"], ["--loss", "topk", "--alpha", "0.5"],
+                                 r"unl@v1 is unlabeled"),
     "mse on top-k only": (lambda s, d, t: s["nolog"], ["--loss", "mse"],
                           r"nolog@v1 stores only top-k targets \(labeled with --no-logits\); this needs full logits"),
     "top-k above stored": (lambda s, d, t: s["pq"], ["--loss", "topk", "--top-k", "4"],

@@ -186,7 +186,8 @@ def test_missing_and_unknown_files(tmp_path: Path) -> None:
         open_transfer(tmp_path / "dir.npz")
 
 
-@pytest.mark.parametrize(("name", "fmt"), [("g.parquet", "parquet"), ("g.npz", "npz"), ("g.npy", "npy"), ("g.h5", "hdf5")])
+@pytest.mark.parametrize(("name", "fmt"),
+                         [("g.parquet", "parquet"), ("g.npz", "npz"), ("g.npy", "npy"), ("g.h5", "hdf5")])
 def test_corrupted_files(tmp_path: Path, name: str, fmt: str) -> None:
     (tmp_path / name).write_bytes(b"this is not a data file\n" * 10)
     with pytest.raises(InputError, match=rf"--transfer .*{name}: cannot read it as {fmt}: "):
@@ -200,7 +201,8 @@ def test_empty_sets(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "e.h5", "w") as f:
         f.create_dataset("x", data=np.zeros((0, 8), np.float32))
     for name in ("e.parquet", "e.npy", "e.npz", "e.h5"):
-        with pytest.raises(InputError, match=rf"{name}: the transfer set is empty \(0 rows\); it needs at least one row"):
+        with pytest.raises(InputError,
+                           match=rf"{name}: the transfer set is empty \(0 rows\); it needs at least one row"):
             open_transfer(tmp_path / name)
 
 
@@ -247,7 +249,8 @@ def test_parquet_ragged_and_null_rows(tmp_path: Path) -> None:
         open_transfer(num)
     nl = tmp_path / "nl.parquet"
     pq.write_table(pa.table({"a": pa.array([1.0, 2.0]), "label": pa.array([1, None], pa.int64())}), nl)
-    with pytest.raises(InputError, match="--label-column 'label' has missing labels; drop those rows or pass --label-column none"):
+    with pytest.raises(InputError,
+                       match="--label-column 'label' has missing labels; drop those rows or pass --label-column none"):
         open_transfer(nl)
     assert not open_transfer(nl, label_column="none").has_labels
 
@@ -267,7 +270,8 @@ def test_npz_problems(tmp_path: Path, data: Data) -> None:
     with pytest.raises(InputError, match="99 labels for 100 inputs; they must have the same length"):
         open_transfer(tmp_path / "short.npz")
     np.savez(tmp_path / "fy.npz", x=data.x, y=data.y * 1.0)
-    with pytest.raises(InputError, match=r"--label-column 'y' in .*: dtype float64 shape \(100,\), expected 1-D integers"):
+    with pytest.raises(InputError,
+                       match=r"--label-column 'y' in .*: dtype float64 shape \(100,\), expected 1-D integers"):
         open_transfer(tmp_path / "fy.npz")
     np.savez(tmp_path / "1d.npz", x=data.x[:, 0])
     with pytest.raises(InputError, match=r"input array 'x' has shape \(100,\); expected \(rows, features...\)"):

@@ -162,7 +162,8 @@ def _read_parquet(path: Path, names: Sequence[str], row_groups: Sequence[int] | 
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path, memory_map=True)
-    table = pf.read_row_groups(list(row_groups), columns=list(names)) if row_groups is not None else pf.read(columns=list(names))
+    table = (pf.read_row_groups(list(row_groups), columns=list(names)) if row_groups is not None
+             else pf.read(columns=list(names)))
     out: dict[str, np.ndarray] = {}
     for name in names:
         col = table.column(name).combine_chunks()

@@ -93,11 +93,13 @@ class Version:
         self.fmt: str = self.manifest["storage"]["format"]
         self.files: list[dict[str, Any]] = self.manifest["files"]
         self.columns: dict[str, dict[str, Any]] = {c["name"]: c for c in self.manifest["columns"]}
-        self.file_paths = [mf.resolve_inside(self.path, f["path"], str(self.path / mf.MANIFEST_NAME)) for f in self.files]
+        self.file_paths = [mf.resolve_inside(self.path, f["path"], str(self.path / mf.MANIFEST_NAME))
+                           for f in self.files]
         if check:
             problems = self.verify(full=False)
             if problems:
-                raise StoreFormatError(f"{self.ref}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                raise StoreFormatError(f"{self.ref}: {problems[0]}"
+                                       + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                                        + "; run `kdstore verify` for the full list")
 
     # -- description ---------------------------------------------------------------------------
@@ -141,11 +143,13 @@ class Version:
         unknown = [n for n in names if n not in self.columns]
         if unknown:
             raise StoreFormatError(f"{self.ref}: no column {unknown[0]!r}; it has {sorted(self.columns)}")
-        out = read_shard(self.file_paths[index], self.fmt, names, row_groups, self.manifest["storage"]["row_group_rows"])
+        out = read_shard(self.file_paths[index], self.fmt, names, row_groups,
+                         self.manifest["storage"]["row_group_rows"])
         rows = self.files[index]["rows"] if row_groups is None else None
         for n in names:
             if rows is not None and len(out[n]) != rows:
-                raise StoreFormatError(f"{self.files[index]['path']}: column {n!r} has {len(out[n])} rows, manifest says {rows}")
+                raise StoreFormatError(f"{self.files[index]['path']}: column {n!r} has {len(out[n])} rows, "
+                                       f"manifest says {rows}")
             if decode and self.columns[n]["dtype"] == "bfloat16":
                 out[n] = decode_bfloat16(out[n])
         return out
@@ -193,7 +197,7 @@ class Version:
         """Problems found (empty if none): missing files, sizes, row counts; and sha256 if `full`."""
         problems: list[str] = []
         first = 0
-        for f, p in zip(self.files, self.file_paths):
+        for f, p in zip(self.files, self.file_paths, strict=True):
             if f["first_row"] != first:
                 problems.append(f"{f['path']}: first_row {f['first_row']}, expected {first}")
             first += f["rows"]
@@ -207,7 +211,8 @@ class Version:
             if full:
                 digest = sha256_file(p)
                 if digest != f["sha256"]:
-                    problems.append(f"{f['path']}: sha256 {digest[:12]}..., manifest says {f['sha256'][:12]}... (corrupted)")
+                    problems.append(f"{f['path']}: sha256 {digest[:12]}..., "
+                                    f"manifest says {f['sha256'][:12]}... (corrupted)")
                     continue
                 try:
                     n = count_rows(p, self.fmt)

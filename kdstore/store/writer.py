@@ -164,7 +164,8 @@ class VersionWriter:
                 out[int(info["index"])] = info
         return out
 
-    def write(self, index: int, first_row: int, columns: dict[str, np.ndarray], stats: dict[str, Any]) -> dict[str, Any]:
+    def write(self, index: int, first_row: int, columns: dict[str, np.ndarray],
+              stats: dict[str, Any]) -> dict[str, Any]:
         """Write shard `index` (rows from `first_row`), then its sidecar; both appear atomically."""
         final = self.shard_path(index)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # unique: jobs may race on one shard
