@@ -69,7 +69,8 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
     Writes RUN/config.json, RUN/metrics.jsonl (per epoch), RUN/summary.json, RUN/runs/<id>/student.safetensors
     and, for sweeps, RUN/sweep.png; prints one results table.
     """
-    from kdstore.training import TrainConfig, Trainer, plot_sweep
+    from kdstore.rundir import plot_sweep
+    from kdstore.training import TrainConfig, Trainer
 
     cfg = TrainConfig(
         targets=targets, student=student, out=out, loss=loss,

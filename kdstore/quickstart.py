@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from kdstore.labeling import LabelConfig, LabelResult, label
+from kdstore.rundir import RunResult
 from kdstore.teachers import load_teacher
-from kdstore.training import RunResult, TrainConfig, Trainer
+from kdstore.training import TrainConfig, Trainer
 from kdstore.transfer import open_transfer
 
 STUDENT = "mlp:64-32-10"

@@ -2,18 +2,17 @@
 
 For each (temperature, alpha) of the sweep: build the student, then per epoch
     batch -> teacher targets at T (from stored logits or top-k) -> student forward -> loss -> backward -> step,
-evaluate, log a line to metrics.jsonl, checkpoint. Outputs in RUN/: config.json, metrics.jsonl, summary.json,
-runs/<id>/student.safetensors + student.json, sweep.png.
+evaluate, log a line to metrics.jsonl, checkpoint. What lands in RUN/ (config, metrics, checkpoints, students,
+summary) and how --resume picks it up is kdstore.rundir's job.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from kdstore import distributed, ensemble, losses, targets
 from kdstore.data import TrainingData, describe_need, open_training_data
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, InputError, StudentError, TrainingDiverged
+from kdstore.rundir import RunDir, RunResult, run_id
 from kdstore.students import build_model, count_parameters
 from kdstore.transfer import open_transfer
 
@@ -111,28 +111,6 @@ class TrainConfig:
         return [(t, a) for t in self.temperatures for a in self.alphas]
 
 
-def run_id(loss: str, temperature: float, alpha: float) -> str:
-    if loss in ("hard", "ls", "mse"):
-        return loss
-    return f"{loss}-T{temperature:g}-a{alpha:g}"
-
-
-@dataclass
-class RunResult:
-    run: str
-    loss: str
-    temperature: float
-    alpha: float
-    epochs: int
-    eval_accuracy: float | None
-    eval_errors: int | None
-    eval_nll: float | None
-    teacher_agreement: float
-    train_seconds: float
-    epoch_seconds: list[float] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 Progress = Callable[[str, int, int], None]
 
 
@@ -142,6 +120,7 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
         self.out = Path(config.out)
+        self.rundir = RunDir(self.out)
         self.dist, self.device = distributed.init(resolve_device(config.device))
         self.precision = resolve_precision(config.precision, self.device)
         need = set()
@@ -365,32 +344,31 @@ class Trainer:
         results = []
         for temperature, alpha in self.cfg.sweep():
             results.append(self._train_one(temperature, alpha, memory, progress))
-            self._write_summary(results)
+            if self.dist.is_main:
+                self.rundir.write_summary(self._summary(results))
         return results
 
     def _train_one(self, temperature: float, alpha: float, memory: dict[str, Tensor] | None,
                    progress: Progress | None) -> RunResult:
         rid = run_id(self.cfg.loss, temperature, alpha)
-        rdir = self.out / "runs" / rid
-        done = rdir / "result.json"
         main = self.dist.is_main
         self.dist.barrier()  # rank 0 may have just written result.json / checkpoint.pt
-        if done.exists():
-            return RunResult(**json.loads(done.read_text()))
+        finished = self.rundir.result(rid)
+        if finished is not None:
+            return finished
         if main:
-            rdir.mkdir(parents=True, exist_ok=True)
+            self.rundir.start(rid)
         torch.manual_seed(self.cfg.seed)
         model = self._build_student()
         opt = self._optimizer(model)
         start_epoch, epoch_seconds = 0, []
-        ckpt = rdir / "checkpoint.pt"
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location=self.device, weights_only=True)
+        state = self.rundir.load_checkpoint(rid, self.device)
+        if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start_epoch, epoch_seconds = int(state["epoch"]) + 1, [float(s) for s in state["epoch_seconds"]]
             if main:
-                self._truncate_metrics(rid, start_epoch)
+                self.rundir.truncate_metrics(rid, start_epoch)
         net: nn.Module = model
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -437,12 +415,9 @@ class Trainer:
                         "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds[-1]}
                 if ev:
                     line.update(eval_accuracy=ev[0], eval_errors=ev[1], eval_nll=ev[2])
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "epoch_seconds": epoch_seconds}, tmp)
-                os.replace(tmp, ckpt)
-                with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(line) + "\n")
+                self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                  "epoch": epoch, "epoch_seconds": epoch_seconds})
+                self.rundir.append_metrics(line)
         ev = self.evaluate(model)
         if ev and not math.isfinite(ev[2]):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
@@ -451,78 +426,34 @@ class Trainer:
                            self.agreement(model, memory), time.perf_counter() - t0, epoch_seconds,
                            {"parameters": count_parameters(model), "world_size": self.dist.world_size})
         if main:
-            self._save_student(model, rdir, result)
-            ckpt.unlink(missing_ok=True)
-            done.write_text(json.dumps(asdict(result), indent=1))
+            self.rundir.finish(rid, model.state_dict(), self._student_info(result), result)
         return result
 
     def _diverged(self, rid: str, what: str) -> str:
         return (f"run {rid}: {what}; lower --lr (now {self.cfg.lr:g}) and train into a new --out, "
                 "or check the stored targets")
 
-    def _truncate_metrics(self, rid: str, start_epoch: int) -> None:
-        """Drop metrics lines of `rid` past the checkpoint (an interruption between the two writes)."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        lines = path.read_text("utf-8").splitlines()
-        keep = [ln for ln in lines if not (json.loads(ln).get("run") == rid and json.loads(ln)["epoch"] > start_epoch)]
-        if len(keep) != len(lines):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep), "utf-8")
-            os.replace(tmp, path)
-
-    def _save_student(self, model: nn.Module, rdir: Path, result: RunResult) -> None:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(rdir / "student.safetensors"))
-        (rdir / "student.json").write_text(json.dumps({
-            "student": self.cfg.student, "num_classes": self.num_classes, "loss": self.cfg.loss,
-            "temperature": result.temperature, "alpha": result.alpha, "targets": str(self.data.version.ref),
-            "load": f"kdstore.students.build_model({self.cfg.student!r}).load_state_dict("
-                    "safetensors.torch.load_file('student.safetensors'))",
-        }, indent=1))
-
+    # -- the run directory (kdstore.rundir writes it) --------------------------------------------------------------
     def _prepare_out(self, resume: bool) -> None:
         try:
             if self.dist.is_main:
-                self._prepare_out_main(resume)
+                self.rundir.prepare({"config": json.loads(json.dumps(asdict(self.cfg))),
+                                     "targets": str(self.data.version.ref), "mode": self.mode,
+                                     "device": str(self.device), "precision": self.precision, "source": self.source,
+                                     "torch_version": torch.__version__}, resume)
         finally:
             self.dist.barrier()
 
-    def _prepare_out_main(self, resume: bool) -> None:
-        cfg = json.loads(json.dumps(asdict(self.cfg)))
-        record = {"config": cfg, "targets": str(self.data.version.ref), "mode": self.mode,
-                  "device": str(self.device), "precision": self.precision, "source": self.source,
-                  "torch_version": torch.__version__}
-        path = self.out / "config.json"
-        if path.exists():
-            if not resume:
-                raise ConfigError(f"--out {self.out} already holds a run; pass --resume to continue it, "
-                                  "or choose another --out")
-            old = json.loads(path.read_text())
-            if old.get("config") != cfg:
-                diff = sorted(k for k in cfg if old.get("config", {}).get(k) != cfg[k])
-                raise ConfigError(f"--resume: {self.out} was started with other settings ({', '.join(diff)}); "
-                                  "rerun with the same options or choose another --out")
-            return
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"--out {self.out}: cannot create it ({e.strerror})") from None
-        path.write_text(json.dumps(record, indent=1))
+    def _student_info(self, result: RunResult) -> dict[str, Any]:
+        return {"student": self.cfg.student, "num_classes": self.num_classes, "loss": self.cfg.loss,
+                "temperature": result.temperature, "alpha": result.alpha, "targets": str(self.data.version.ref),
+                "load": f"kdstore.students.build_model({self.cfg.student!r}).load_state_dict("
+                        "safetensors.torch.load_file('student.safetensors'))"}
 
-    def _write_summary(self, results: list[RunResult]) -> None:
-        if not self.dist.is_main:
-            return
-        summary = {"targets": str(self.data.version.ref), "student": self.cfg.student,
-                   "teacher": self.data.version.manifest["statistics"]["teachers"],
-                   "ensemble": self.data.version.manifest["statistics"].get("ensemble"),
-                   "runs": [asdict(r) for r in results]}
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, self.out / "summary.json")
+    def _summary(self, results: list[RunResult]) -> dict[str, Any]:
+        stats = self.data.version.manifest["statistics"]
+        return {"targets": str(self.data.version.ref), "student": self.cfg.student, "teacher": stats["teachers"],
+                "ensemble": stats.get("ensemble"), "runs": [asdict(r) for r in results]}
 
 
 def _join(net: nn.Module, uneven: bool) -> Any:
@@ -532,30 +463,3 @@ def _join(net: nn.Module, uneven: bool) -> Any:
     if not uneven:
         return contextlib.nullcontext()
     return net.join()  # type: ignore[operator]
-
-
-def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
-    """Accuracy vs temperature, one line per alpha; None if there is nothing to plot."""
-    points = [r for r in results if r.eval_accuracy is not None and r.loss in ("kd", "topk")]
-    if len({r.temperature for r in points}) < 2:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for a in sorted({r.alpha for r in points}):
-        rs = sorted((r for r in points if r.alpha == a), key=lambda r: r.temperature)
-        ax.plot([r.temperature for r in rs], [100 * (r.eval_accuracy or 0) for r in rs], marker="o",
-                label=f"alpha={a:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel("eval accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

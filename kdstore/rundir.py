@@ -1,0 +1,160 @@
+"""A training run's directory: everything `kdstore train` writes, and how an interrupted run is picked up again.
+
+    RUN/config.json           the options and where they ran; --resume refuses other options
+    RUN/metrics.jsonl         one line per (sweep point, epoch), appended after the epoch's checkpoint
+    RUN/summary.json          every finished sweep point so far (rewritten after each)
+    RUN/runs/<id>/checkpoint.pt              model + optimizer + epoch, while a point trains (weights_only load)
+    RUN/runs/<id>/result.json                the point's RunResult: present means done, skipped on --resume
+    RUN/runs/<id>/student.safetensors (+ student.json, how to load it)
+    RUN/sweep.png             accuracy vs T, written by the CLI for sweeps
+
+Every file is written to a temporary name and renamed into place, so a kill leaves the old file or the new one.
+Only the main rank calls the writing methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdstore.errors import ConfigError
+
+
+def run_id(loss: str, temperature: float, alpha: float) -> str:
+    """The sweep point's directory name: ``kd-T4-a0.9``; losses without T or alpha are just their name."""
+    if loss in ("hard", "ls", "mse"):
+        return loss
+    return f"{loss}-T{temperature:g}-a{alpha:g}"
+
+
+@dataclass
+class RunResult:
+    run: str
+    loss: str
+    temperature: float
+    alpha: float
+    epochs: int
+    eval_accuracy: float | None
+    eval_errors: int | None
+    eval_nll: float | None
+    teacher_agreement: float
+    train_seconds: float
+    epoch_seconds: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, "utf-8")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """The files of one `kdstore train --out RUN`."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    def point(self, rid: str) -> Path:
+        return self.out / "runs" / rid
+
+    # -- the run as a whole --------------------------------------------------------------------------------------
+    def prepare(self, record: dict[str, Any], resume: bool) -> None:
+        """Create RUN with config.json (`record`, whose "config" holds the options), or check it on --resume."""
+        cfg = record["config"]
+        path = self.out / "config.json"
+        if path.exists():
+            if not resume:
+                raise ConfigError(f"--out {self.out} already holds a run; pass --resume to continue it, "
+                                  "or choose another --out")
+            old = json.loads(path.read_text("utf-8"))
+            if old.get("config") != cfg:
+                diff = sorted(k for k in cfg if old.get("config", {}).get(k) != cfg[k])
+                raise ConfigError(f"--resume: {self.out} was started with other settings ({', '.join(diff)}); "
+                                  "rerun with the same options or choose another --out")
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {self.out}: cannot create it ({e.strerror})") from None
+        _replace_text(path, json.dumps(record, indent=1))
+
+    def append_metrics(self, line: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def truncate_metrics(self, rid: str, start_epoch: int) -> None:
+        """Drop metrics lines of `rid` past its checkpoint (a kill between the checkpoint and the line)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text("utf-8").splitlines()
+        keep = [ln for ln in lines if not (json.loads(ln).get("run") == rid and json.loads(ln)["epoch"] > start_epoch)]
+        if len(keep) != len(lines):
+            _replace_text(path, "".join(ln + "\n" for ln in keep))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _replace_text(self.out / "summary.json", json.dumps(summary, indent=1))
+
+    # -- one sweep point -------------------------------------------------------------------------------------------
+    def result(self, rid: str) -> RunResult | None:
+        """The finished point's result, or None while it is not finished."""
+        done = self.point(rid) / "result.json"
+        return RunResult(**json.loads(done.read_text("utf-8"))) if done.exists() else None
+
+    def start(self, rid: str) -> None:
+        self.point(rid).mkdir(parents=True, exist_ok=True)
+
+    def load_checkpoint(self, rid: str, device: torch.device) -> dict[str, Any] | None:
+        ckpt = self.point(rid) / "checkpoint.pt"
+        return torch.load(ckpt, map_location=device, weights_only=True) if ckpt.exists() else None
+
+    def save_checkpoint(self, rid: str, state: dict[str, Any]) -> None:
+        ckpt = self.point(rid) / "checkpoint.pt"
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt)
+
+    def finish(self, rid: str, weights: dict[str, Tensor], student: dict[str, Any], result: RunResult) -> None:
+        """Write the student (safetensors + how to load it), drop the checkpoint, then mark the point done."""
+        from safetensors.torch import save_file
+
+        rdir = self.point(rid)
+        state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        save_file(state, str(rdir / "student.safetensors"))
+        _replace_text(rdir / "student.json", json.dumps(student, indent=1))
+        (rdir / "checkpoint.pt").unlink(missing_ok=True)
+        _replace_text(rdir / "result.json", json.dumps(asdict(result), indent=1))
+
+
+def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
+    """Accuracy vs temperature, one line per alpha; None if there is nothing to plot."""
+    points = [r for r in results if r.eval_accuracy is not None and r.loss in ("kd", "topk")]
+    if len({r.temperature for r in points}) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for a in sorted({r.alpha for r in points}):
+        rs = sorted((r for r in points if r.alpha == a), key=lambda r: r.temperature)
+        ax.plot([r.temperature for r in rs], [100 * (r.eval_accuracy or 0) for r in rs], marker="o",
+                label=f"alpha={a:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("eval accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
