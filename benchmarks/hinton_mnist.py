@@ -7,8 +7,8 @@ distilled student makes 206 errors (133 on the 1,010 test 3s); raising the 3-bia
 errors (14 on 3s: 98.6% of the 3s right).
 
 Phases (wall time printed for each):
-  1. teacher   plain torch loop in this script: dropout 0.2 input / 0.5 hidden, jitter up to 2 pixels,
-               max-norm 3.5, Adam (or SGD + Nesterov momentum), warm-up + cosine; saved as safetensors.
+  1. teacher   a plain torch loop (benchmarks/_hinton_teacher.py): dropout 0.2 input / 0.5 hidden, jitter up
+               to 2 pixels, max-norm 3.5, Adam (or SGD + Nesterov momentum), warm-up + cosine; safetensors.
   2. label     `kdstore label` ONCE over the 60k training set (full float32 logits + top-5), and once over
                the set without 3s.
   3. students  `kdstore train` only, from the stored targets (the teacher never runs again):
@@ -20,7 +20,8 @@ Phases (wall time printed for each):
   (opt-in)    --experiments ...,aug: the training set plus --aug-copies copies jittered like the teacher's inputs,
                labeled once; 800-800 on hard labels and by KD at T = 20 from it, with as many steps as the others
                (beyond the paper: its student saw no shifted images).
-  4. report    table beside the paper's numbers, OUT/hinton_results.json, OUT/hinton_errors_vs_T.png.
+  4. report    table beside the paper's numbers, OUT/hinton_results.json, OUT/hinton_errors_vs_T.png
+               (benchmarks/_hinton_report.py; MNIST and the shifts: benchmarks/_hinton_data.py).
 
 Every phase is resumable: rerun the same command and finished work is reused (--fresh starts over).
 Nothing is downloaded when DATA_DIR holds the Parquet files of benchmarks/prepare_mnist.py.
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -54,186 +54,15 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # `python benchmarks/hinton_mnist.py` from the repository root
     sys.path.insert(0, str(HERE.parent))
 
+from benchmarks._hinton_data import drop_class, jittered_copies, load_xy, subset_parquet  # noqa: E402
+from benchmarks._hinton_report import PAPER, TEMPERATURES, finish  # noqa: E402
+from benchmarks._hinton_teacher import TEACHER_SPEC, estimate, train_teacher  # noqa: E402
 from kdstore.device import resolve_device  # noqa: E402
-from kdstore.store.formats import sha256_file  # noqa: E402
 from kdstore.store.writer import existing_versions  # noqa: E402
-from kdstore.students import MLP, build_model, max_norm_  # noqa: E402
-from kdstore.transfer import open_transfer  # noqa: E402
+from kdstore.students import build_model  # noqa: E402
 
-PAPER = {"teacher": 67, "hard-800": 146, "kd-800-T20": 74, "gap_closed": (146 - 74) / (146 - 67),
-         "no3_errors": 206, "no3_errors_on_3": 133, "no3_bias": 3.5, "no3_fixed_errors": 109,
-         "no3_fixed_errors_on_3": 14, "no3_fixed_3_accuracy": 0.986}
-TEACHER_SPEC = "mlp:784-1200-1200-10"
-TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
-CHECKPOINT_SECONDS = 60.0  # teacher checkpoint interval
 EXPERIMENTS = ("tsweep", "alpha", "mse", "topk", "small", "no3")
 OPT_IN = ("aug",)  # beyond the paper: a transfer set with jittered copies (not in the default run)
-
-
-# ------------------------------------------------------------------------------------------------ data
-def load_xy(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x (N, 784) float32, y (N,) int64) through kdstore's own transfer-set reader."""
-    ts = open_transfer(str(path))
-    x, y = ts.read_rows(0, ts.rows)
-    ts.close()
-    assert y is not None
-    return torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(y)
-
-
-def subset_parquet(src: Path, dst: Path, rows: int) -> Path:
-    """The first `rows` rows of src, same schema and metadata (for --quick)."""
-    import pyarrow.parquet as pq
-
-    if not dst.exists():
-        t = pq.read_table(src).slice(0, rows)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(t, dst, compression="zstd", row_group_size=4096)
-    return dst
-
-
-def jittered_copies(src: Path, dst: Path, copies: int, pixels: int, seed: int) -> Path:
-    """src followed by `copies` copies of it, each image shifted by up to `pixels` pixels (seeded): a bigger
-    transfer set for the teacher to label once (Hinton's teacher saw such shifts; the paper's student did not)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if dst.exists():
-        return dst
-    x, y = load_xy(src)
-    meta = {"derived_from": src.name, "copies": copies, "jitter_pixels": pixels, "seed": seed,
-            "rows": len(x) * (copies + 1), "order": "the original rows, then each jittered copy in turn"}
-    schema = pa.schema([("image", pa.list_(pa.float32(), 784)), ("label", pa.int64())],
-                       metadata={"kdstore": json.dumps({"shape": [28, 28], "source": meta})})
-    gen = torch.Generator().manual_seed(seed)
-    tmp = dst.with_suffix(".tmp")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
-        for c in range(copies + 1):
-            xc = x if c == 0 else jitter(x, pixels, torch.randint(0, 2 * pixels + 1, (2, len(x)), generator=gen))
-            flat = pa.array(xc.numpy().reshape(-1), pa.float32())
-            w.write_table(pa.table({"image": pa.FixedSizeListArray.from_arrays(flat, 784),
-                                    "label": pa.array(y.numpy())}, schema=schema), row_group_size=8192)
-    tmp.replace(dst)
-    return dst
-
-
-def drop_class(src: Path, dst: Path, cls: int) -> Path:
-    """src without the rows of class `cls` (the omitted-3 transfer set of a --quick subset)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    if not dst.exists():
-        t = pq.read_table(src)
-        pq.write_table(t.filter(pc.not_equal(t.column("label"), cls)), dst, compression="zstd", row_group_size=4096)
-    return dst
-
-
-# --------------------------------------------------------------------------------------------- teacher
-def jitter(x: torch.Tensor, pixels: int, d: torch.Tensor) -> torch.Tensor:
-    """Shift each 28x28 image by (dy, dx) = d[:, i] - pixels, filling with zeros; d (2, B) holds random
-    integers in [0, 2 * pixels] drawn on the host once per epoch (one copy, no per-step device sync)."""
-    if pixels == 0:
-        return x
-    b = x.shape[0]
-    img = torch.nn.functional.pad(x.view(b, 28, 28), (pixels,) * 4)
-    ar = torch.arange(28, device=x.device)
-    rows = (ar[None, :] + d[0][:, None])[:, :, None]  # (b, 28, 1)
-    cols = (ar[None, :] + d[1][:, None])[:, None, :]  # (b, 1, 28)
-    return img[torch.arange(b, device=x.device)[:, None, None], rows, cols].reshape(b, 784)
-
-
-@torch.no_grad()
-def errors_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
-    model.eval()
-    wrong = 0
-    for a in range(0, len(x), 4096):
-        wrong += int((model(x[a : a + 4096].to(device)).argmax(1).cpu() != y[a : a + 4096]).sum())
-    model.train()
-    return wrong
-
-
-def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.device, out: Path) -> dict[str, Any]:
-    """784-1200-1200-10 with dropout, jitter and max-norm; writes teacher.safetensors and teacher.json.
-
-    Checkpoints to OUT/checkpoint.pt at most once a minute and resumes from it when the config is the same
-    (a command cut off by a time limit continues where it stopped)."""
-    from safetensors.torch import save_file
-
-    x, y = load_xy(train)
-    xt, yt = load_xy(test)
-    xd, yd = x.to(device), y.to(device)
-    torch.manual_seed(cfg["seed"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    model = MLP([784, 1200, 1200, 10], dropout=cfg["dropout"], input_dropout=cfg["input_dropout"]).to(device)
-    if cfg.get("optimizer", "sgd") == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
-    n, bs, epochs = len(x), cfg["batch_size"], cfg["epochs"]
-    steps = math.ceil(n / bs)
-    total, warm = epochs * steps, max(1, int(0.02 * epochs * steps))
-    history: list[dict[str, Any]] = []
-    t0, step, start, prior = time.perf_counter(), 0, 0, 0.0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own file, written below
-        if state["config"] == cfg:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            start, history, prior = state["epoch"], state["history"], state["seconds"]
-            step = start * steps
-            print(f"  resuming the teacher after epoch {start} from {ckpt}")
-    last_save = time.perf_counter()
-    for epoch in range(start, epochs):
-        te, ce = time.perf_counter(), time.process_time()
-        perm = torch.randperm(n, generator=gen).to(device)
-        shifts = torch.randint(0, 2 * cfg["jitter"] + 1, (2, n), generator=gen).to(device)
-        xe, ye = jitter(xd[perm], cfg["jitter"], shifts), yd[perm]  # the epoch's jittered inputs, one gather
-        loss_sum = torch.zeros((), device=device)
-        for a in range(0, n, bs):
-            lr = cfg["lr"] * (step + 1) / warm if step < warm else \
-                cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss = torch.nn.functional.cross_entropy(model(xe[a : a + bs]), ye[a : a + bs])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            max_norm_(model, cfg["max_norm"])
-            loss_sum += loss.detach()
-            step += 1
-        seconds = time.perf_counter() - te
-        line = {"epoch": epoch + 1, "loss": float(loss_sum) / steps, "seconds": seconds,
-                "cpu_seconds": time.process_time() - ce}
-        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == epochs:
-            line["test_errors"] = errors_of(model, xt, yt, device)
-        history.append(line)
-        print(f"  teacher epoch {epoch + 1:3d}/{epochs}  loss {line['loss']:.4f}  {seconds:5.1f} s "
-              f"(CPU {line['cpu_seconds']:.1f} s)"
-              + (f"  test errors {line['test_errors']}" if "test_errors" in line else ""), flush=True)
-        if time.perf_counter() - last_save > CHECKPOINT_SECONDS and epoch + 1 < epochs:
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save({"config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "epoch": epoch + 1, "history": history,
-                        "seconds": prior + time.perf_counter() - t0}, out / "checkpoint.tmp")
-            (out / "checkpoint.tmp").replace(ckpt)
-            last_save = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / "teacher.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(weights))
-    info = {"config": cfg, "spec": TEACHER_SPEC, "test_errors": history[-1]["test_errors"],
-            "train_errors": errors_of(model, x, y, device), "seconds": prior + time.perf_counter() - t0,
-            "epoch_seconds": [h["seconds"] for h in history], "history": history,
-            "sha256": sha256_file(weights), "device": str(device)}
-    (out / "teacher.json").write_text(json.dumps(info, indent=1))
-    ckpt.unlink(missing_ok=True)
-    return info
 
 
 # ------------------------------------------------------------------------------------- kdstore CLI calls
@@ -357,203 +186,6 @@ def bias_correction(run_dir: Path, student: str, train: Path, test: Path, cls: i
             "test_optimal": corrected(b_test),
             "note": "train_chosen: b minimising errors on the training set, 3s included (they were never in "
                     "the student's transfer set); test_optimal: b minimising test errors, as the paper chose it"}
-
-
-# ---------------------------------------------------------------------------------------------- estimate
-def _best_step_seconds(step: Any, repeats: int = 5, steps: int = 40) -> float:
-    """Least seconds per step over `repeats` chunks of `steps` steps (the least-disturbed chunk on a shared
-    machine), after a warm-up chunk."""
-    for _ in range(5):
-        step()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - t) / steps)
-    return best
-
-
-def estimate(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Time the steps of every phase on random data and extrapolate this command's wall time (no training)."""
-    from kdstore import losses, targets
-
-    rows, test_rows, no3_rows = a.train_rows or 60_000, 10_000, int(0.898 * (a.train_rows or 60_000))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    gen = torch.Generator().manual_seed(0)
-    teacher = MLP([784, 1200, 1200, 10], dropout=0.5, input_dropout=0.2).to(device)
-    opt_t = torch.optim.Adam(teacher.parameters(), lr=1e-3) if a.teacher_optimizer == "adam" else \
-        torch.optim.SGD(teacher.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    xb, yb = torch.rand(100, 784, device=device), torch.randint(0, 10, (100,), device=device)
-    shifts = torch.randint(0, 5, (2, 100), generator=gen).to(device)
-
-    def teacher_step() -> None:
-        loss = torch.nn.functional.cross_entropy(teacher(jitter(xb, 2, shifts)), yb)
-        opt_t.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_t.step()
-        max_norm_(teacher, 3.5)
-        sync()
-
-    per: dict[str, float] = {"teacher_epoch": _best_step_seconds(teacher_step) * math.ceil(rows / 100)}
-    teacher.eval()
-    big = torch.rand(4096, 784, device=device)
-
-    def teacher_forward() -> None:
-        with torch.no_grad():
-            teacher(big)
-        sync()
-
-    per["label_60k"] = _best_step_seconds(teacher_forward, 3, 3) * rows / 4096
-    x128, y128 = torch.rand(128, 784, device=device), torch.randint(0, 10, (128,), device=device)
-    z128 = torch.randn(128, 10, device=device) * 5
-    for hidden_size in (800, 300, 30):
-        student = MLP([784, hidden_size, hidden_size, 10]).to(device)
-        opt_s = torch.optim.Adam(student.parameters(), lr=1e-3)
-
-        def student_step(student: MLP = student, opt_s: torch.optim.Optimizer = opt_s) -> None:
-            loss = losses.kd_loss(student(x128), targets.log_soft_targets(z128, 20.0), y128, temperature=20.0,
-                                  alpha=0.9)
-            opt_s.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_s.step()
-            sync()
-
-        def student_eval(student: MLP = student) -> None:
-            with torch.no_grad():
-                student(big)
-            sync()
-
-        per[f"student_{hidden_size}_epoch"] = _best_step_seconds(student_step) * math.ceil(rows / 128)
-        per[f"student_{hidden_size}_eval_10k"] = _best_step_seconds(student_eval, 3, 3) * test_rows / 4096
-    # runs per student size, as main() makes them (the T sweep is 5 runs; the no-3 run has ~10% fewer rows)
-    n800 = 1 + (len(TEMPERATURES) if "tsweep" in a.experiments else 1) + ("alpha" in a.experiments) \
-        + ("mse" in a.experiments) + 3 * ("topk" in a.experiments)
-    small = "small" in a.experiments
-    e = a.student_epochs
-
-    def run_cost(h: int, n: int = rows) -> float:  # epochs x (train + eval on the test set) + agreement pass
-        return e * (per[f"student_{h}_epoch"] * n / rows + per[f"student_{h}_eval_10k"]) \
-            + per[f"student_{h}_eval_10k"] * n / test_rows
-
-    total = {"teacher": a.teacher_epochs * per["teacher_epoch"],
-             "label": per["label_60k"] * (1 + 0.898 * ("no3" in a.experiments)),
-             "students_800": n800 * run_cost(800), "students_small": small * (2 * run_cost(300) + 3 * run_cost(30)),
-             "students_no3": ("no3" in a.experiments) * run_cost(800, no3_rows)}
-    return {"per_epoch_seconds": per, "phase_seconds": total, "total_seconds": sum(total.values()),
-            "runs_800": n800, "device": str(device), "threads": torch.get_num_threads()}
-
-
-# ------------------------------------------------------------------------------------------------ report
-def hidden(spec: str) -> str:
-    """'mlp:784-800-800-10' -> '800-800'."""
-    return spec.split(":")[1].split("-", 1)[1].rsplit("-", 1)[0]
-
-
-def gap(base: int | None, student: int | None, teacher: int) -> float | None:
-    if base is None or student is None or base == teacher:
-        return None
-    return (base - student) / (base - teacher)
-
-
-def report(res: dict[str, Any]) -> str:
-    t_err = res["teacher"]["test_errors"]
-    runs = res["runs"]
-    base = {r["student"]: r["eval_errors"] for r in runs if r["loss"] == "hard" and not r["name"].startswith("aug")}
-    n_test = res["test_rows"]
-    paper = {("800-800", "hard"): PAPER["hard-800"], ("800-800", "kd-T20-a0.9"): PAPER["kd-800-T20"]}
-    lines = [f"{'model':<34} {'paper errors':>12} {'errors':>7} {'test acc%':>9} {'gap closed':>10}",
-             f"{'teacher 1200-1200 (dropout+jitter)':<34} {PAPER['teacher']:>12} {t_err:>7} "
-             f"{100 * (1 - t_err / n_test):9.2f} {'':>10}"]
-    loss_order = {"hard": 0, "kd": 1, "mse": 2, "topk": 3}
-
-    def order(r: dict[str, Any]) -> tuple[Any, ...]:  # by width (widest first), then hard, KD by alpha and T, ...
-        return (-int(hidden(r["student"]).split("-")[0]), loss_order.get(r["loss"], 9), r["alpha"],
-                r["temperature"], r["top_k"] or 0)
-
-    for r in sorted((r for r in runs if not r["name"].startswith(("no3", "aug"))), key=order):
-        size = hidden(r["student"])
-        what = r["run"] + (f"-k{r['top_k']}" if r["top_k"] else "")
-        g = None if r["loss"] == "hard" else gap(base.get(r["student"]), r["eval_errors"], t_err)
-        r["gap_closed"] = g
-        pe = paper.get((size, r["run"]))
-        lines.append(f"{size + ' ' + what:<34} {pe if pe is not None else '-':>12} {r['eval_errors']:>7} "
-                     f"{100 * r['eval_accuracy']:9.2f} {'' if g is None else f'{100 * g:9.1f}%':>10}")
-    lines.append(f"paper: gap closed by 800-800 KD at T=20: {100 * PAPER['gap_closed']:.1f}%")
-    if res.get("partial"):
-        lines.append("(partial: more student runs to come; rerun the same command to continue)")
-    aug = [r for r in runs if r["name"].startswith("aug")]
-    if aug:
-        a_hard = next((r["eval_errors"] for r in aug if r["loss"] == "hard"), None)
-        lines.append(f"beyond the paper -- transfer set: the {res['train_rows']:,} plus "
-                     f"{res.get('aug_copies')} jittered copies, labeled "
-                     "once (gap vs the plain 800-800 hard baseline / vs hard labels on the same jittered set):")
-        for r in sorted(aug, key=order):
-            g1 = gap(base.get(r["student"]), r["eval_errors"], t_err) if r["loss"] != "hard" else None
-            g2 = gap(a_hard, r["eval_errors"], t_err) if r["loss"] != "hard" else None
-            r["gap_closed"] = g1
-            gs = "" if g1 is None else f"{100 * g1:.1f}% / " + ("-" if g2 is None else f"{100 * g2:.1f}%")
-            lines.append(f"  {hidden(r['student']) + ' ' + r['run'] + ' (' + str(r['epochs']) + ' ep)':<32} "
-                         f"{'':>12} {r['eval_errors']:>7} {100 * r['eval_accuracy']:9.2f} {gs:>16}")
-    if "no3" in res:
-        n3 = res["no3"]
-        lines.append("omitted 3s (800-800 KD T=20 on a transfer set without 3s; "
-                     f"test 3s: {n3['before']['class_total']}):")
-        lines.append(f"  {'':<30} {'paper errors (on 3s)':>20} {'errors (on 3s)':>15} {'3s right':>9}")
-        rows = [("no correction", n3["before"], f"{PAPER['no3_errors']} ({PAPER['no3_errors_on_3']})"),
-                ("3-bias +3.5 (paper's b)", n3["paper_bias"],
-                 f"{PAPER['no3_fixed_errors']} ({PAPER['no3_fixed_errors_on_3']})"),
-                (f"3-bias +{n3['train_chosen']['bias']:g} (chosen on train)", n3["train_chosen"], "-"),
-                (f"3-bias +{n3['test_optimal']['bias']:g} (best on test)", n3["test_optimal"], "-")]
-        for label, s, p in rows:
-            lines.append(f"  {label:<30} {p:>20} {s['errors']:>7} ({s['errors_on_class']:>4}) "
-                         f"{100 * s['class_accuracy']:8.1f}%")
-    return "\n".join(lines)
-
-
-def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8.6, 4.4))
-    runs = [r for r in res["runs"] if not r["name"].startswith(("no3", "aug"))]
-    for student, color in (("mlp:784-800-800-10", "C0"), ("mlp:784-300-300-10", "C1"), ("mlp:784-30-30-10", "C2")):
-        pts = sorted((r["temperature"], r["eval_errors"]) for r in runs
-                     if r["student"] == student and r["loss"] == "kd" and r["alpha"] == 0.9)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=f"{hidden(student)} KD, alpha 0.9")
-        hard = [r["eval_errors"] for r in runs if r["student"] == student and r["loss"] == "hard"]
-        if hard:
-            ax.axhline(hard[0], color=color, ls=":", lw=1, label=f"{hidden(student)} hard labels")
-    a1 = [(r["temperature"], r["eval_errors"]) for r in runs if r["loss"] == "kd" and r["alpha"] == 1.0
-          and r["student"] == "mlp:784-800-800-10"]
-    if a1:
-        ax.plot(*zip(*a1, strict=True), ls="", marker="s", color="C0", mfc="none", label="800-800 KD, alpha 1.0")
-    ax.axhline(res["teacher"]["test_errors"], color="k", ls="--", lw=1, label="teacher 1200-1200")
-    if res["train_rows"] == 60_000 and res["test_rows"] == 10_000:  # the paper's setting, not a --quick subset
-        ax.plot([20], [PAPER["kd-800-T20"]], marker="*", ms=12, ls="", color="C3", label="paper: 800-800 KD T=20")
-        ax.axhline(PAPER["hard-800"], color="C3", ls=":", lw=1, label="paper: 800-800 hard (146)")
-        ax.axhline(PAPER["teacher"], color="C3", ls="--", lw=1, label="paper: teacher (67)")
-    ax.set_xscale("log")
-    lo, hi = ax.get_ylim()
-    if hi > 4 * max(lo, 1):  # 30-30 students make hundreds of errors: a log axis keeps 800-800 readable
-        ax.set_yscale("log")
-        ax.set_yticks([v for v in (50, 70, 100, 150, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000)
-                       if lo <= v <= hi])
-        ax.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.get_yaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xticks(list(TEMPERATURES) + [3.0])
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel(f"test errors (of {res['test_rows']})")
-    ax.set_title("MNIST, distilled from stored targets (kdstore)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -762,17 +394,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return res
 
 
-def finish(res: dict[str, Any], out: Path, t_all: float, partial: bool) -> None:
-    """Table, JSON and plot from the runs so far (`partial`: more runs are to come)."""
-    res["partial"] = partial
-    res["total_seconds"] = time.perf_counter() - t_all
-    res["student_epoch_seconds"] = {f"{r['name']}/{r['run']}": float(np.median(r["epoch_seconds"]))
-                                    for r in res["runs"] if r["epoch_seconds"]}
-    res["table"] = report(res)
-    tmp = out / "hinton_results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out / "hinton_results.json")
-    plot(res, out / "hinton_errors_vs_T.png")
 
 
 if __name__ == "__main__":
