@@ -42,6 +42,18 @@ def parse_float_list(option: str, text: str) -> list[float]:
     return values
 
 
+def parse_int_list(option: str, text: str) -> list[int]:
+    """Parse '0,1,2' into ints, naming the option on error."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2",
+                                 param_hint=option) from None
+    if not values:
+        raise click.BadParameter("needs at least one value", param_hint=option)
+    return values
+
+
 def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any:
     """A tqdm bar on stderr; silent when stderr is not a terminal or `disable`."""
     import sys

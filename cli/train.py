@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kdstore.cli._common import parse_float_list, progress_bar, user_errors
+from kdstore.cli._common import parse_float_list, parse_int_list, progress_bar, user_errors
 
 
 @click.command("train")
@@ -28,7 +28,9 @@ from kdstore.cli._common import parse_float_list, progress_bar, user_errors
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (Nesterov).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", default="0", show_default=True, metavar="S[,S...]",
+              help="Seed(s) of the student's initialisation and batch order; a list trains each sweep point once "
+                   "per seed and reports the mean and SD over seeds.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Autocast for the student: auto = bf16 on CUDA, fp32 on CPU.")
@@ -53,7 +55,7 @@ from kdstore.cli._common import parse_float_list, progress_bar, user_errors
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def train(targets: str, student: str, loss: str, temperature: str, alpha: str, epochs: int, batch_size: int,
-          lr: float, optimizer: str, momentum: float, weight_decay: float, schedule: str, seed: int, device: str,
+          lr: float, optimizer: str, momentum: float, weight_decay: float, schedule: str, seed: str, device: str,
           precision: str, eval_path: str | None, eval_input_columns: tuple[str, ...], eval_label_column: str | None,
           transfer: str | None, top_k: int | None, tail: str | None, ensemble: str, teacher_weights: str | None,
           smoothing: float, zero_mean: bool, data_mode: str, num_workers: int, out: str, resume: bool,
@@ -66,6 +68,9 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
       kdstore train --targets ./targets/mnist-t1200 --student mlp:784-800-800-10 --loss kd \\
           --temperature 1,2,5,10,20 --alpha 0.9 --epochs 30 --eval test.parquet --out runs/sweep1
 
+    Single runs differ by a few test errors from seed to seed; --seed 0,1,2 trains every point three times and
+    adds the mean and SD over seeds to the table, summary.json and the plot.
+
     Writes RUN/config.json, RUN/metrics.jsonl (per epoch), RUN/summary.json, RUN/runs/<id>/student.safetensors
     and, for sweeps, RUN/sweep.png; prints one results table.
     """
@@ -76,7 +81,8 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
         targets=targets, student=student, out=out, loss=loss,
         temperatures=tuple(parse_float_list("--temperature", temperature)),
         alphas=tuple(parse_float_list("--alpha", alpha)), epochs=epochs, batch_size=batch_size, lr=lr,
-        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule, seed=seed,
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+        seeds=tuple(parse_int_list("--seed", seed)),
         device=device, precision=precision, eval=eval_path, eval_input_columns=eval_input_columns,
         eval_label_column=eval_label_column, transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble,
         teacher_weights=tuple(parse_float_list("--teacher-weights", teacher_weights)) if teacher_weights else (),
@@ -100,7 +106,9 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
 
 
 def format_results(trainer: object, results: list) -> str:  # type: ignore[type-arg]
-    """One table: T, alpha, accuracy, errors, NLL, agreement with the teacher."""
+    """One table: T, alpha, accuracy, errors, NLL, agreement with the teacher; then, when several seeds were
+    swept, the mean +- SD over seeds of each (T, alpha)."""
+    from kdstore.rundir import over_seeds, run_id
     from kdstore.training import Trainer
 
     assert isinstance(trainer, Trainer)
@@ -113,6 +121,18 @@ def format_results(trainer: object, results: list) -> str:  # type: ignore[type-
         per = sum(r.epoch_seconds) / max(len(r.epoch_seconds), 1)
         lines.append(f"{r.run:<22} {r.temperature:5g} {r.alpha:5g} {acc} {err} {nll} "
                      f"{100 * r.teacher_agreement:7.2f} {per:7.2f}")
+    if len(trainer.cfg.seeds) > 1:
+        lines.append("mean +- SD over seeds:")
+        for g in over_seeds(results):
+            name = run_id(g["loss"], g["temperature"], g["alpha"])
+            seeds = ",".join(map(str, g["seeds"]))
+            if "eval_accuracy_mean" in g:
+                lines.append(f"  {name:<20} seeds {seeds}: acc {100 * g['eval_accuracy_mean']:.2f} +- "
+                             f"{100 * g['eval_accuracy_sd']:.2f}%, errors {g['eval_errors_mean']:.1f} +- "
+                             f"{g['eval_errors_sd']:.1f}, agree {100 * g['teacher_agreement_mean']:.2f}%")
+            else:
+                lines.append(f"  {name:<20} seeds {seeds}: agree {100 * g['teacher_agreement_mean']:.2f} +- "
+                             f"{100 * g['teacher_agreement_sd']:.2f}% (no --eval set)")
     teachers = ", ".join(f"{t}: {100 * s['accuracy']:.2f}% on the transfer set" for t, s in stats["teachers"].items()
                          if s.get("accuracy") is not None)
     if teachers:

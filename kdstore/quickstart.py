@@ -76,7 +76,7 @@ def run(out: Path, *, student: str = STUDENT, temperatures: tuple[float, ...] = 
     ref = f"{lab.path.parent}@v{lab.manifest['version']}"
     runs_dir = out / f"runs-v{lab.manifest['version']}"
     common: dict[str, Any] = dict(targets=ref, student=student, epochs=epochs, batch_size=64, lr=LR,
-                                  eval=str(test), device=device, seed=seed, transfer=str(train))
+                                  eval=str(test), device=device, seeds=(seed,), transfer=str(train))
     results: list[RunResult] = []
     results += Trainer(TrainConfig(out=str(runs_dir / "hard"), loss="hard", **common)).run()
     results += Trainer(TrainConfig(out=str(runs_dir / "kd"), loss="kd", temperatures=temperatures,

@@ -26,11 +26,11 @@ from torch import Tensor
 from kdstore.errors import ConfigError
 
 
-def run_id(loss: str, temperature: float, alpha: float) -> str:
-    """The sweep point's directory name: ``kd-T4-a0.9``; losses without T or alpha are just their name."""
-    if loss in ("hard", "ls", "mse"):
-        return loss
-    return f"{loss}-T{temperature:g}-a{alpha:g}"
+def run_id(loss: str, temperature: float, alpha: float, seed: int | None = None) -> str:
+    """The sweep point's directory name: ``kd-T4-a0.9`` (``kd-T4-a0.9-s1`` when seeds are swept); losses without
+    T or alpha are just their name (``hard``, ``hard-s1``)."""
+    base = loss if loss in ("hard", "ls", "mse") else f"{loss}-T{temperature:g}-a{alpha:g}"
+    return base if seed is None else f"{base}-s{seed}"
 
 
 @dataclass
@@ -47,6 +47,34 @@ class RunResult:
     train_seconds: float
     epoch_seconds: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
+def over_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
+    """One entry per (loss, T, alpha): the seeds and the mean and sample SD of each metric over them.
+
+    A single run's test errors move by several errors from seed to seed, so comparing temperatures on one seed
+    each can mislead; this is what a seed sweep (``--seed 0,1,2``) reports.
+    """
+    groups: dict[tuple[str, float, float], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.loss, r.temperature, r.alpha), []).append(r)
+    out = []
+    for (loss, t, a), rs in groups.items():
+        entry: dict[str, Any] = {"loss": loss, "temperature": t, "alpha": a, "seeds": [r.seed for r in rs]}
+        for key in ("eval_accuracy", "eval_errors", "eval_nll", "teacher_agreement"):
+            values = [getattr(r, key) for r in rs]
+            if all(v is not None for v in values):
+                entry[f"{key}_mean"], entry[f"{key}_sd"] = _mean_sd([float(v) for v in values])
+        out.append(entry)
+    return out
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -134,21 +162,30 @@ class RunDir:
 
 
 def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
-    """Accuracy vs temperature, one line per alpha; None if there is nothing to plot."""
+    """Accuracy vs temperature, one line per alpha (the mean over seeds, with a bar of +-1 SD when several were
+    swept); None if there is nothing to plot."""
     points = [r for r in results if r.eval_accuracy is not None and r.loss in ("kd", "topk")]
     if len({r.temperature for r in points}) < 2:
         return None
+    agg = over_seeds(points)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for a in sorted({r.alpha for r in points}):
-        rs = sorted((r for r in points if r.alpha == a), key=lambda r: r.temperature)
-        ax.plot([r.temperature for r in rs], [100 * (r.eval_accuracy or 0) for r in rs], marker="o",
-                label=f"alpha={a:g}")
+    for a in sorted({g["alpha"] for g in agg}):
+        gs = sorted((g for g in agg if g["alpha"] == a), key=lambda g: g["temperature"])
+        several = any(len(g["seeds"]) > 1 for g in gs)
+        ax.errorbar([g["temperature"] for g in gs], [100 * g["eval_accuracy_mean"] for g in gs],
+                    yerr=[100 * g["eval_accuracy_sd"] for g in gs] if several else None, marker="o", capsize=3,
+                    label=f"alpha={a:g}" + (f" (mean of {len(gs[0]['seeds'])} seeds)" if several else ""))
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xticks(sorted({g["temperature"] for g in agg}))  # the swept T, written plainly (not 2 x 10^1)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("temperature T")
     ax.set_ylabel("eval accuracy (%)")
     ax.set_title(title)

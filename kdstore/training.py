@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,13 +24,21 @@ from kdstore import distributed, ensemble, losses, targets
 from kdstore.data import TrainingData, describe_need, open_training_data
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, InputError, StudentError, TrainingDiverged
-from kdstore.rundir import RunDir, RunResult, run_id
+from kdstore.rundir import RunDir, RunResult, over_seeds, run_id
 from kdstore.students import build_model, count_parameters
 from kdstore.transfer import open_transfer
 
 LOSSES = ("kd", "topk", "mse", "hard", "ls")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+
+
+class SweepPoint(NamedTuple):
+    """One student to train: its temperature, soft-term weight and seed."""
+
+    temperature: float
+    alpha: float
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     device: str = "auto"
     precision: str = "auto"
     eval: str | None = None
@@ -87,8 +95,11 @@ class TrainConfig:
             e.append(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
         if self.weight_decay < 0:
             e.append(f"--weight-decay {self.weight_decay}: must be >= 0")
-        if self.seed < 0:
-            e.append(f"--seed {self.seed}: must be >= 0")
+        e += [f"--seed {s}: must be >= 0" for s in self.seeds if s < 0]
+        if not self.seeds:
+            e.append("--seed needs at least one value")
+        elif len(set(self.seeds)) != len(self.seeds):
+            e.append(f"--seed {','.join(map(str, self.seeds))}: a seed is repeated; give each seed once")
         if self.top_k is not None and self.top_k < 1:
             e.append(f"--top-k {self.top_k}: must be >= 1")
         if self.tail is not None and self.tail not in targets.TAIL_MODELS:
@@ -104,11 +115,17 @@ class TrainConfig:
         if e:
             raise ConfigError("; ".join(e))
 
-    def sweep(self) -> list[tuple[float, float]]:
-        """(T, alpha) pairs to train; losses without T or alpha get one run."""
+    def sweep(self) -> list[SweepPoint]:
+        """Every (T, alpha, seed) to train, seeds innermost; losses without T or alpha get one run per seed."""
         if self.loss in ("hard", "ls", "mse"):
-            return [(1.0, 0.0 if self.loss != "mse" else 1.0)]
-        return [(t, a) for t in self.temperatures for a in self.alphas]
+            pairs = [(1.0, 0.0 if self.loss != "mse" else 1.0)]
+        else:
+            pairs = [(t, a) for t in self.temperatures for a in self.alphas]
+        return [SweepPoint(t, a, s) for t, a in pairs for s in self.seeds]
+
+    def run_id(self, point: SweepPoint) -> str:
+        """The point's directory under RUN/runs; the seed is part of it only when several are swept."""
+        return run_id(self.loss, point.temperature, point.alpha, point.seed if len(self.seeds) > 1 else None)
 
 
 Progress = Callable[[str, int, int], None]
@@ -124,8 +141,8 @@ class Trainer:
         self.dist, self.device = distributed.init(resolve_device(config.device))
         self.precision = resolve_precision(config.precision, self.device)
         need = set()
-        for _, a in config.sweep():
-            need |= describe_need(config.loss, a)
+        for point in config.sweep():
+            need |= describe_need(config.loss, point.alpha)
         self.source = "logits"
         probe = open_training_data(config.targets, need=(), transfer=config.transfer, verify_transfer=False)
         version = probe.version
@@ -219,14 +236,14 @@ class Trainer:
         return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     # -- batches -----------------------------------------------------------------------------------------------
-    def _batches(self, memory: dict[str, Tensor] | None, epoch: int) -> Iterator[dict[str, Tensor]]:
+    def _batches(self, memory: dict[str, Tensor] | None, epoch: int, seed: int) -> Iterator[dict[str, Tensor]]:
         bs, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world_size
         if memory is not None:
             # --batch-size is the global batch: every rank draws the same permutation and takes every
             # world-th row of each global batch, so all ranks take the same number of steps (DDP needs that)
             # and no row is dropped or repeated; the loss is rescaled to the global mean (see _train_one).
             n = len(memory["sample_id"])
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=g).to(self.device)
             for a in range(0, n, bs):
                 glob = perm[a : a + bs]
@@ -236,7 +253,7 @@ class Trainer:
                 yield batch
             return
         # Streaming: each rank reads a disjoint set of row groups (uneven counts are handled with DDP's join).
-        ds = self.data.stream(max(1, bs // world), seed=self.cfg.seed, rank=rank, world_size=world)
+        ds = self.data.stream(max(1, bs // world), seed=seed, rank=rank, world_size=world)
         ds.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                              pin_memory=self.device.type == "cuda")
@@ -320,7 +337,7 @@ class Trainer:
         """Fraction of transfer rows where the student's argmax equals the (ensembled) teacher's."""
         model.eval()
         agree = total = 0
-        for batch in self._batches(memory, 0):
+        for batch in self._batches(memory, 0, self.cfg.seeds[0]):  # the order does not matter here
             batch.pop("n_global", None)
             if not len(batch["x"]):
                 continue
@@ -342,15 +359,15 @@ class Trainer:
         self._prepare_out(resume)
         memory = self.data.to_memory(self.device) if self.mode == "memory" else None
         results = []
-        for temperature, alpha in self.cfg.sweep():
-            results.append(self._train_one(temperature, alpha, memory, progress))
+        for point in self.cfg.sweep():
+            results.append(self._train_one(point, memory, progress))
             if self.dist.is_main:
                 self.rundir.write_summary(self._summary(results))
         return results
 
-    def _train_one(self, temperature: float, alpha: float, memory: dict[str, Tensor] | None,
-                   progress: Progress | None) -> RunResult:
-        rid = run_id(self.cfg.loss, temperature, alpha)
+    def _train_one(self, point: SweepPoint, memory: dict[str, Tensor] | None, progress: Progress | None) -> RunResult:
+        temperature, alpha, seed = point
+        rid = self.cfg.run_id(point)
         main = self.dist.is_main
         self.dist.barrier()  # rank 0 may have just written result.json / checkpoint.pt
         finished = self.rundir.result(rid)
@@ -358,7 +375,7 @@ class Trainer:
             return finished
         if main:
             self.rundir.start(rid)
-        torch.manual_seed(self.cfg.seed)
+        torch.manual_seed(seed)
         model = self._build_student()
         opt = self._optimizer(model)
         start_epoch, epoch_seconds = 0, []
@@ -383,7 +400,7 @@ class Trainer:
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             rows = 0
             with _join(net, self.dist.active and memory is None):
-                for step, batch in enumerate(self._batches(train_view, epoch)):
+                for step, batch in enumerate(self._batches(train_view, epoch, seed)):
                     for group in opt.param_groups:
                         group["lr"] = self._lr_at(epoch, step, steps)
                     n_local = len(batch["x"])
@@ -411,7 +428,7 @@ class Trainer:
             epoch_seconds.append(time.perf_counter() - te)
             ev = self.evaluate(model)
             if main:
-                line = {"run": rid, "temperature": temperature, "alpha": alpha, "epoch": epoch + 1,
+                line = {"run": rid, "temperature": temperature, "alpha": alpha, "seed": seed, "epoch": epoch + 1,
                         "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds[-1]}
                 if ev:
                     line.update(eval_accuracy=ev[0], eval_errors=ev[1], eval_nll=ev[2])
@@ -424,7 +441,7 @@ class Trainer:
         result = RunResult(rid, self.cfg.loss, temperature, alpha, self.cfg.epochs,
                            ev[0] if ev else None, ev[1] if ev else None, ev[2] if ev else None,
                            self.agreement(model, memory), time.perf_counter() - t0, epoch_seconds,
-                           {"parameters": count_parameters(model), "world_size": self.dist.world_size})
+                           {"parameters": count_parameters(model), "world_size": self.dist.world_size}, seed)
         if main:
             self.rundir.finish(rid, model.state_dict(), self._student_info(result), result)
         return result
@@ -446,14 +463,18 @@ class Trainer:
 
     def _student_info(self, result: RunResult) -> dict[str, Any]:
         return {"student": self.cfg.student, "num_classes": self.num_classes, "loss": self.cfg.loss,
-                "temperature": result.temperature, "alpha": result.alpha, "targets": str(self.data.version.ref),
+                "temperature": result.temperature, "alpha": result.alpha, "seed": result.seed,
+                "targets": str(self.data.version.ref),
                 "load": f"kdstore.students.build_model({self.cfg.student!r}).load_state_dict("
                         "safetensors.torch.load_file('student.safetensors'))"}
 
     def _summary(self, results: list[RunResult]) -> dict[str, Any]:
         stats = self.data.version.manifest["statistics"]
-        return {"targets": str(self.data.version.ref), "student": self.cfg.student, "teacher": stats["teachers"],
-                "ensemble": stats.get("ensemble"), "runs": [asdict(r) for r in results]}
+        summary = {"targets": str(self.data.version.ref), "student": self.cfg.student, "teacher": stats["teachers"],
+                   "ensemble": stats.get("ensemble"), "runs": [asdict(r) for r in results]}
+        if len(self.cfg.seeds) > 1:
+            summary["over_seeds"] = over_seeds(results)
+        return summary
 
 
 def _join(net: nn.Module, uneven: bool) -> Any:

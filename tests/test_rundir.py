@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdstore.errors import ConfigError
-from kdstore.rundir import RunDir, RunResult, run_id
+from kdstore.rundir import RunDir, RunResult, over_seeds, run_id
 
 
 def result(rid: str) -> RunResult:
@@ -21,6 +21,29 @@ def test_run_id() -> None:
     assert run_id("kd", 4.0, 0.9) == "kd-T4-a0.9"
     assert run_id("topk", 2.5, 1.0) == "topk-T2.5-a1"
     assert run_id("hard", 4.0, 0.9) == run_id("hard", 1.0, 0.0) == "hard"
+    assert run_id("kd", 20.0, 0.9, seed=2) == "kd-T20-a0.9-s2" and run_id("mse", 1.0, 1.0, seed=0) == "mse-s0"
+
+
+def test_over_seeds_golden() -> None:
+    rs = [RunResult(f"kd-T4-a0.9-s{s}", "kd", 4.0, 0.9, 2, acc, err, None, agree, 1.0, seed=s)
+          for s, acc, err, agree in [(0, 0.90, 10, 0.95), (1, 0.88, 12, 0.93), (2, 0.92, 8, 0.97)]]
+    rs.append(RunResult("kd-T8-a0.9-s0", "kd", 8.0, 0.9, 2, 0.5, 50, None, 0.6, 1.0, seed=0))
+    g4, g8 = over_seeds(rs)
+    assert g4["seeds"] == [0, 1, 2] and g4["temperature"] == 4.0 and g4["alpha"] == 0.9
+    assert g4["eval_errors_mean"] == pytest.approx(10.0) and g4["eval_errors_sd"] == pytest.approx(2.0)
+    assert g4["eval_accuracy_mean"] == pytest.approx(0.90) and g4["eval_accuracy_sd"] == pytest.approx(0.02)
+    assert g4["teacher_agreement_sd"] == pytest.approx(0.02)
+    assert "eval_nll_mean" not in g4  # not measured (no --eval NLL here): left out, not zero
+    assert g8["seeds"] == [0] and g8["eval_errors_mean"] == 50 and g8["eval_errors_sd"] == 0.0
+
+
+def test_result_json_of_an_older_run_reads_as_seed_0(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path)
+    rd.start("kd")
+    old = {k: v for k, v in result("kd").__dict__.items() if k != "seed"}
+    (rd.point("kd") / "result.json").write_text(json.dumps(old))
+    got = rd.result("kd")
+    assert got is not None and got.seed == 0 and got.eval_errors == 5
 
 
 def test_prepare_resume_and_refusals(tmp_path: Path) -> None:

@@ -259,6 +259,7 @@ BAD: dict[str, tuple[Any, list[str], str]] = {
     "temperature -1": (lambda s, d, t: s["pq"], ["--temperature", "-1"], r"--temperature -1.0: must be > 0"),
     "alpha 1.5": (lambda s, d, t: s["pq"], ["--alpha", "1.5"], r"--alpha 1.5: must be in \[0, 1\]"),
     "seed -1": (lambda s, d, t: s["pq"], ["--seed", "-1"], r"--seed -1: must be >= 0"),
+    "seed repeated": (lambda s, d, t: s["pq"], ["--seed", "0,1,0"], r"--seed 0,1,0: a seed is repeated; give each"),
     "unlabeled kd alpha 0.5": (lambda s, d, t: s["unl"], ["--loss", "kd", "--alpha", "0.5"],
                                r"unl@v1 is unlabeled .*hard-label terms need labels; use --loss kd with --alpha 1"),
     "unlabeled hard": (lambda s, d, t: s["unl"], ["--loss", "hard"], r"unl@v1 is unlabeled"),
@@ -310,3 +311,46 @@ def test_weights_of_a_run_are_reproducible(stores: dict[str, Path], tmp_path: Pa
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     np.testing.assert_array_equal([m["train_loss"] for m in metrics(a)], [m["train_loss"] for m in metrics(b)])
+
+
+def test_seed_sweep_is_the_single_seed_runs_plus_their_mean(data: Data, stores: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    sweep, one = tmp_path / "sweep", tmp_path / "one"
+    r = ok(train(stores["pq"], sweep, "-T", "1,4", "--seed", "0,1", "--eval", data.parquet, epochs=1))
+    ok(train(stores["pq"], one, "-T", "4", "--seed", "1", "--eval", data.parquet, epochs=1))
+    runs = summary(sweep)["runs"]
+    assert [(x["run"], x["seed"]) for x in runs] == [("kd-T1-a0.9-s0", 0), ("kd-T1-a0.9-s1", 1),
+                                                     ("kd-T4-a0.9-s0", 0), ("kd-T4-a0.9-s1", 1)]
+    # a point of the sweep is exactly the run of that seed alone
+    w_sweep, w_one = weights(sweep, "kd-T4-a0.9-s1"), weights(one, "kd-T4-a0.9")
+    assert all(torch.equal(w_sweep[k], w_one[k]) for k in w_one)
+    assert summary(one)["runs"][0]["seed"] == 1 and "over_seeds" not in summary(one)
+    assert {m["seed"] for m in metrics(sweep)} == {0, 1}
+    # the mean and sample SD over seeds, per (T, alpha)
+    over = summary(sweep)["over_seeds"]
+    assert [(g["temperature"], g["seeds"]) for g in over] == [(1.0, [0, 1]), (4.0, [0, 1])]
+    for g in over:
+        errs = [x["eval_errors"] for x in runs if x["temperature"] == g["temperature"]]
+        assert g["eval_errors_mean"] == pytest.approx(np.mean(errs))
+        assert g["eval_errors_sd"] == pytest.approx(np.std(errs, ddof=1))
+    lines = r.output.splitlines()
+    assert "mean +- SD over seeds:" in lines
+    assert any(ln.strip().startswith("kd-T4-a0.9") and "seeds 0,1: acc" in ln for ln in lines)
+    # --resume after the sweep finished trains nothing again
+    before = (sweep / "metrics.jsonl").read_text()
+    ok(train(stores["pq"], sweep, "-T", "1,4", "--seed", "0,1", "--eval", data.parquet, "--resume", epochs=1))
+    assert (sweep / "metrics.jsonl").read_text() == before
+
+
+def test_over_seeds_without_eval_reports_agreement(stores: dict[str, Path], tmp_path: Path) -> None:
+    r = ok(train(stores["pq"], tmp_path / "run", "--loss", "hard", "--seed", "3,4", epochs=1))
+    assert [x["run"] for x in summary(tmp_path / "run")["runs"]] == ["hard-s3", "hard-s4"]
+    assert any(ln.strip().startswith("hard") and "seeds 3,4: agree" in ln and "(no --eval set)" in ln
+               for ln in r.output.splitlines())
+
+
+def test_seed_list_of_non_integers_is_a_usage_error(stores: dict[str, Path], tmp_path: Path) -> None:
+    r = train(stores["pq"], tmp_path / "run", "--seed", "0,1.5")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "Error: Invalid value for --seed: '0,1.5' is not a comma-separated list of integers, e.g. 0,1,2" in r.output
+    assert not (tmp_path / "run").exists()
