@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kdstore.errors import ConfigError
+from kdstore.store.formats import atomic_write_text
 
 
 def run_id(loss: str, temperature: float, alpha: float, seed: int | None = None) -> str:
@@ -77,12 +78,6 @@ def over_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
     return out
 
 
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, "utf-8")
-    os.replace(tmp, path)
-
-
 class RunDir:
     """The files of one `kdstore train --out RUN`."""
 
@@ -111,7 +106,7 @@ class RunDir:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"--out {self.out}: cannot create it ({e.strerror})") from None
-        _replace_text(path, json.dumps(record, indent=1))
+        atomic_write_text(path, json.dumps(record, indent=1))
 
     def append_metrics(self, line: dict[str, Any]) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -125,10 +120,10 @@ class RunDir:
         lines = path.read_text("utf-8").splitlines()
         keep = [ln for ln in lines if not (json.loads(ln).get("run") == rid and json.loads(ln)["epoch"] > start_epoch)]
         if len(keep) != len(lines):
-            _replace_text(path, "".join(ln + "\n" for ln in keep))
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _replace_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
 
     # -- one sweep point -------------------------------------------------------------------------------------------
     def result(self, rid: str) -> RunResult | None:
@@ -156,9 +151,9 @@ class RunDir:
         rdir = self.point(rid)
         state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(state, str(rdir / "student.safetensors"))
-        _replace_text(rdir / "student.json", json.dumps(student, indent=1))
+        atomic_write_text(rdir / "student.json", json.dumps(student, indent=1))
         (rdir / "checkpoint.pt").unlink(missing_ok=True)
-        _replace_text(rdir / "result.json", json.dumps(asdict(result), indent=1))
+        atomic_write_text(rdir / "result.json", json.dumps(asdict(result), indent=1))
 
 
 def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:

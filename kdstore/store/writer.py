@@ -29,7 +29,7 @@ import numpy as np
 
 from kdstore import manifest as mf
 from kdstore.errors import ConfigError, KdstoreError, StoreFormatError
-from kdstore.store.formats import EXTENSIONS, FORMATS, fsync_dir, sha256_file, write_shard
+from kdstore.store.formats import EXTENSIONS, FORMATS, atomic_write_text, fsync_dir, sha256_file, write_shard
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
@@ -121,7 +121,7 @@ class VersionWriter:
                     f"{self.staging} holds an interrupted run with other settings; delete that directory to start over"
                 )
         else:
-            _atomic_write_text(settings, json.dumps(desc, indent=1))
+            atomic_write_text(settings, json.dumps(desc, indent=1))
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -177,7 +177,7 @@ class VersionWriter:
         rows = len(next(iter(columns.values())))
         info = {"index": index, "path": f"data/{final.name}", "rows": rows, "bytes": final.stat().st_size,
                 "sha256": sha256_file(final), "first_row": first_row, "stats": stats}
-        _atomic_write_text(final.with_suffix(".json"), json.dumps(info))
+        atomic_write_text(final.with_suffix(".json"), json.dumps(info))
         return info
 
     # -- commit ----------------------------------------------------------------------------------
@@ -242,12 +242,3 @@ class VersionWriter:
         """Delete the staging directory (used when the caller decides not to resume)."""
         self._unlock()
         shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
