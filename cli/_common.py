@@ -30,28 +30,25 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_float_list(option: str, text: str) -> list[float]:
-    """Parse '1,2,5' into floats, naming the option on error."""
+def _parse_list(option: str, text: str, kind: type, what: str, example: str) -> list[Any]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 1,2,5",
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {what}, e.g. {example}",
                                  param_hint=option) from None
     if not values:
         raise click.BadParameter("needs at least one value", param_hint=option)
     return values
+
+
+def parse_float_list(option: str, text: str) -> list[float]:
+    """Parse '1,2,5' into floats, naming the option on error."""
+    return _parse_list(option, text, float, "numbers", "1,2,5")
 
 
 def parse_int_list(option: str, text: str) -> list[int]:
     """Parse '0,1,2' into ints, naming the option on error."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2",
-                                 param_hint=option) from None
-    if not values:
-        raise click.BadParameter("needs at least one value", param_hint=option)
-    return values
+    return _parse_list(option, text, int, "integers", "0,1,2")
 
 
 def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any:
