@@ -138,6 +138,7 @@ class Trainer:
         self.cfg = config
         self.out = Path(config.out)
         self.rundir = RunDir(self.out)
+        self._view: tuple[tuple[float, float], dict[str, Tensor]] | None = None  # see _view_for
         self.dist, self.device = distributed.init(resolve_device(config.device))
         self.precision = resolve_precision(config.precision, self.device)
         need = set()
@@ -279,6 +280,14 @@ class Trainer:
             return torch.log_softmax(ensemble.mean_logits(z, self.weights) / temperature, dim=1)
         return ensemble.mean_prob_log_targets(torch.log_softmax(z / temperature, dim=2), self.weights)
 
+    def _view_for(self, memory: dict[str, Tensor], temperature: float, alpha: float) -> dict[str, Tensor]:
+        """The training view of (T, alpha), kept for the next point: the seeds of a point come one after another
+        and share it, so a seed sweep computes the teacher's soft targets once per (T, alpha)."""
+        if self._view is None or self._view[0] != (temperature, alpha):
+            self._view = None  # free the previous view before building the next
+            self._view = ((temperature, alpha), self._training_view(memory, temperature, alpha))
+        return self._view[1]
+
     @torch.no_grad()
     def _training_view(self, memory: dict[str, Tensor], temperature: float, alpha: float) -> dict[str, Tensor]:
         """In-memory fast path: the targets this run's loss reads, precomputed once for every row.
@@ -392,7 +401,7 @@ class Trainer:
 
             net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         steps = math.ceil(self.data.num_rows / self.cfg.batch_size)
-        train_view = self._training_view(memory, temperature, alpha) if memory is not None else None
+        train_view = self._view_for(memory, temperature, alpha) if memory is not None else None
         t0 = time.perf_counter()
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
