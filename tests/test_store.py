@@ -36,7 +36,7 @@ from kdstore.store import (
     list_datasets,
     resolve,
 )
-from kdstore.store.formats import read_shard, write_shard
+from kdstore.store.formats import atomic_write_text, read_shard, write_shard
 from tests.conftest import Data, teacher_logits
 from tests.helpers import REPO_ROOT, all_bytes, data_bytes, run_label, versions_of
 from tests.sharing_helpers import copy_version, edit_manifest
@@ -668,3 +668,27 @@ def test_write_shard_checks_columns(tmp_path: Path) -> None:
         back = read_shard(tmp_path / fmt, fmt, ["sample_id", "t0_logits"], [1, 2], 2)
         np.testing.assert_array_equal(back["sample_id"], [2, 3, 4])
         np.testing.assert_array_equal(back["t0_logits"], shard(0, 5)["t0_logits"][2:])
+
+
+def _write_many(path: str, n: int, start: Any) -> None:
+    start.wait()  # both processes write at the same time
+    for i in range(n):
+        atomic_write_text(Path(path), f"{os.getpid()} {i}\n" * 50)
+
+
+def test_atomic_write_text_from_two_processes_at_once(tmp_path: Path) -> None:
+    """The ranks of a torchrun labeling job write the same settings.json at once; neither may lose its rename."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(2)
+    target = tmp_path / "settings.json"
+    procs = [ctx.Process(target=_write_many, args=(str(target), 500, start)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = target.read_text().splitlines()
+    assert len(lines) == 50 and len(set(lines)) == 1  # one whole write, never a mix or a part
+    assert not list(tmp_path.glob("*.tmp"))

@@ -227,8 +227,9 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, fsync it, rename it over `path`: readers see the old
-    file or the new one, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
+    file or the new one, never a part. The temporary name carries the process id, so processes writing the same
+    file at once (the ranks of a torchrun labeling job creating one staging directory) do not collide."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
