@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -40,6 +41,11 @@ class DistContext:
         return [float(v) for v in t.tolist()]
 
 
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init(device: torch.device) -> tuple[DistContext, torch.device]:
     """Join the process group if launched by torchrun (WORLD_SIZE > 1); pick this rank's GPU.
 
@@ -60,4 +66,7 @@ def init(device: torch.device) -> tuple[DistContext, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Shut the group down before the interpreter does: left to interpreter teardown, gloo's threads are
+        # destroyed while running and the process aborts ("terminate called without an active exception").
+        atexit.register(_shutdown)
     return DistContext(dist.get_rank(), dist.get_world_size()), device
