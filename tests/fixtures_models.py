@@ -111,3 +111,20 @@ class NanStudent(nn.Module):
 def nan_student() -> nn.Module:
     """An 8 -> 5 student whose logits are all NaN (a diverging run, usable as --student)."""
     return NanStudent()
+
+
+def exact_teacher(num_classes: int = NUM_CLASSES, seed: int = 7) -> nn.Module:
+    """Linear(8, C) whose weights and bias are multiples of 1/4 in [-2, 2]: on inputs that are multiples of 1/4
+    (see tests.test_golden) every logit is an exact multiple of 1/16, so it is the same bits on any CPU, in any
+    summation order and at any memory alignment (golden file hashes must not depend on the machine)."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Linear(IN_FEATURES, num_classes)
+    with torch.no_grad():
+        m.weight.copy_(torch.randint(-8, 9, m.weight.shape, generator=g).float() / 4)
+        m.bias.copy_(torch.randint(-8, 9, m.bias.shape, generator=g).float() / 4)
+    return m.eval()
+
+
+def exact_teacher_b() -> nn.Module:
+    """A second exact teacher (another seed), for ensembles in the golden test."""
+    return exact_teacher(seed=8)
