@@ -136,8 +136,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     record: dict[str, Any] = {"versions": {}, "train": {}}
     for name in ("a", "b", "c", "a-conv", "a-topk"):
         record["versions"][name] = _version_record(store / name / "v1", root)
-    train = ["--student", "mlp:8-16-5", "--epochs", "2", "--batch-size", "25", "--lr", "0.01", "--device", "cpu", "--quiet",
-             "--eval", evalset]
+    train = ["--student", "mlp:8-16-5", "--epochs", "2", "--batch-size", "25", "--lr", "0.01", "--device", "cpu",
+             "--quiet", "--eval", evalset]
     jobs = {
         "kd": ["--targets", f"{store}/a", "--loss", "kd", "-T", "2,4", "--alpha", "0.9"],
         "kd-stream": ["--targets", f"{store}/a", "--loss", "kd", "-T", "2", "--data", "stream"],
