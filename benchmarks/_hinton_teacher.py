@@ -14,7 +14,7 @@ import torch
 
 from benchmarks._hinton_data import jitter, load_xy
 from benchmarks._hinton_report import TEMPERATURES
-from kdstore.store.formats import sha256_file
+from kdstore.store.files import sha256_file
 from kdstore.students import MLP, max_norm_
 
 TEACHER_SPEC = "mlp:784-1200-1200-10"

@@ -107,8 +107,8 @@ def streaming_memory(tmp: Path, gb: float, device: str) -> dict[str, object]:
             {"name": "label", "role": "label", "teacher": None, "dtype": "int64", "shape": []},
             {"name": "t0_logits", "role": "logits", "teacher": "t0", "dtype": "float32", "shape": [c]},
             {"name": "t0_logsumexp", "role": "logsumexp", "teacher": "t0", "dtype": "float32", "shape": []}]
-    from kdstore.manifest import FORMAT_VERSION
     from kdstore.store import sha256_file
+    from kdstore.store.manifest import FORMAT_VERSION
 
     shard = 65536
     with VersionWriter(tmp / "big", "wide", run_key="ab" * 8, fmt="parquet", columns=cols, shard_rows=shard,

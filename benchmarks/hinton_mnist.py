@@ -58,7 +58,7 @@ from benchmarks._hinton_data import drop_class, jittered_copies, load_xy, subset
 from benchmarks._hinton_report import PAPER, TEMPERATURES, finish  # noqa: E402
 from benchmarks._hinton_teacher import TEACHER_SPEC, estimate, train_teacher  # noqa: E402
 from kdstore.device import resolve_device  # noqa: E402
-from kdstore.store.writer import existing_versions  # noqa: E402
+from kdstore.store.layout import existing_versions  # noqa: E402
 from kdstore.students import build_model  # noqa: E402
 
 EXPERIMENTS = ("tsweep", "alpha", "mse", "topk", "small", "no3")

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: turn library errors into one-line click errors."""
+"""Shared CLI plumbing: library errors as one-line click errors that name options; comma-list parameters."""
 
 from __future__ import annotations
 
@@ -13,15 +13,45 @@ from kdstore.errors import KdstoreError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def user_errors(fn: F) -> F:
-    """Run a command body, turning KdstoreError into a ClickException (exit 1, no traceback)."""
+def option_names(command: click.Command, aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """How the library's argument names read on this command's line: ``top_k`` -> ``--top-k``.
+
+    A config field is found as the parameter of the same name, else of its singular or plural (``temperatures``
+    -> ``--temperature``), else ``NAME_path`` (``eval`` -> ``--eval``); `aliases` settle the rest.
+    """
+    names: dict[str, str] = {}
+    for p in command.params:
+        if not p.name:
+            continue
+        if isinstance(p, click.Option):
+            names[p.name] = next((o for o in p.opts if o.startswith("--")), p.opts[0])
+        else:
+            names[p.name] = p.human_readable_name
+    for name in list(names):
+        if name.endswith("_path"):
+            names.setdefault(name[: -len("_path")], names[name])
+    for name, shown in list(names.items()):
+        names.setdefault(name + "s", shown)
+        if name.endswith("s"):
+            names.setdefault(name[:-1], shown)
+    names.update(aliases or {})
+    return names
+
+
+def user_errors(fn: F | None = None, *, aliases: dict[str, str] | None = None) -> Any:
+    """Run a command body, turning KdstoreError into a ClickException (exit 1, no traceback) whose message names
+    this command's options where the library names its arguments (see kdstore.errors)."""
+    if fn is None:
+        return functools.partial(user_errors, aliases=aliases)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except KdstoreError as e:
-            raise click.ClickException(str(e)) from e
+            ctx = click.get_current_context(silent=True)
+            names = option_names(ctx.command, aliases) if ctx is not None else {}
+            raise click.ClickException(e.render(names)) from e
         except KeyboardInterrupt:
             raise click.ClickException(
                 "interrupted; completed work is kept, rerun the same command to resume"
@@ -30,25 +60,27 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _parse_list(option: str, text: str, kind: type, what: str, example: str) -> list[Any]:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of {what}, e.g. {example}",
-                                 param_hint=option) from None
-    if not values:
-        raise click.BadParameter("needs at least one value", param_hint=option)
-    return values
+class CommaList(click.ParamType):
+    """A comma-separated list of `kind` values (``1,2,5``) as a tuple; at least one value."""
+
+    def __init__(self, kind: type, what: str, example: str) -> None:
+        self.kind, self.what, self.example = kind, what, example
+        self.name = f"{kind.__name__}[,{kind.__name__}...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(self.kind(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.what}, e.g. {self.example}", param, ctx)
+        if not values:
+            self.fail("needs at least one value", param, ctx)
+        return values
 
 
-def parse_float_list(option: str, text: str) -> list[float]:
-    """Parse '1,2,5' into floats, naming the option on error."""
-    return _parse_list(option, text, float, "numbers", "1,2,5")
-
-
-def parse_int_list(option: str, text: str) -> list[int]:
-    """Parse '0,1,2' into ints, naming the option on error."""
-    return _parse_list(option, text, int, "integers", "0,1,2")
+FLOATS = CommaList(float, "numbers", "1,2,5")
+INTS = CommaList(int, "integers", "0,1,2")
 
 
 def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any:

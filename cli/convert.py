@@ -5,16 +5,17 @@ from __future__ import annotations
 import click
 
 from kdstore.cli._common import progress_bar, user_errors
+from kdstore.options import FORMATS, LOGITS_DTYPES
 
 
 @click.command("convert", short_help="Make a new version in another format, dtype or top-k.")
 @click.argument("ref", metavar="STORE/NAME[@vN]")
-@click.option("--to", "to", type=click.Choice(["parquet", "hdf5"]), default=None,
+@click.option("--to", "to", type=click.Choice(FORMATS), default=None,
               help="On-disk format of the new version. Default: the source's.")
 @click.option("--top-k", type=int, default=None, metavar="K",
               help="Store the K largest logits per row. K <= the stored k truncates the stored top-k; a larger K is "
                    "recomputed from the full logits (which must be stored). 0 stores no top-k. Default: as stored.")
-@click.option("--logits-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+@click.option("--logits-dtype", type=click.Choice(LOGITS_DTYPES), default=None,
               help="Storage dtype of logits and top-k values. Default: as stored. Going up in precision adds bytes, "
                    "not information.")
 @click.option("--logits/--no-logits", "keep_logits", default=None,
@@ -27,7 +28,7 @@ from kdstore.cli._common import progress_bar, user_errors
 @click.option("--shard-rows", type=int, default=None, help="Rows per data file. Default: as stored.")
 @click.option("--row-group-rows", type=int, default=None, help="Rows per row group / chunk. Default: as stored.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@user_errors
+@user_errors(aliases={"format": "--to", "source": "REF", "keep_logits": "--logits/--no-logits"})
 def convert(ref: str, to: str | None, top_k: int | None, logits_dtype: str | None, keep_logits: bool | None,
             name: str | None, out: str | None, shard_rows: int | None, row_group_rows: int | None,
             quiet: bool) -> None:
@@ -52,7 +53,7 @@ def convert(ref: str, to: str | None, top_k: int | None, logits_dtype: str | Non
     with progress_bar(0, "convert", "rows", disable=quiet) as bar:
         result = run_convert(cfg, progress=bar.update)
     m = result.manifest
-    from kdstore.catalog import human_bytes, targets_text
+    from kdstore.store.catalog import human_bytes, targets_text
 
     click.echo(f"wrote {result.path}  ({m['num_rows']} rows, {m['storage']['format']}, {targets_text(m['targets'])}, "
                f"{human_bytes(sum(f['bytes'] for f in m['files']))}; from {result.source})")

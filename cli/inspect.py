@@ -42,15 +42,13 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
     """
     from pathlib import Path
 
-    from kdstore import remote
     from kdstore.card import compute_statistics, prepare_card_dir, write_card
-    from kdstore.store import Version
+    from kdstore.store import Version, remote
 
     if (card_dir or teacher) and not card:
         raise click.UsageError("--card-dir and --teacher only apply with --card")
     if not card and remote.is_remote(ref):
-        r, store, version, manifest = remote.remote_manifest(ref)
-        where = f"{store.url_of(r.name)}@v{version}"
+        where, manifest = remote.read_remote_manifest(ref)
         _show(manifest, where, None, as_json)
         return
     v = Version(remote.resolve_any(ref, option=""))
@@ -73,12 +71,5 @@ def _show(manifest: dict, where: str, stats: object, as_json: bool) -> None:  # 
         return
     out: dict = {"path": where, "manifest": manifest}  # type: ignore[type-arg]
     if isinstance(stats, CardStatistics):
-        out["card_statistics"] = {
-            "temperature": stats.temperature, "similarity_teacher": stats.similarity_teacher,
-            "grouped_by": stats.grouped_by, "similarity": stats.similarity.tolist(),
-            "teachers": {s.teacher: {"accuracy": s.accuracy, "ece": s.ece, "mean_confidence": s.mean_confidence,
-                                     "mean_entropy_nats": s.mean_entropy,
-                                     "topk_mass_mean": {str(k): s.mass_mean(k) for k in stats.topk_ks}}
-                         for s in stats.teachers},
-        }
+        out["card_statistics"] = stats.to_json()
     click.echo(json.dumps(out, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kdstore.cli._common import parse_shard, progress_bar, user_errors
+from kdstore.options import FORMATS, LOGITS_DTYPES, PRECISIONS, TAIL_MODELS
 
 
 @click.command("label")
@@ -17,17 +18,17 @@ from kdstore.cli._common import parse_shard, progress_bar, user_errors
 @click.option("--out", required=True, metavar="STORE",
               help="Store directory (or fsspec URL: s3://bucket/store, ...); the version goes to STORE/NAME/vN.")
 @click.option("--name", required=True, help="Dataset name inside the store (letters, digits, '.', '_', '-').")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "hdf5"]), default="parquet", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="parquet", show_default=True,
               help="On-disk format of the data files.")
 @click.option("--top-k", type=int, default=10, show_default=True,
               help="Also store each row's K largest logits (+ log-sum-exp) for top-k KD; 0 stores none.")
 @click.option("--logits/--no-logits", "keep_logits", default=True, show_default=True,
               help="Keep the full logits (needed for --loss mse and exact KD), or only the top-k.")
-@click.option("--logits-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+@click.option("--logits-dtype", type=click.Choice(LOGITS_DTYPES), default="float16",
               show_default=True, help="Storage dtype of logits and top-k values (softening is always float32).")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Teacher batch size.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Teacher autocast: auto = bf16 on CUDA, fp32 on CPU.")
 @click.option("--input-column", "input_columns", multiple=True,
               help="Input column/array (repeat for several numeric columns). Default: the array column, or all "
@@ -38,7 +39,7 @@ from kdstore.cli._common import parse_shard, progress_bar, user_errors
               help="Rows per data file; an interrupted run resumes from its last complete file.")
 @click.option("--row-group-rows", type=int, default=2048, show_default=True,
               help="Rows per Parquet row group / HDF5 chunk (the unit of streamed, shuffled reads).")
-@click.option("--tail", type=click.Choice(["uniform", "drop"]), default="uniform", show_default=True,
+@click.option("--tail", type=click.Choice(TAIL_MODELS), default="uniform", show_default=True,
               help="Default tail model for rebuilding soft targets from the top-k (see docs/format.md); "
                    "the trainer can override it.")
 @click.option("--shard", default=None, metavar="I/N",
@@ -46,7 +47,8 @@ from kdstore.cli._common import parse_shard, progress_bar, user_errors
                    "(--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT). The job that finishes the last file "
                    "commits the version. Under torchrun, RANK/WORLD_SIZE are used automatically.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@user_errors
+@user_errors(aliases={"format": "--format", "shard_index": "--shard", "num_shards": "--shard",
+                      "keep_logits": "--logits/--no-logits"})
 def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str, top_k: int, keep_logits: bool,
           logits_dtype: str, batch_size: int, device: str, precision: str, input_columns: tuple[str, ...],
           label_column: str | None, shard_rows: int, row_group_rows: int, tail: str, shard: str | None,
@@ -67,12 +69,7 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
     from kdstore.transfer import open_transfer
 
     shard_index, num_shards = parse_shard(shard)
-    from kdstore import remote
-
-    # A remote --out (s3://...) is labeled into a local outbox (so an interrupted run resumes) and then pushed:
-    # data files first, manifest.json last.
-    local_out = str(remote.outbox_dir(out)) if remote.is_remote(out) else out
-    cfg = LabelConfig(teachers=teachers, transfer=transfer, out=local_out, name=name, format=fmt,
+    cfg = LabelConfig(teachers=teachers, transfer=transfer, out=out, name=name, format=fmt,
                       top_k=top_k or None, keep_logits=keep_logits, logits_dtype=logits_dtype,
                       batch_size=batch_size, device=device, precision=precision, input_columns=input_columns,
                       label_column=label_column, shard_rows=shard_rows, row_group_rows=row_group_rows,
@@ -100,8 +97,7 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
         fid_txt = (" top-k KL@T=1/4/20: " + "/".join("inf" if fid[t] is None else f"{fid[t]:.2g}"
                                                        for t in ("1.0", "4.0", "20.0"))) if fid else ""
         click.echo(f"  {tid}: {acc}, mean entropy {s['mean_entropy_nats']:.3f} nats{fid_txt}")
-    if remote.is_remote(out):
-        pushed = remote.push(result.path, out, name=name)
-        click.echo(f"pushed -> {pushed.url}")
+    if result.pushed:
+        click.echo(f"pushed -> {result.pushed}")
     if "ensemble" in m["statistics"]:
         click.echo(f"  ensemble (mean-prob): accuracy {m['statistics']['ensemble']['accuracy']:.4f}")

@@ -29,12 +29,11 @@ def ls(store: str, as_json: bool) -> None:
     versions with the same transfer-set sha were labeled on the same bytes and can be compared with
     `kdstore diff`). A version whose manifest is damaged is listed with its error; check it with `kdstore verify`.
     """
-    from kdstore.catalog import human_bytes, list_store
+    from kdstore.store.catalog import human_bytes, list_store
 
     listing = list_store(store)
     if as_json:
-        click.echo(json.dumps({"store": listing.store, "versions": [e.summary() for e in listing.entries],
-                               "unfinished": listing.unfinished}, indent=2))
+        click.echo(json.dumps(listing.to_json(), indent=2))
         return
     if not listing.entries:
         click.echo(f"no dataset versions in {listing.store}" + (f" ({listing.hint})" if listing.hint else ""))

@@ -26,8 +26,8 @@ def push(ref: str, url: str, name: str | None) -> None:
       kdstore ls s3://team-bucket/targets
       kdstore train --targets s3://team-bucket/targets/mnist@v1 ...
     """
-    from kdstore.catalog import human_bytes
-    from kdstore.remote import push as run_push
+    from kdstore.store.catalog import human_bytes
+    from kdstore.store.remote import push as run_push
 
     result = run_push(ref, url, name=name)
     click.echo(f"pushed {ref} -> {result.url}  ({result.files} file(s), {human_bytes(result.bytes)})")

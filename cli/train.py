@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from kdstore.cli._common import parse_float_list, parse_int_list, progress_bar, user_errors
+from kdstore.cli._common import FLOATS, INTS, progress_bar, user_errors
+from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 
 
 @click.command("train")
@@ -14,50 +15,52 @@ from kdstore.cli._common import parse_float_list, parse_int_list, progress_bar, 
               help="Stored targets: STORE/NAME (latest version) or STORE/NAME@vN.")
 @click.option("--student", required=True, metavar="SPEC",
               help="mlp:IN-H-...-C, cnn:HxW[xC]-C, or package.module:factory returning an nn.Module.")
-@click.option("--loss", type=click.Choice(["kd", "topk", "mse", "hard", "ls"]), default="kd", show_default=True,
+@click.option("--loss", type=click.Choice(LOSSES), default="kd", show_default=True,
               help="kd: Hinton 2015 alpha*T^2*CE(soft)+(1-alpha)*CE(hard); topk: KD on the stored top-k "
                    "(Tang 2020); mse: L2 on logits (Ba & Caruana 2014); hard: labels only; ls: label smoothing.")
-@click.option("--temperature", "-T", default="4", show_default=True, metavar="T[,T...]",
+@click.option("--temperature", "-T", "temperatures", type=FLOATS, default="4", show_default=True, metavar="T[,T...]",
               help="Softmax temperature(s); a list runs a sweep, one student each.")
-@click.option("--alpha", default="0.9", show_default=True, metavar="A[,A...]",
+@click.option("--alpha", "alphas", type=FLOATS, default="0.9", show_default=True, metavar="A[,A...]",
               help="Weight of the soft term in [0, 1]; 1 uses no labels. A list joins the sweep.")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate.")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (Nesterov).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option("--seed", default="0", show_default=True, metavar="S[,S...]",
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True)
+@click.option("--seed", "seeds", type=INTS, default="0", show_default=True, metavar="S[,S...]",
               help="Seed(s) of the student's initialisation and batch order; a list trains each sweep point once "
                    "per seed and reports the mean and SD over seeds.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Autocast for the student: auto = bf16 on CUDA, fp32 on CPU.")
 @click.option("--eval", "eval_path", metavar="PATH", help="Labeled evaluation set (.parquet/.npz/.h5).")
 @click.option("--eval-input-column", "eval_input_columns", multiple=True, help="Input column(s) of --eval.")
 @click.option("--eval-label-column", default=None, help="Label column of --eval (default: label / y).")
 @click.option("--transfer", metavar="PATH", help="The transfer set, if it moved since labeling (fingerprint-checked).")
 @click.option("--top-k", type=int, default=None, help="For --loss topk: use the K largest (<= stored k).")
-@click.option("--tail", type=click.Choice(["uniform", "drop"]), default=None,
+@click.option("--tail", type=click.Choice(TAIL_MODELS), default=None,
               help="Top-k tail model: uniform (stored default) or drop (renormalise over the top-k).")
 @click.option("--ensemble", default="mean-prob", show_default=True,
-              help="Combine several stored teachers: mean-prob, mean-logit, or one member (t0, t1, ...).")
-@click.option("--teacher-weights", default=None, metavar="W,W,...", help="Per-teacher weights for the ensemble.")
+              help=f"Combine several stored teachers: {', '.join(ENSEMBLES)}, or one member (t0, t1, ...).")
+@click.option("--teacher-weights", type=FLOATS, default=None, metavar="W,W,...",
+              help="Per-teacher weights for the ensemble.")
 @click.option("--smoothing", type=float, default=0.1, show_default=True, help="For --loss ls.")
 @click.option("--zero-mean/--no-zero-mean", default=True, show_default=True,
               help="For --loss mse: zero-mean each row of logits first.")
-@click.option("--data", "data_mode", type=click.Choice(["auto", "memory", "stream"]), default="auto",
+@click.option("--data", "data_mode", type=click.Choice(DATA_MODES), default="auto",
               show_default=True, help="memory: whole set on the device; stream: read row groups from disk.")
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers when streaming.")
 @click.option("--out", required=True, metavar="RUN", help="Run directory (config, metrics, checkpoints, plot).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same options).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def train(targets: str, student: str, loss: str, temperature: str, alpha: str, epochs: int, batch_size: int,
-          lr: float, optimizer: str, momentum: float, weight_decay: float, schedule: str, seed: str, device: str,
-          precision: str, eval_path: str | None, eval_input_columns: tuple[str, ...], eval_label_column: str | None,
-          transfer: str | None, top_k: int | None, tail: str | None, ensemble: str, teacher_weights: str | None,
+def train(targets: str, student: str, loss: str, temperatures: tuple[float, ...], alphas: tuple[float, ...],
+          epochs: int, batch_size: int, lr: float, optimizer: str, momentum: float, weight_decay: float,
+          schedule: str, seeds: tuple[int, ...], device: str, precision: str, eval_path: str | None,
+          eval_input_columns: tuple[str, ...], eval_label_column: str | None, transfer: str | None,
+          top_k: int | None, tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None,
           smoothing: float, zero_mean: bool, data_mode: str, num_workers: int, out: str, resume: bool,
           quiet: bool) -> None:
     """Train students on stored teacher targets: no teacher runs, so a temperature sweep costs one
@@ -78,14 +81,11 @@ def train(targets: str, student: str, loss: str, temperature: str, alpha: str, e
     from kdstore.training import TrainConfig, Trainer
 
     cfg = TrainConfig(
-        targets=targets, student=student, out=out, loss=loss,
-        temperatures=tuple(parse_float_list("--temperature", temperature)),
-        alphas=tuple(parse_float_list("--alpha", alpha)), epochs=epochs, batch_size=batch_size, lr=lr,
-        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-        seeds=tuple(parse_int_list("--seed", seed)),
-        device=device, precision=precision, eval=eval_path, eval_input_columns=eval_input_columns,
-        eval_label_column=eval_label_column, transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble,
-        teacher_weights=tuple(parse_float_list("--teacher-weights", teacher_weights)) if teacher_weights else (),
+        targets=targets, student=student, out=out, loss=loss, temperatures=temperatures, alphas=alphas,
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+        weight_decay=weight_decay, schedule=schedule, seeds=seeds, device=device, precision=precision,
+        eval=eval_path, eval_input_columns=eval_input_columns, eval_label_column=eval_label_column,
+        transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble, teacher_weights=teacher_weights or (),
         smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers,
     )
     trainer = Trainer(cfg)

@@ -26,8 +26,8 @@ def verify(ref: str) -> None:
     verify also re-hashes every file. A failure means the files were changed after they were written: restore
     them from a copy, or re-create the version (`kdstore label`, `kdstore convert`).
     """
-    from kdstore.catalog import human_bytes
-    from kdstore.catalog import verify as run_verify
+    from kdstore.store.catalog import human_bytes
+    from kdstore.store.catalog import verify as run_verify
 
     report = run_verify(ref)
     if report.ok:

@@ -14,7 +14,6 @@ Plots use matplotlib's object API with the Agg canvas: no pyplot, no global back
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,12 @@ import numpy as np
 import torch
 
 from kdstore import __version__
-from kdstore.catalog import human_bytes, short_source, targets_text
-from kdstore.compare import class_names, columns_for, log_probs, teacher_id
-from kdstore.errors import ConfigError
-from kdstore.store.reader import Version
+from kdstore.errors import ConfigError, arg
+from kdstore.soft_targets import columns_for, log_probs, teacher_id
+from kdstore.store import Version
+from kdstore.store.catalog import class_names, human_bytes, short_source, targets_text
+from kdstore.store.files import atomic_write_bytes
+from kdstore.targets import check_temperature
 
 CARD_DIR = "card"
 CONF_BINS = 20
@@ -95,6 +96,17 @@ class CardStatistics:
     topk_source: str  # "stored top-k" or "full logits"
     teachers: list[TeacherStats]
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able statistics (what `kdstore inspect --card --json` prints as ``card_statistics``)."""
+        return {
+            "temperature": self.temperature, "similarity_teacher": self.similarity_teacher,
+            "grouped_by": self.grouped_by, "similarity": self.similarity.tolist(),
+            "teachers": {s.teacher: {"accuracy": s.accuracy, "ece": s.ece, "mean_confidence": s.mean_confidence,
+                                     "mean_entropy_nats": s.mean_entropy,
+                                     "topk_mass_mean": {str(k): s.mass_mean(k) for k in self.topk_ks}}
+                         for s in self.teachers},
+        }
+
     def similar_pairs(self, names: list[str], n: int = 5) -> list[tuple[str, str, float]]:
         """The `n` largest off-diagonal entries of the similarity matrix: (class, most similar class, mean prob)."""
         m = self.similarity.copy()
@@ -112,8 +124,7 @@ def compute_statistics(version: Version, *, temperature: float = 4.0, teacher: s
         temperature: the temperature of the class-similarity matrix (the other statistics are at T = 1).
         teacher: whose soft targets make the similarity matrix (default: the first teacher).
     """
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ConfigError(f"--temperature {temperature}: must be a positive number")
+    check_temperature(temperature)
     sim_t = teacher_id(version, teacher)
     c = version.num_classes
     k_stored = version.top_k
@@ -286,9 +297,9 @@ def prepare_card_dir(version: Version, out_dir: Path | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create {out}: {e.strerror}; "
-                          "pass --card-dir DIR to write the card elsewhere") from None
+                          f"pass {arg('card_dir')} DIR to write the card elsewhere") from None
     if not os.access(out, os.W_OK):
-        raise ConfigError(f"{out} is not writable; pass --card-dir DIR to write the card elsewhere")
+        raise ConfigError(f"{out} is not writable; pass {arg('card_dir')} DIR to write the card elsewhere")
     return out
 
 
@@ -310,18 +321,11 @@ def write_card(version: Version, stats: CardStatistics, out_dir: Path | None = N
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return atomic_write_bytes(path, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {e.strerror}; "
-                          "pass --card-dir DIR to write the card elsewhere") from None
-    return path
+                          f"pass {arg('card_dir')} DIR to write the card elsewhere") from None
 
 
 def _save_png(fig: Any, path: Path) -> Path:

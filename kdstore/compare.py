@@ -1,12 +1,7 @@
-"""`kdstore diff`: compare the targets of two versions labeled on the same transfer set, row by row.
-
-Also the small helpers that turn a block of stored columns into a teacher's soft targets (exact from full
-logits, else rebuilt from the top-k under the version's tail model); the dataset card uses them too.
-"""
+"""`kdstore diff`: compare the targets of two versions labeled on the same transfer set, row by row."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,54 +10,11 @@ import numpy as np
 import torch
 
 from kdstore import targets
-from kdstore.errors import ConfigError, ShapeMismatchError
-from kdstore.remote import is_remote, resolve_any
-from kdstore.store.reader import Version, VersionRef
-
-# --- soft targets from stored columns -----------------------------------------------------------------------------
-
-
-def teacher_id(version: Version, teacher: str | None, option: str = "--teacher") -> str:
-    """`teacher` checked against the version's teachers (default: the first)."""
-    if teacher is None:
-        return version.teacher_ids[0]
-    if teacher not in version.teacher_ids:
-        raise ConfigError(f"{option} {teacher}: {version.ref} has teachers {', '.join(version.teacher_ids)}")
-    return teacher
-
-
-def tensor(a: np.ndarray, dtype: type = np.float32) -> torch.Tensor:
-    """A torch tensor of `a` as `dtype`, copying only when needed (read-only memory-mapped columns are copied)."""
-    return torch.from_numpy(np.require(a, dtype, ["C", "W"]))
-
-
-def columns_for(version: Version, teacher: str) -> list[str]:
-    """The columns needed to rebuild `teacher`'s soft targets (its logits, else its top-k + log-sum-exp)."""
-    logits = version.column_for("logits", teacher)
-    if logits:
-        return [logits]
-    names = [version.column_for(r, teacher) for r in ("topk_indices", "topk_values", "logsumexp")]
-    if not all(names):
-        raise ConfigError(f"{version.ref}: teacher {teacher} has neither logits nor top-k columns")
-    return [n for n in names if n]
-
-
-def log_probs(version: Version, block: dict[str, np.ndarray], teacher: str, temperature: float) -> torch.Tensor:
-    """(N, C) float32 log soft targets of `teacher` at `temperature` for a block read with `columns_for`."""
-    logits = version.column_for("logits", teacher)
-    if logits:
-        return targets.log_soft_targets(tensor(block[logits]), temperature)
-    idx, val, lse = (block[version.column_for(r, teacher) or ""] for r in ("topk_indices", "topk_values", "logsumexp"))
-    tail = (version.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
-    return targets.log_soft_targets_topk(tensor(val), tensor(idx, np.int64), tensor(lse), version.num_classes,
-                                         temperature, tail)
-
-
-def class_names(manifest: dict[str, Any]) -> list[str]:
-    names = manifest.get("class_names")
-    c = int(manifest["num_classes"])
-    return [str(n) for n in names] if isinstance(names, list) and len(names) == c else [str(i) for i in range(c)]
-
+from kdstore.errors import ShapeMismatchError
+from kdstore.soft_targets import columns_for, log_probs, teacher_id
+from kdstore.store import Version, VersionRef
+from kdstore.store.catalog import class_names
+from kdstore.store.remote import is_remote, parse_ref, resolve_any
 
 # --- diff -------------------------------------------------------------------------------------------------------
 
@@ -128,11 +80,10 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
         ShapeMismatchError: the versions were labeled on different transfer sets (sha256) or disagree in shape.
         ConfigError: unknown teacher id, or temperature <= 0.
     """
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ConfigError(f"--temperature {temperature}: must be a positive number")
+    targets.check_temperature(temperature)
     va, vb = Version(resolve_any(a, option="")), Version(resolve_any(b, option=""))
     _check_same_transfer(va, vb)
-    ta, tb = teacher_id(va, teacher_a, "--teacher-a"), teacher_id(vb, teacher_b, "--teacher-b")
+    ta, tb = teacher_id(va, teacher_a, "teacher_a"), teacher_id(vb, teacher_b, "teacher_b")
     c = va.num_classes
     cols_a = columns_for(va, ta) + (["label"] if va.has_labels and va.column_for("label") else [])
     cols_b = columns_for(vb, tb)
@@ -189,8 +140,6 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
 def _shown(ref: object, v: Version) -> str:
     """How a version is named in reports: a remote one by its URL (with version), a local one by its path."""
     if isinstance(ref, str) and is_remote(ref):
-        from kdstore.remote import parse_ref
-
         r = parse_ref(ref)
         return f"{r.store}/{r.name}@v{v.ref.version}"
     return str(v.ref)

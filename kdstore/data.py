@@ -25,11 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kdstore.errors import ConfigError, InputError
-from kdstore.store import Version, open_version
+from kdstore.errors import ConfigError, InputError, arg
+from kdstore.plan import describe_need
+from kdstore.store import Version, open_version, sha256_file
+from kdstore.store.remote import resolve_any
 from kdstore.transfer import TransferSet, open_transfer
 
 NEEDS = ("logits", "topk", "label")
+__all__ = ["NEEDS", "StreamingTargets", "TrainingData", "describe_need", "memory_batches", "open_training_data"]
 
 
 @dataclass
@@ -52,7 +55,7 @@ class TrainingData:
     def open_transfer(self) -> TransferSet:
         inputs = self.version.manifest["transfer_set"]["inputs"]["columns"]
         cols = None if inputs == ["<array>"] else inputs
-        return open_transfer(self.transfer_path, input_columns=cols, label_column="none", option="--transfer")
+        return open_transfer(self.transfer_path, input_columns=cols, label_column="none", option="transfer")
 
     def columns(self) -> dict[str, list[str]]:
         """Store columns to read, by batch key (one per teacher for per-teacher targets)."""
@@ -120,12 +123,8 @@ def open_training_data(
         ConfigError: a needed target is not stored (e.g. logits in a top-k-only store, labels in an unlabeled one).
         InputError: transfer set missing, or its fingerprint or row count differ from the manifest's.
     """
-    if isinstance(targets, Version):
-        version = targets
-    else:
-        from kdstore.remote import resolve_any  # s3://, gs://, ... refs are fetched into the local cache first
-
-        version = open_version(resolve_any(targets))
+    # s3://, gs://, ... references are fetched into the local cache first
+    version = targets if isinstance(targets, Version) else open_version(resolve_any(targets))
     bad = set(need) - set(NEEDS)
     if bad:
         raise ConfigError(f"need {sorted(bad)}: expected a subset of {NEEDS}")
@@ -134,34 +133,33 @@ def open_training_data(
     if unknown:
         raise ConfigError(f"teacher {unknown[0]!r} is not in {version.ref}; it has {version.teacher_ids}")
     if "logits" in need and not version.has_logits:
-        raise ConfigError(f"{version.ref} stores only top-k targets (labeled with --no-logits); "
-                          "this needs full logits: "
-                          "use --loss kd/topk (rebuilt from top-k) or relabel with --logits")
+        raise ConfigError(f"{version.ref} stores only top-k targets, no full logits; this needs full logits: "
+                          f"use {arg('loss')} kd/topk (rebuilt from the top-k), or relabel keeping the logits")
     if "topk" in need and not version.top_k:
-        raise ConfigError(f"{version.ref} stores no top-k targets; use --loss kd, or relabel with --top-k K")
+        raise ConfigError(f"{version.ref} stores no top-k targets; use {arg('loss')} kd, or relabel with a top-k")
     if "label" in need and not version.has_labels:
         raise ConfigError(f"{version.ref} is unlabeled (transfer set kind "
                           f"{version.manifest['transfer_set']['kind']!r}): hard-label terms need labels; "
-                          "use --loss kd with --alpha 1, --loss mse or --loss topk with --alpha 1")
+                          f"use {arg('loss')} kd with {arg('alpha')} 1, {arg('loss')} mse or {arg('loss')} topk with "
+                          f"{arg('alpha')} 1")
     ts_meta = version.manifest["transfer_set"]
     path = Path(transfer) if transfer else Path(ts_meta["path"])
     if not path.is_file():
-        raise InputError(f"transfer set {path} (recorded in {version.ref}) not found; pass --transfer PATH "
+        raise InputError(f"transfer set {path} (recorded in {version.ref}) not found; pass {arg('transfer')} PATH "
                          "to the file it was labeled from")
     if verify_transfer:
-        from kdstore.store import sha256_file
-
         digest = sha256_file(path)
         if digest != ts_meta["sha256"]:
-            raise InputError(f"--transfer {path}: sha256 {digest[:12]}... differs from {ts_meta['sha256'][:12]}... "
+            raise InputError(f"{arg('transfer')} {path}: sha256 {digest[:12]}... differs from "
+                             f"{ts_meta['sha256'][:12]}... "
                              f"recorded in {version.ref}; the targets were made from another file — pass the right "
-                             "--transfer, or relabel this one")
+                             f"{arg('transfer')}, or relabel this one")
     data = TrainingData(version, path, ids, frozenset(need))
     ts = data.open_transfer()
     rows = ts.rows
     ts.close()
     if rows != version.num_rows:
-        raise InputError(f"--transfer {path}: {rows} rows, but {version.ref} has {version.num_rows}")
+        raise InputError(f"{arg('transfer')} {path}: {rows} rows, but {version.ref} has {version.num_rows}")
     return data
 
 
@@ -259,12 +257,18 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
             ts.close()
 
 
-def describe_need(loss: str, alpha: float) -> set[str]:
-    """Which stored targets a loss reads."""
-    need = {"kd": {"logits"}, "topk": {"topk"}, "mse": {"logits"}, "hard": set(), "ls": set()}.get(loss)
-    if need is None:
-        raise ConfigError(f"--loss {loss!r}: expected kd, topk, mse, hard or ls")
-    if loss in ("hard", "ls") or (loss in ("kd", "topk") and alpha < 1):
-        need = need | {"label"}
-    return need
+def memory_batches(memory: dict[str, torch.Tensor], batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                   world_size: int = 1) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """Shuffled batches of an in-memory set (see `TrainingData.to_memory`): yields (this rank's rows, global rows).
 
+    `batch_size` is the global batch: every rank draws the same permutation (seeded by seed and epoch) and takes
+    every world_size-th row of each global batch, so all ranks take the same number of steps (DDP needs that) and
+    no row is dropped or repeated; a trainer rescales the loss by local / global rows to get the global mean.
+    """
+    n = len(memory["sample_id"])
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).to(memory["sample_id"].device)
+    for a in range(0, n, batch_size):
+        glob = perm[a : a + batch_size]
+        idx = glob[rank::world_size]
+        yield {k: v[idx] for k, v in memory.items()}, len(glob)

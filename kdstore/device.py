@@ -7,10 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
-from kdstore.errors import ConfigError
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from kdstore.errors import ConfigError, arg
+from kdstore.options import PRECISIONS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,19 +19,20 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device auto or cpu")
+            raise ConfigError(f"{arg('device')} {name}: CUDA is not available on this machine; use {arg('device')} "
+                              "auto or cpu")
         return torch.device(name)
-    raise ConfigError(f"--device {name!r} is not understood; expected auto, cpu, cuda or cuda:N")
+    raise ConfigError(f"{arg('device')} {name!r} is not understood; expected auto, cpu, cuda or cuda:N")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto` -> bf16 autocast on CUDA, fp32 on CPU."""
     if name not in PRECISIONS:
-        raise ConfigError(f"--precision {name!r}: expected one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"{arg('precision')} {name!r}: expected one of {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+        raise ConfigError(f"{arg('precision')} fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     return name
 
 

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kdstore.errors import ConfigError
+from kdstore.errors import ConfigError, ShapeMismatchError, arg
+from kdstore.options import ENSEMBLES
 
-COMBINE = ("mean-prob", "mean-logit")
+COMBINE = ENSEMBLES
 
 
 def normalise_weights(weights: Sequence[float] | None, members: int) -> Tensor:
@@ -21,10 +22,11 @@ def normalise_weights(weights: Sequence[float] | None, members: int) -> Tensor:
     if weights is None or len(weights) == 0:
         return torch.full((members,), 1.0 / members)
     if len(weights) != members:
-        raise ConfigError(f"--teacher-weights has {len(weights)} values for {members} teachers; give one per teacher")
+        raise ConfigError(f"{arg('teacher_weights')} has {len(weights)} values for {members} teachers; give one per "
+                          "teacher")
     w = torch.tensor([float(x) for x in weights])
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ConfigError(f"--teacher-weights {list(weights)}: must be finite and >= 0 with a positive sum")
+        raise ConfigError(f"{arg('teacher_weights')} {list(weights)}: must be finite and >= 0 with a positive sum")
     return w / w.sum()
 
 
@@ -42,7 +44,7 @@ def mean_prob_log_targets(log_probs: Tensor, weights: Tensor) -> Tensor:
         (N, C) float32 log-probabilities.
     """
     if log_probs.ndim != 3 or log_probs.shape[1] != weights.shape[0]:
-        raise ValueError(f"log_probs {tuple(log_probs.shape)} must be (N, M, C) with M = {weights.shape[0]}")
+        raise ShapeMismatchError(f"log_probs {tuple(log_probs.shape)} must be (N, M, C) with M = {weights.shape[0]}")
     logw = torch.log(weights.to(log_probs.device, torch.float32))[None, :, None]
     return torch.logsumexp(log_probs.float() + logw, dim=1)
 
@@ -54,5 +56,5 @@ def mean_logits(logits: Tensor, weights: Tensor) -> Tensor:
     (the ``mean-logit`` combination); it is also the L2 regression target of an ensemble (Ba & Caruana 2014).
     """
     if logits.ndim != 3 or logits.shape[1] != weights.shape[0]:
-        raise ValueError(f"logits {tuple(logits.shape)} must be (N, M, C) with M = {weights.shape[0]}")
+        raise ShapeMismatchError(f"logits {tuple(logits.shape)} must be (N, M, C) with M = {weights.shape[0]}")
     return (logits.float() * weights.to(logits.device, torch.float32)[None, :, None]).sum(dim=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import queue
@@ -10,24 +9,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kdstore import __version__, targets
+from kdstore import targets, versioning
 from kdstore.device import autocast, resolve_device, resolve_precision
-from kdstore.errors import ConfigError, InputError, ShapeMismatchError, TeacherError
-from kdstore.manifest import FORMAT_VERSION
-from kdstore.store import VersionWriter, check_name, encode_bfloat16
-from kdstore.store.formats import FORMATS, sha256_file
+from kdstore.errors import ConfigError, InputError, ShapeMismatchError, TeacherError, arg
+from kdstore.options import LOGITS_DTYPES
+from kdstore.store import FORMATS, VersionWriter, check_name, sha256_file
+from kdstore.store.remote import is_remote, outbox_dir, push
 from kdstore.teachers import Teacher, load_teacher
 from kdstore.transfer import TransferSet, open_transfer
-
-LOGITS_DTYPES = ("float16", "bfloat16", "float32")
-FIDELITY_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -56,51 +52,61 @@ class LabelConfig:
     def __post_init__(self) -> None:
         errors = []
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            errors.append(f"--shard {self.shard_index}/{self.num_shards}: expected i/N with 0 <= i < N")
+            errors.append(f"{arg('shard')} {self.shard_index}/{self.num_shards}: expected i/N with 0 <= i < N")
         if not self.teachers:
-            errors.append("--teacher is required (one or more)")
+            errors.append(f"{arg('teachers')} is required (one or more)")
         check_name(self.name)
         if self.format not in FORMATS:
-            errors.append(f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
+            errors.append(f"{arg('format')} {self.format!r}: expected one of {', '.join(FORMATS)}")
         if self.top_k is not None and self.top_k < 1:
-            errors.append(f"--top-k {self.top_k}: must be >= 1 (or 0 to store no top-k)")
+            errors.append(f"{arg('top_k')} {self.top_k}: must be >= 1 (or 0 to store no top-k)")
         if not self.keep_logits and self.top_k is None:
-            errors.append("--no-logits with --top-k 0 would store no targets; keep logits or give --top-k K")
+            errors.append(f"nothing to store: no full logits ({arg('keep_logits')} False) and no top-k "
+                          f"({arg('top_k')} 0); keep the logits or give {arg('top_k')} K")
         if self.logits_dtype not in LOGITS_DTYPES:
-            errors.append(f"--logits-dtype {self.logits_dtype!r}: expected one of {', '.join(LOGITS_DTYPES)}")
+            errors.append(f"{arg('logits_dtype')} {self.logits_dtype!r}: expected one of {', '.join(LOGITS_DTYPES)}")
         if self.batch_size < 1:
-            errors.append(f"--batch-size {self.batch_size}: must be >= 1")
+            errors.append(f"{arg('batch_size')} {self.batch_size}: must be >= 1")
         if self.shard_rows < 1 or self.row_group_rows < 1:
-            errors.append(f"--shard-rows {self.shard_rows} / --row-group-rows {self.row_group_rows}: must be >= 1")
+            errors.append(f"{arg('shard_rows')} {self.shard_rows} / {arg('row_group_rows')} {self.row_group_rows}: "
+                          "must be >= 1")
         if self.tail not in targets.TAIL_MODELS:
-            errors.append(f"--tail {self.tail!r}: expected one of {', '.join(targets.TAIL_MODELS)}")
+            errors.append(f"{arg('tail')} {self.tail!r}: expected one of {', '.join(targets.TAIL_MODELS)}")
         if errors:
             raise ConfigError("; ".join(errors))
 
 
 @dataclass
 class LabelResult:
-    """`path` is the committed version, or None for a shard job whose version another job will commit."""
+    """`path` is the committed version, or None for a shard job whose version another job will commit;
+    `pushed` is the remote version (URL/NAME@vN) when `out` was a URL."""
 
     path: Path | None
     manifest: dict[str, Any]
     resumed_shards: int = 0
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    pushed: str | None = None
 
 
 def label(config: LabelConfig, progress: Callable[[int], None] | None = None) -> LabelResult:
     """Run the teachers once over the transfer set and commit a new version of `config.name`.
 
-    Resumes an interrupted run with the same settings from its last completed shard.
+    Resumes an interrupted run with the same settings from its last completed shard. A remote `out` (s3://...) is
+    labeled into a local outbox (so an interrupted run resumes there) and then pushed: data files first, the
+    manifest last.
 
     Args:
         config: the run's settings.
         progress: called with the number of rows just finished (including rows of resumed shards).
 
     Returns:
-        the committed version's path and manifest.
+        the committed version's path and manifest (and the pushed URL for a remote `out`).
     """
+    if is_remote(config.out):
+        result = label(replace(config, out=str(outbox_dir(config.out))), progress)
+        if result.path is not None:
+            result.pushed = push(result.path, config.out, name=config.name).url
+        return result
     t_start = time.perf_counter()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -118,16 +124,13 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
         t.module.to(device)
     num_classes = _probe_classes(teachers, ts, device, precision)
     if config.top_k is not None and config.top_k > num_classes:
-        raise ConfigError(f"--top-k {config.top_k}: the teachers have {num_classes} classes; use 1..{num_classes}")
+        raise ConfigError(f"{arg('top_k')} {config.top_k}: the teachers have {num_classes} classes; use "
+                          f"1..{num_classes}")
     k = config.top_k
     ids = [f"t{i}" for i in range(len(teachers))]
-    columns = _column_specs(ids, num_classes, k, config, ts.has_labels)
-    shard_meta = {
-        "format_version": FORMAT_VERSION,
-        "name": config.name,
-        "columns": columns,
-        "teachers": [t.sha256 for t in teachers],
-    }
+    columns = versioning.column_specs(ids, num_classes, k=k, keep_logits=config.keep_logits,
+                                      dtype=config.logits_dtype, labels=ts.has_labels)
+    shard_meta = versioning.shard_metadata(config.name, columns, [t.sha256 for t in teachers])
     # The transfer set's sha256 is computed on a thread while the teachers run (hashing a large file first
     # would add its whole read time to the run); the resume key uses its identity (path, size, mtime) instead.
     hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdstore-hash")
@@ -138,7 +141,7 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                     "batch_size": config.batch_size, "device": device.type,
                     "precision": precision, "tail": config.tail, "k": k, "inputs": ts.input_columns,
                     "labels": ts.label_column, "shard_rows": config.shard_rows, "rg": config.row_group_rows}
-    run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
+    run_key = versioning.run_key(key_material)
 
     sharded = config.num_shards > 1
     with VersionWriter(Path(config.out), config.name, run_key=run_key, fmt=config.format, columns=columns,
@@ -152,63 +155,36 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
         mine = [i for i in range(n_shards) if i % config.num_shards == config.shard_index]
         if progress:
             progress(sum(done[i]["rows"] for i in mine if i in done))
-        # Writing (encode + compress + fsync + sha256) runs on a thread so it overlaps the next shard's compute.
-        pending: queue.Queue[Any] = queue.Queue(maxsize=2)
-        failure: list[BaseException] = []
-
-        def drain() -> None:
-            while (item := pending.get()) is not None:
-                if not failure:
-                    try:
-                        writer.write(*item)
-                    except BaseException as e:  # surfaced on the main thread below
-                        failure.append(e)
-
-        worker = threading.Thread(target=drain, name="kdstore-shard-writer", daemon=True)
-        worker.start()
-        try:
-            for index in mine:
-                if index in done:
-                    continue
-                start = index * config.shard_rows
-                stop = min(start + config.shard_rows, ts.rows)
-                cols, stats = _label_shard(teachers, ids, ts, start, stop, num_classes, k, config, device,
-                                           precision, progress)
-                if failure:
-                    break
-                pending.put((index, start, cols, stats))
-        finally:
-            pending.put(None)
-            worker.join()
-        if failure:
-            raise failure[0]
+        # Writing (encode + compress + fsync + sha256) runs on the writer's thread, overlapping the next shard.
+        for index in mine:
+            if index in done:
+                continue
+            start = index * config.shard_rows
+            stop = min(start + config.shard_rows, ts.rows)
+            cols, stats = _label_shard(teachers, ids, ts, start, stop, num_classes, k, config, device,
+                                       precision, progress)
+            writer.write_async(index, start, cols, stats)
+        writer.flush()
         infos = writer.completed()
         if len(infos) < n_shards:
             # Another job still owes shards; the job that completes the last one commits the version.
             return LabelResult(None, {"shards_total": n_shards, "shards_done": len(infos)}, len(done),
                                time.perf_counter() - t_start)
         ts.set_sha256(transfer_sha.result())
-        stats = _combine_stats([infos[i]["stats"] for i in sorted(infos)], ids, k)
+        stats = versioning.combine_statistics([infos[i]["stats"] for i in sorted(infos)], ids, k)
         manifest = {
-            "format_version": FORMAT_VERSION,
-            "kdstore_version": __version__,
+            **versioning.manifest_head(),
             "parent": None,
             "num_rows": ts.rows,
             "num_classes": num_classes,
             "class_names": next((d["class_names"] for d in [t.describe("t0", num_classes) for t in teachers]
                                  if d["class_names"]), None),
-            "storage": {"format": config.format, "shard_rows": config.shard_rows,
-                        "row_group_rows": config.row_group_rows,
-                        "compression": "zstd" if config.format == "parquet" else "none"},
+            "storage": versioning.storage_block(config.format, config.shard_rows, config.row_group_rows),
             "teachers": [t.describe(i, num_classes) for t, i in zip(teachers, ids, strict=True)],
             "transfer_set": ts.describe(),
-            "targets": {
-                "logits": {"dtype": config.logits_dtype} if config.keep_logits else None,
-                "top_k": ({"k": k, "values_dtype": config.logits_dtype, "indices_dtype": _index_dtype(num_classes),
-                           "tail": config.tail} if k else None),
-                "logsumexp": {"dtype": "float32"},
-                "labels": ts.has_labels,
-            },
+            "targets": versioning.targets_block(keep_logits=config.keep_logits, dtype=config.logits_dtype, k=k,
+                                                indices_dtype=versioning.index_dtype(num_classes), tail=config.tail,
+                                                labels=ts.has_labels),
             "columns": columns,
             "labeling": {"batch_size": config.batch_size, "device": str(device), "precision": precision,
                          "torch_version": torch.__version__, "seconds": round(time.perf_counter() - t_start, 3),
@@ -223,28 +199,6 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                        time.perf_counter() - t_start)
 
 
-def _index_dtype(num_classes: int) -> str:
-    return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
-
-
-def _column_specs(ids: list[str], c: int, k: int | None, cfg: LabelConfig, labels: bool) -> list[dict[str, Any]]:
-    cols: list[dict[str, Any]] = [{"name": "sample_id", "role": "sample_id", "teacher": None, "dtype": "int64",
-                                   "shape": []}]
-    if labels:
-        cols.append({"name": "label", "role": "label", "teacher": None, "dtype": "int64", "shape": []})
-    for tid in ids:
-        if cfg.keep_logits:
-            cols.append({"name": f"{tid}_logits", "role": "logits", "teacher": tid, "dtype": cfg.logits_dtype,
-                         "shape": [c]})
-        if k:
-            cols.append({"name": f"{tid}_topk_indices", "role": "topk_indices", "teacher": tid,
-                         "dtype": _index_dtype(c), "shape": [k]})
-            cols.append({"name": f"{tid}_topk_values", "role": "topk_values", "teacher": tid,
-                         "dtype": cfg.logits_dtype, "shape": [k]})
-        cols.append({"name": f"{tid}_logsumexp", "role": "logsumexp", "teacher": tid, "dtype": "float32", "shape": []})
-    return cols
-
-
 def _forward(teacher: Teacher, x: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:
     xt = torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True)
     try:
@@ -252,15 +206,15 @@ def _forward(teacher: Teacher, x: np.ndarray, device: torch.device, precision: s
             out = teacher.module(xt)
     except Exception as e:  # a shape the teacher rejects is the commonest cause
         raise TeacherError(
-            f"--teacher {teacher.source}: forward pass failed on inputs of shape {tuple(xt.shape)} "
+            f"{arg('teacher')} {teacher.source}: forward pass failed on inputs of shape {tuple(xt.shape)} "
             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
-            "check --input-column and the teacher's input size"
+            f"check {arg('input_columns')} and the teacher's input size"
         ) from None
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != xt.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TeacherError(f"--teacher {teacher.source}: output {shape} for a batch of {xt.shape[0]}; "
+        raise TeacherError(f"{arg('teacher')} {teacher.source}: output {shape} for a batch of {xt.shape[0]}; "
                            "expected logits of shape (batch, classes)")
     return out.float()
 
@@ -269,21 +223,12 @@ def _probe_classes(teachers: list[Teacher], ts: TransferSet, device: torch.devic
     x, _ = ts.read_rows(0, min(2, ts.rows))
     counts = [(_forward(t, x, device, precision).shape[1], t.source) for t in teachers]
     if len({c for c, _ in counts}) > 1:
-        raise ShapeMismatchError("--teacher: the teachers disagree on the number of classes: "
+        raise ShapeMismatchError(f"{arg('teacher')}: the teachers disagree on the number of classes: "
                                  + ", ".join(f"{s} has {c}" for c, s in counts) + "; an ensemble needs one class set")
     c = counts[0][0]
     if c < 2:
-        raise TeacherError(f"--teacher {teachers[0].source}: outputs {c} class; at least 2 are needed")
+        raise TeacherError(f"{arg('teacher')} {teachers[0].source}: outputs {c} class; at least 2 are needed")
     return int(c)
-
-
-def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
-    a = t.float().numpy()
-    if dtype == "float32":
-        return a
-    if dtype == "float16":
-        return a.astype(np.float16)
-    return encode_bfloat16(a)
 
 
 def _label_shard(
@@ -302,13 +247,14 @@ def _label_shard(
         if y is not None:
             bad = np.flatnonzero((y < 0) | (y >= c))
             if len(bad):
-                raise InputError(f"--transfer {ts.path}: row {first + bad[0]} has label {y[bad[0]]}, outside the "
-                                 f"teachers' class range 0..{c - 1}; fix the labels or pass --label-column none")
+                raise InputError(f"{arg('transfer')} {ts.path}: row {first + bad[0]} has label {y[bad[0]]}, outside "
+                                 "the "
+                                 f"teachers' class range 0..{c - 1}; fix the labels or pass {arg('label_column')} none")
             labels.append(y.astype(np.int64))
         for t, tid in zip(teachers, ids, strict=True):
             z = _forward(t, x, device, precision)
             if z.shape[1] != c:
-                raise ShapeMismatchError(f"--teacher {t.source}: {z.shape[1]} classes, expected {c}")
+                raise ShapeMismatchError(f"{arg('teacher')} {t.source}: {z.shape[1]} classes, expected {c}")
             logits[tid].append(z)
         if progress:
             progress(len(x))
@@ -318,7 +264,6 @@ def _label_shard(
     y_dev = torch.from_numpy(y_all).to(device) if y_all is not None else None
     if y_all is not None:
         cols["label"] = y_all
-    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.logits_dtype]
     stats: dict[str, Any] = {"rows": n, "labeled": n if y_all is not None else 0, "teachers": {}}
     probs_sum = torch.zeros(n, c, device=device)
     for t, tid in zip(teachers, ids, strict=True):
@@ -326,27 +271,22 @@ def _label_shard(
         finite = torch.isfinite(z).all(dim=1)
         if not bool(finite.all()):
             row = start + int(torch.nonzero(~finite)[0, 0])
-            raise TeacherError(f"--teacher {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
+            raise TeacherError(f"{arg('teacher')} {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
                                "nothing was committed; check the teacher and that input row")
         lse = targets.logsumexp(z)
         if cfg.keep_logits:
-            cols[f"{tid}_logits"] = _to_storage(z.cpu(), cfg.logits_dtype)
+            cols[f"{tid}_logits"] = versioning.encode(z, cfg.logits_dtype)
         # statistics, from the full logits in memory (whether or not they are kept)
         logp = torch.log_softmax(z, dim=1)
         probs_sum += logp.exp()
-        entry: dict[str, Any] = {"entropy_sum": float(targets.entropy(logp).double().sum()),
-                                 "correct": int((z.argmax(1) == y_dev).sum()) if y_dev is not None else 0,
-                                 "topk_mass_sum": 0.0, "fidelity_sum": {}}
+        topk = None
         if k:
             v, idx = targets.top_k(z, k)
-            cols[f"{tid}_topk_indices"] = idx.cpu().numpy().astype(_index_dtype(c))
-            cols[f"{tid}_topk_values"] = _to_storage(v.cpu(), cfg.logits_dtype)
-            vq = v.to(store_dtype).float()  # fidelity of the values as stored
-            entry["topk_mass_sum"] = float(torch.exp(v - lse[:, None]).double().sum())
-            fid = targets.topk_fidelity(z, vq, idx, lse, FIDELITY_TEMPERATURES, cfg.tail)  # type: ignore[arg-type]
-            entry["fidelity_sum"] = {str(float(temp)): float(kl.double().sum()) for temp, kl in fid.items()}
+            cols[f"{tid}_topk_indices"] = idx.cpu().numpy().astype(versioning.index_dtype(c))
+            cols[f"{tid}_topk_values"] = versioning.encode(v, cfg.logits_dtype)
+            topk = (v, versioning.as_stored(v, cfg.logits_dtype), idx)  # fidelity of the values as stored
         cols[f"{tid}_logsumexp"] = lse.cpu().numpy()
-        stats["teachers"][tid] = entry
+        stats["teachers"][tid] = versioning.teacher_partial(z, logp, y_dev, lse, topk, cfg.tail)
     stats["ensemble_correct"] = int((probs_sum.argmax(1) == y_dev).sum()) if y_dev is not None else 0
     return cols, stats
 
@@ -382,34 +322,6 @@ def _prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
                 q.get_nowait()
             except queue.Empty:
                 th.join(0.01)
-
-
-def _combine_stats(parts: list[dict[str, Any]], ids: list[str], k: int | None) -> dict[str, Any]:
-    rows = sum(p["rows"] for p in parts)
-    labeled = sum(p["labeled"] for p in parts)
-    out: dict[str, Any] = {"rows": rows, "labeled_rows": labeled, "teachers": {}}
-    for tid in ids:
-        tp = [p["teachers"][tid] for p in parts]
-        correct = sum(s["correct"] for s in tp)
-        entry: dict[str, Any] = {
-            "accuracy": (correct / labeled) if labeled else None,
-            "errors": (labeled - correct) if labeled else None,
-            "mean_entropy_nats": sum(s["entropy_sum"] for s in tp) / rows,
-        }
-        if k:
-            entry["topk_mass_mean"] = sum(s["topk_mass_sum"] for s in tp) / rows
-            # JSON has no Infinity: a KL that is not finite (always, for the "drop" tail) is recorded as null.
-            entry["topk_fidelity_kl"] = {t: _finite_or_none(sum(s["fidelity_sum"].get(t, 0.0) for s in tp) / rows)
-                                         for t in (str(float(x)) for x in FIDELITY_TEMPERATURES)}
-        out["teachers"][tid] = entry
-    if len(ids) > 1 and labeled:
-        correct = sum(p["ensemble_correct"] for p in parts)
-        out["ensemble"] = {"combine": "mean-prob", "accuracy": correct / labeled, "errors": labeled - correct}
-    return out
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def config_dict(config: LabelConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdstore.errors import ConfigError, ShapeMismatchError
-from kdstore.targets import TailModel, log_soft_targets_topk
+from kdstore.targets import TailModel, check_temperature, log_soft_targets_topk
 
 __all__ = [
     "hard_loss", "kd_loss", "label_smoothing_loss", "mse_logit_loss", "soft_cross_entropy", "soft_kl", "topk_kd_loss"
@@ -42,11 +42,6 @@ def _check_pair(student_logits: Tensor, teacher: Tensor, name: str) -> None:
         )
 
 
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-
-
 def _check_labels(student_logits: Tensor, labels: Tensor) -> None:
     _check_logits(student_logits)
     n, c = student_logits.shape
@@ -64,7 +59,7 @@ def _check_labels(student_logits: Tensor, labels: Tensor) -> None:
 def _soft_terms(student_logits: Tensor, teacher_log_probs: Tensor, temperature: float) -> tuple[Tensor, ...]:
     # (log q_s at T, log p_t, p_t, mask p_t > 0), validated and at least float32.
     _check_pair(student_logits, teacher_log_probs, "teacher_log_probs")
-    _check_temperature(temperature)
+    check_temperature(temperature)
     log_q = torch.log_softmax(_f32(student_logits) / temperature, dim=1)
     log_p = _f32(teacher_log_probs)
     p = log_p.exp()
@@ -197,7 +192,7 @@ def kd_loss(
     Returns:
         Scalar float32 loss.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     _check_pair(student_logits, teacher_log_probs, "teacher_log_probs")
@@ -257,6 +252,6 @@ def topk_kd_loss(
         raise ShapeMismatchError(f"k={values.shape[1]} exceeds the student's C={c} classes")
     if lse.shape != (n,):
         raise ShapeMismatchError(f"lse must be (N,) = ({n},), got shape {tuple(lse.shape)}")
-    _check_temperature(temperature)
+    check_temperature(temperature)
     log_p = log_soft_targets_topk(values, indices, lse, c, temperature, tail)
     return kd_loss(student_logits, log_p, labels, temperature=temperature, alpha=alpha)

@@ -31,8 +31,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from kdstore.errors import ConfigError, InputError
-from kdstore.store.formats import sha256_file  # re-exported: the one file hasher
+from kdstore.errors import ConfigError, InputError, arg
+from kdstore.store.files import sha256_file  # re-exported: the one file hasher
 
 __all__ = [
     "METADATA_KEY",
@@ -71,9 +71,9 @@ class MungeConfig:
         _int("seed", self.seed, 0)
         _int("block-size", self.block_size, 1)
         if not isinstance(self.p, (int, float)) or isinstance(self.p, bool) or not 0.0 <= self.p <= 1.0:
-            raise ConfigError(f"--p must be in [0, 1], got {self.p!r}")
+            raise ConfigError(f"{arg('p')} must be in [0, 1], got {self.p!r}")
         if not isinstance(self.s, (int, float)) or isinstance(self.s, bool) or not (0.0 < self.s < math.inf):
-            raise ConfigError(f"--s must be a finite number > 0, got {self.s!r}")
+            raise ConfigError(f"{arg('s')} must be a finite number > 0, got {self.s!r}")
         if isinstance(self.exclude_columns, str):
             raise ConfigError("exclude_columns must be a sequence of column names, not a single string")
         for name, cast in (("multiplier", int), ("seed", int), ("block_size", int), ("p", float), ("s", float)):
@@ -114,14 +114,16 @@ def _attribute_names(table: pa.Table, config: MungeConfig) -> list[str]:
     columns = table.column_names
     listing = ", ".join(columns)
     if config.label_column is not None and config.label_column not in columns:
-        raise ConfigError(f"--label-column {config.label_column!r} is not a column of the table; columns: {listing}")
+        raise ConfigError(f"{arg('label_column')} {config.label_column!r} is not a column of the table; columns: "
+                          f"{listing}")
     for name in config.exclude_columns:
         if name not in columns:
-            raise ConfigError(f"--exclude-column {name!r} is not a column of the table; columns: {listing}")
+            raise ConfigError(f"{arg('exclude_columns')} {name!r} is not a column of the table; columns: {listing}")
     dropped = set(config.exclude_columns) | {config.label_column}
     names = [c for c in columns if c not in dropped]
     if not names:
-        raise ConfigError("no attribute columns are left after --label-column/--exclude-column; keep at least one")
+        raise ConfigError(f"no attribute columns are left after {arg('label_column')}/{arg('exclude_columns')}; keep "
+                          "at least one")
     return names
 
 
@@ -138,11 +140,11 @@ def _encode(table: pa.Table, config: MungeConfig) -> _Encoded:
         t = types[n]
         if not (_is_continuous(t) or _is_categorical(t)):
             raise InputError(f"column {n!r} has type {t}, which MUNGE cannot use; supported types are "
-                             f"{_SUPPORTED_TYPES}; drop it or pass --exclude-column {n}")
+                             f"{_SUPPORTED_TYPES}; drop it or pass {arg('exclude_columns')} {n}")
         nulls = table.column(n).null_count
         if nulls:
             raise InputError(f"column {n!r} has {nulls} missing values (nulls); MUNGE needs complete rows: "
-                             f"drop or impute those rows first, or pass --exclude-column {n}")
+                             f"drop or impute those rows first, or pass {arg('exclude_columns')} {n}")
 
     n_rows = table.num_rows
     cont_names = [n for n in names if _is_continuous(types[n])]
@@ -153,14 +155,14 @@ def _encode(table: pa.Table, config: MungeConfig) -> _Encoded:
         bad = ~np.isfinite(col)
         if bad.any():
             raise InputError(f"column {n!r} has {int(bad.sum())} NaN or infinite values; MUNGE needs complete "
-                             f"rows: drop or impute those rows first, or pass --exclude-column {n}")
+                             f"rows: drop or impute those rows first, or pass {arg('exclude_columns')} {n}")
         cont[:, j] = col
     mean = cont.mean(axis=0)
     sd = cont.std(axis=0)
     for j, n in enumerate(cont_names):
         if not sd[j] > 0:
             raise InputError(f"column {n!r} is constant (standard deviation 0), so it cannot be standardised "
-                             f"and carries no information; pass --exclude-column {n}")
+                             f"and carries no information; pass {arg('exclude_columns')} {n}")
     cont_std = (cont - mean) / np.where(sd > 0, sd, 1.0)
 
     codes = np.empty((n_rows, len(cat_names)), dtype=np.int64)
@@ -304,7 +306,7 @@ def write_synthetic(
     """Write a synthetic table as Parquet, atomically, recording how it was generated."""
     out = Path(path)
     if out.suffix.lower() != ".parquet":
-        raise ConfigError(f"--out {out}: the output must be a .parquet file")
+        raise ConfigError(f"{arg('out')} {out}: the output must be a .parquet file")
     info = {
         "generator": "munge",
         "settings": {"multiplier": config.multiplier, "p": config.p, "s": config.s, "seed": config.seed},

@@ -54,7 +54,7 @@ class QuickstartResult:
 def teacher_test_accuracy(spec: str, test: Path) -> tuple[float, int]:
     """The teacher's accuracy on the test set (the teacher runs here, once; training never runs it)."""
     t = load_teacher(spec)
-    ts = open_transfer(test, option="--eval")
+    ts = open_transfer(test, option="eval")
     x, y = ts.read_rows(0, ts.rows)
     with torch.inference_mode():
         pred = t.module(torch.from_numpy(x)).argmax(1).numpy()

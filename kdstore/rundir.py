@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdstore.errors import ConfigError
-from kdstore.store.formats import atomic_write_text
+from kdstore.errors import ConfigError, arg
+from kdstore.store.files import atomic_write_text
 
 
 def run_id(loss: str, temperature: float, alpha: float, seed: int | None = None) -> str:
@@ -94,18 +94,18 @@ class RunDir:
         path = self.out / "config.json"
         if path.exists():
             if not resume:
-                raise ConfigError(f"--out {self.out} already holds a run; pass --resume to continue it, "
-                                  "or choose another --out")
+                raise ConfigError(f"{arg('out')} {self.out} already holds a run; pass {arg('resume')} to continue it, "
+                                  f"or choose another {arg('out')}")
             old = json.loads(path.read_text("utf-8"))
             if old.get("config") != cfg:
                 diff = sorted(k for k in cfg if old.get("config", {}).get(k) != cfg[k])
-                raise ConfigError(f"--resume: {self.out} was started with other settings ({', '.join(diff)}); "
-                                  "rerun with the same options or choose another --out")
+                raise ConfigError(f"{arg('resume')}: {self.out} was started with other settings ({', '.join(diff)}); "
+                                  f"rerun with the same options or choose another {arg('out')}")
             return
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"--out {self.out}: cannot create it ({e.strerror})") from None
+            raise ConfigError(f"{arg('out')} {self.out}: cannot create it ({e.strerror})") from None
         atomic_write_text(path, json.dumps(record, indent=1))
 
     def append_metrics(self, line: dict[str, Any]) -> None:

@@ -15,19 +15,23 @@ The tail model (how soft targets are rebuilt from top-k storage):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from kdstore.errors import ConfigError, ShapeMismatchError, arg
+from kdstore.options import TAIL_MODELS
+
 TailModel = Literal["uniform", "drop"]
-TAIL_MODELS: tuple[str, ...] = ("uniform", "drop")
 
 
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def check_temperature(temperature: float, argument: str = "temperature") -> None:
+    """A temperature is a finite number > 0 (ConfigError otherwise, naming `argument`)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"{arg(argument)} {temperature}: must be a finite number > 0")
 
 
 def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -41,9 +45,9 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
         values (N, k) float32 and indices (N, k) int64; ties are broken by the lower class index.
     """
     if logits.ndim != 2:
-        raise ValueError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
+        raise ShapeMismatchError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
     if not 1 <= k <= logits.shape[1]:
-        raise ValueError(f"k must be in [1, {logits.shape[1]}], got {k}")
+        raise ConfigError(f"{arg('k')} {k}: must be in [1, {logits.shape[1]}]")
     x = logits.float()
     # A stable sort makes ties deterministic (lower index first), so stored bytes never depend on
     # the kernel that ran the teacher.
@@ -58,7 +62,7 @@ def logsumexp(logits: Tensor) -> Tensor:
 
 def log_soft_targets(logits: Tensor, temperature: float) -> Tensor:
     """Exact log soft targets ``log softmax(z / T)`` of (N, C) logits, float32 (N, C) (Hinton et al. 2015)."""
-    _check_temperature(temperature)
+    check_temperature(temperature)
     return torch.log_softmax(logits.float() / temperature, dim=1)
 
 
@@ -83,16 +87,16 @@ def rebuild_logits(
         float32 (N, C) logits; softmax of them at T = 1 reproduces the stored top-k probabilities.
     """
     if values.shape != indices.shape or values.ndim != 2:
-        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be (N, k)")
+        raise ShapeMismatchError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be (N, k)")
     n, k = values.shape
     if k > num_classes:
-        raise ValueError(f"k={k} exceeds num_classes={num_classes}")
+        raise ShapeMismatchError(f"k={k} exceeds num_classes={num_classes}")
     v = values.float()
     if tail == "drop" or k == num_classes:
         fill = torch.full((n, 1), float("-inf"), dtype=torch.float32, device=v.device).expand(n, num_classes)
     elif tail == "uniform":
         if lse.shape != (n,):
-            raise ValueError(f"lse must be (N,) = ({n},), got {tuple(lse.shape)}")
+            raise ShapeMismatchError(f"lse must be (N,) = ({n},), got {tuple(lse.shape)}")
         lse32 = lse.float()
         # log of the top-k mass; log1p(-exp(.)) keeps precision when the mass is close to 1.
         log_mass = torch.logsumexp(v - lse32[:, None], dim=1).clamp(max=0.0)
@@ -100,7 +104,7 @@ def rebuild_logits(
         tail_logit = lse32 + log_rest - torch.log(torch.tensor(float(num_classes - k), device=v.device))
         fill = tail_logit[:, None].expand(n, num_classes)
     else:
-        raise ValueError(f"tail must be one of {TAIL_MODELS}, got {tail!r}")
+        raise ConfigError(f"{arg('tail')} {tail!r}: expected one of {', '.join(TAIL_MODELS)}")
     out = fill.clone()
     out.scatter_(1, indices.long(), v)
     return out
@@ -115,7 +119,7 @@ def log_soft_targets_topk(
     tail: TailModel = "uniform",
 ) -> Tensor:
     """Log soft targets at T rebuilt from top-k storage, float32 (N, C); -inf outside top-k for ``drop``."""
-    _check_temperature(temperature)
+    check_temperature(temperature)
     return torch.log_softmax(rebuild_logits(values, indices, lse, num_classes, tail) / temperature, dim=1)
 
 
@@ -154,7 +158,7 @@ def topk_fidelity(
         {T: (N,) float32 KL in nats}.
     """
     for t in temperatures:
-        _check_temperature(t)
+        check_temperature(t)
     c = logits.shape[1]
     # All temperatures in one batched pass: (len(T), N, C). Labeling calls this for every batch, and a few
     # large ops cost far less than many small ones.

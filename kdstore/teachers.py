@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdstore.errors import StudentError, TeacherError
-from kdstore.store.formats import sha256_file
+from kdstore.errors import StudentError, TeacherError, arg
+from kdstore.store.files import sha256_file
 from kdstore.students import build_model, is_model_spec
 
 TEACHER_HELP = (
@@ -46,7 +46,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return model, weights
 
 
-def load_teacher(spec: str, option: str = "--teacher") -> Teacher:
+def load_teacher(spec: str, option: str = "teacher") -> Teacher:
     """Load a teacher from `spec` (see TEACHER_HELP) onto the CPU in eval mode.
 
     Raises:
@@ -56,15 +56,15 @@ def load_teacher(spec: str, option: str = "--teacher") -> Teacher:
     if weights is None and Path(model_spec).is_file():
         return _load_torchscript(Path(model_spec), option)
     if not is_model_spec(model_spec):
-        raise TeacherError(f"{option} {spec!r}: no such file, and not a model spec; expected {TEACHER_HELP}")
+        raise TeacherError(f"{arg(option)} {spec!r}: no such file, and not a model spec; expected {TEACHER_HELP}")
     kind = "factory" if model_spec.split(":")[0] not in ("mlp", "cnn") else "builtin"
     if weights is None and kind == "builtin":
-        raise TeacherError(f"{option} {spec!r}: a built-in spec needs trained weights: "
+        raise TeacherError(f"{arg(option)} {spec!r}: a built-in spec needs trained weights: "
                            f"{model_spec}@weights.safetensors")
     try:
         module = build_model(model_spec)
     except StudentError as e:
-        raise TeacherError(f"{option}: {e}") from None
+        raise TeacherError(f"{arg(option)}: {e}") from None
     if weights is not None:
         state = load_state_dict(Path(weights), option)
         try:
@@ -72,7 +72,7 @@ def load_teacher(spec: str, option: str = "--teacher") -> Teacher:
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise TeacherError(
-                f"{option} {spec!r}: weights {weights} do not fit {model_spec}: "
+                f"{arg(option)} {spec!r}: weights {weights} do not fit {model_spec}: "
                 f"{' '.join(s.strip() for s in first[:3])}"
             ) from None
         digest = sha256_file(weights)
@@ -91,7 +91,7 @@ def _load_torchscript(path: Path, option: str) -> Teacher:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError/ValueError variants for non-TorchScript files
         raise TeacherError(
-            f"{option} {path}: cannot load it as TorchScript "
+            f"{arg(option)} {path}: cannot load it as TorchScript "
             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
             "save it with torch.jit.script(model).save(path), or give MODEL@WEIGHTS"
         ) from None
@@ -99,10 +99,10 @@ def _load_torchscript(path: Path, option: str) -> Teacher:
     return Teacher(str(path), "torchscript", None, sha256_file(path), module)
 
 
-def load_state_dict(path: Path, option: str = "--teacher") -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path, option: str = "teacher") -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors, or from a .pt/.pth with `torch.load(weights_only=True)` (no pickle code)."""
     if not path.is_file():
-        raise TeacherError(f"{option}: weights file {path} not found")
+        raise TeacherError(f"{arg(option)}: weights file {path} not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -111,13 +111,14 @@ def load_state_dict(path: Path, option: str = "--teacher") -> dict[str, torch.Te
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TeacherError(
-            f"{option}: cannot read weights {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
+            f"{arg(option)}: cannot read weights {path} ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:160]}); "
             "expected .safetensors or a state_dict saved with torch.save (tensors only)"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise TeacherError(f"{option}: {path} does not hold a state_dict (name -> tensor)")
+        raise TeacherError(f"{arg(option)}: {path} does not hold a state_dict (name -> tensor)")
     return obj
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from kdstore.errors import InputError
-from kdstore.store.formats import sha256_file
+from kdstore.errors import InputError, arg
+from kdstore.store.files import sha256_file
 
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".npz": "npz", ".npy": "npy", ".h5": "hdf5", ".hdf5": "hdf5"}
 _DEFAULT_LABELS = ("label", "labels", "y", "target")
@@ -26,11 +26,11 @@ _ID_COLUMNS = ("sample_id", "id", "index")
 NO_LABELS = "none"
 
 
-def detect_format(path: Path, option: str = "--transfer") -> str:
+def detect_format(path: Path, option: str = "transfer") -> str:
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise InputError(
-            f"{option} {path}: unknown file type {path.suffix!r}; expected one of "
+            f"{arg(option)} {path}: unknown file type {path.suffix!r}; expected one of "
             f"{', '.join(sorted(SUFFIXES))} (Parquet, NPZ, NPY or HDF5)"
         )
     return fmt
@@ -119,7 +119,7 @@ def open_transfer(
     *,
     input_columns: Sequence[str] | None = None,
     label_column: str | None = None,
-    option: str = "--transfer",
+    option: str = "transfer",
 ) -> TransferSet:
     """Open a transfer set.
 
@@ -128,7 +128,7 @@ def open_transfer(
         input_columns: column(s)/array(s) holding the inputs; default: the single array column, or every numeric
             column (Parquet), or ``x`` (NPZ/HDF5).
         label_column: the integer label column; default ``label``/``y`` if present; ``"none"`` for no labels.
-        option: the CLI option named in error messages.
+        option: the argument named in error messages (the CLI shows its option).
 
     Raises:
         InputError: missing/unreadable file, unknown columns, unsupported column types, empty set.
@@ -136,7 +136,7 @@ def open_transfer(
     p = Path(path)
     fmt = detect_format(p, option)
     if not p.is_file():
-        raise InputError(f"{option} {p}: file not found; check the path")
+        raise InputError(f"{arg(option)} {p}: file not found; check the path")
     want_labels = None if label_column is None else (None if label_column.lower() == NO_LABELS else label_column)
     no_labels = label_column is not None and label_column.lower() == NO_LABELS
     try:
@@ -149,9 +149,9 @@ def open_transfer(
     except InputError:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise InputError(f"{option} {p}: cannot read it as {fmt}: {type(e).__name__}: {e}") from None
+        raise InputError(f"{arg(option)} {p}: cannot read it as {fmt}: {type(e).__name__}: {e}") from None
     if ts.rows == 0:
-        raise InputError(f"{option} {p}: the transfer set is empty (0 rows); it needs at least one row")
+        raise InputError(f"{arg(option)} {p}: the transfer set is empty (0 rows); it needs at least one row")
     return ts
 
 
@@ -166,43 +166,44 @@ def _open_parquet(p: Path, inputs: Sequence[str] | None, label: str | None, no_l
     names = schema.names
     meta = json.loads((schema.metadata or {}).get(b"kdstore", b"{}"))
     if label is not None and label not in names:
-        raise InputError(f"--label-column {label!r}: {p} has no such column; columns are {names}")
+        raise InputError(f"{arg('label_column')} {label!r}: {p} has no such column; columns are {names}")
     # The column that would be the labels by default is never an input, even with --label-column none.
     default_label = next((c for c in _DEFAULT_LABELS if c in names), None)
     if label is None and not no_labels:
         label = default_label
     if label is not None and not pa.types.is_integer(schema.field(label).type):
         raise InputError(
-            f"--label-column {label!r} in {p} has type {schema.field(label).type}, expected integer class indices "
-            "(0..C-1); re-encode the labels or pass --label-column none"
+            f"{arg('label_column')} {label!r} in {p} has type {schema.field(label).type}, expected integer class "
+            f"indices (0..C-1); re-encode the labels or pass {arg('label_column')} none"
         )
     if inputs:
         missing = [c for c in inputs if c not in names]
         if missing:
-            raise InputError(f"--input-column {missing[0]!r}: {p} has no such column; columns are {names}")
+            raise InputError(f"{arg('input_columns')} {missing[0]!r}: {p} has no such column; columns are {names}")
         cols = list(inputs)
     else:
         lists = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type)
                  or pa.types.is_large_list(f.type)]
         if len(lists) > 1:
-            raise InputError(f"{option} {p}: several array columns {lists}; choose one with --input-column")
+            raise InputError(f"{arg(option)} {p}: several array columns {lists}; choose one with "
+                             f"{arg('input_columns')}")
         cols = lists or [f.name for f in schema if f.name not in (label, default_label) and f.name not in _ID_COLUMNS
                          and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
                               or pa.types.is_boolean(f.type))]
         if not cols:
-            raise InputError(f"{option} {p}: no array or numeric input columns found; columns are {names}; "
-                             "pass --input-column")
+            raise InputError(f"{arg(option)} {p}: no array or numeric input columns found; columns are {names}; "
+                             f"pass {arg('input_columns')}")
     for c in cols:
         t = schema.field(c).type
         ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
         if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
             if len(cols) > 1:
-                raise InputError(f"--input-column: array column {c!r} cannot be combined with other columns")
+                raise InputError(f"{arg('input_columns')}: array column {c!r} cannot be combined with other columns")
             ok = pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)
         if not ok:
             raise InputError(
-                f"--input-column {c!r} in {p} has type {t}, expected numbers or a fixed-size array of numbers; "
-                "encode it numerically or leave it out with --input-column"
+                f"{arg('input_columns')} {c!r} in {p} has type {t}, expected numbers or a fixed-size array of numbers; "
+                f"encode it numerically or leave it out with {arg('input_columns')}"
             )
     reader = _ParquetReader(pf, cols, label)
     width, dtype = reader.probe()
@@ -264,8 +265,8 @@ class _ParquetReader:
         if self.label:
             lab = t.column(self.label)
             if lab.null_count:
-                raise InputError(f"--label-column {self.label!r} has missing labels; drop those rows or pass "
-                                 "--label-column none to treat the set as unlabeled")
+                raise InputError(f"{arg('label_column')} {self.label!r} has missing labels; drop those rows or pass "
+                                 f"{arg('label_column')} none to treat the set as unlabeled")
             y = lab.to_numpy().astype(np.int64)
         self._cache = (g, x, y)
         return x, y
@@ -289,12 +290,12 @@ class _ParquetReader:
 # ---------------------------------------------------------------------------------------------- NPY
 def _open_npy(p: Path, inputs: Sequence[str] | None, label: str | None, option: str) -> TransferSet:
     if label:
-        raise InputError(f"--label-column {label!r}: an .npy file holds one array (inputs only); "
+        raise InputError(f"{arg('label_column')} {label!r}: an .npy file holds one array (inputs only); "
                          "use .npz with arrays x and y for labeled sets")
     arr = np.load(p, mmap_mode="r", allow_pickle=False)
     _check_numeric(arr.dtype, p, "array")
     if arr.ndim < 2:
-        raise InputError(f"{option} {p}: array of shape {arr.shape}; expected (rows, features...)")
+        raise InputError(f"{arg(option)} {p}: array of shape {arr.shape}; expected (rows, features...)")
     return TransferSet(p, "npy", arr.shape[0], ["<array>"], tuple(arr.shape[1:]), str(arr.dtype), None, {},
                        _ArrayReader(arr, None))
 
@@ -329,23 +330,25 @@ def _open_arrays(p: Path, fmt: str, inputs: Sequence[str] | None, label: str | N
         container = h5py.File(p, "r")
     keys = list(container.keys())
     if inputs and len(inputs) > 1:
-        raise InputError(f"--input-column: {fmt} transfer sets take one input array, got {list(inputs)}")
+        raise InputError(f"{arg('input_columns')}: {fmt} transfer sets take one input array, got {list(inputs)}")
     x_key = inputs[0] if inputs else next((k for k in _DEFAULT_INPUTS if k in keys), None)
     if x_key is None or x_key not in keys:
-        raise InputError(f"{option} {p}: no input array {x_key or 'x'!r}; arrays are {keys}; pass --input-column")
+        raise InputError(f"{arg(option)} {p}: no input array {x_key or 'x'!r}; arrays are {keys}; pass "
+                         f"{arg('input_columns')}")
     if label is not None and label not in keys:
-        raise InputError(f"--label-column {label!r}: {p} has no such array; arrays are {keys}")
+        raise InputError(f"{arg('label_column')} {label!r}: {p} has no such array; arrays are {keys}")
     if label is None and not no_labels:
         label = next((k for k in _DEFAULT_LABELS if k in keys), None)
     x = container[x_key]
     _check_numeric(x.dtype, p, f"array {x_key!r}")
     if len(x.shape) < 2:
-        raise InputError(f"{option} {p}: input array {x_key!r} has shape {x.shape}; expected (rows, features...)")
+        raise InputError(f"{arg(option)} {p}: input array {x_key!r} has shape {x.shape}; expected (rows, features...)")
     y = None
     if label is not None:
         y = np.asarray(container[label][()] if fmt == "hdf5" else container[label])
         if y.dtype.kind not in "iu" or y.ndim != 1:
-            raise InputError(f"--label-column {label!r} in {p}: dtype {y.dtype} shape {y.shape}, expected 1-D integers")
+            raise InputError(f"{arg('label_column')} {label!r} in {p}: dtype {y.dtype} shape {y.shape}, expected 1-D "
+                             "integers")
         if len(y) != x.shape[0]:
             raise InputError(f"{p}: {len(y)} labels for {x.shape[0]} inputs; they must have the same length")
     return TransferSet(p, fmt, x.shape[0], [x_key], tuple(int(s) for s in x.shape[1:]), str(x.dtype), label,

@@ -132,7 +132,7 @@ def test_card_statistics_match_a_direct_computation(data: Data, shared: dict[str
 
 def test_inspect_errors_are_one_line(shared: dict[str, Path], tmp_path: Path) -> None:
     ds = shared["pq"].parent
-    assert_clean_error(cli(["inspect", ds, "--card", "-T", "0"]), r"--temperature 0.0: must be a positive number")
+    assert_clean_error(cli(["inspect", ds, "--card", "-T", "0"]), r"--temperature 0.0: must be a finite number > 0")
     assert_clean_error(cli(["inspect", ds, "--card", "--teacher", "t9"]), r"--teacher t9: .* has teachers t0")
     assert_clean_error(cli(["inspect", f"{ds}@v7"]), r"version v7 not found")
     r = cli(["inspect", ds, "--card-dir", tmp_path])

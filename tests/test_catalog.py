@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdstore import catalog
 from kdstore.errors import StoreNotFoundError
+from kdstore.store import catalog
 from tests.conftest import Data
 from tests.helpers import assert_clean_error, cli
 from tests.sharing_helpers import copy_version, edit_manifest, flip_byte, label_store, truncate
@@ -210,6 +210,7 @@ def test_ls_verify_and_remote_import_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, kdstore.catalog, kdstore.remote, kdstore.cli.ls, kdstore.cli.verify, kdstore.cli.push; "
+    code = ("import sys, kdstore.store.catalog, kdstore.store.remote, kdstore.cli.ls, kdstore.cli.verify, "
+            "kdstore.cli.push; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

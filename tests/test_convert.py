@@ -145,7 +145,7 @@ def test_convert_cli_new_version_of_the_same_dataset(shared: dict[str, Path], tm
 
 def test_convert_errors(shared: dict[str, Path], tmp_path: Path) -> None:
     pq, topk = shared["pq"], shared["topk"]
-    assert_clean_error(cli(["convert", pq, "--no-logits", "--top-k", "0"]), r"would store no targets")
+    assert_clean_error(cli(["convert", pq, "--no-logits", "--top-k", "0"]), r"nothing to store")
     assert_clean_error(cli(["convert", pq, "--top-k", "6"]), r"--top-k 6: .* has 5 classes; use 1..5")
     assert_clean_error(cli(["convert", topk, "--top-k", "3", "--out", tmp_path]),
                        r"stores top-2 and no full logits, so a larger top-k cannot be made; use --top-k 2 or less")
@@ -154,7 +154,7 @@ def test_convert_errors(shared: dict[str, Path], tmp_path: Path) -> None:
     assert_clean_error(cli(["convert", pq, "--shard-rows", "0"]), r"--shard-rows 0: must be >= 1")
     assert_clean_error(cli(["convert", tmp_path / "nope"]), r"no dataset directory")
     assert_clean_error(cli(["convert", pq, "--out", "s3://b/t"]), r"--out s3://b/t: convert writes to a local store")
-    with pytest.raises(ConfigError, match="--top-k -1"):
+    with pytest.raises(ConfigError, match="top_k -1"):
         ConvertConfig("x", top_k=-1)
 
 

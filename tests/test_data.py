@@ -175,19 +175,19 @@ def test_moved_transfer_set_is_accepted_by_fingerprint(data: Data, stores: dict[
 
 
 def test_logits_needed_on_a_topk_only_store(stores: dict[str, Path]) -> None:
-    with pytest.raises(ConfigError, match=r"nolog@v1 stores only top-k targets \(labeled with --no-logits\); this "
-                                          r"needs full logits: use --loss kd/topk .* or relabel with --logits"):
+    with pytest.raises(ConfigError, match=r"nolog@v1 stores only top-k targets, no full logits; this "
+                                          r"needs full logits: use loss kd/topk .* or relabel keeping the logits"):
         open_training_data(stores["nolog"], need=("logits",))
 
 
 def test_topk_needed_on_a_store_without_topk(stores: dict[str, Path]) -> None:
-    with pytest.raises(ConfigError, match=r"unl@v1 stores no top-k targets; use --loss kd, or relabel with --top-k K"):
+    with pytest.raises(ConfigError, match=r"unl@v1 stores no top-k targets; use loss kd, or relabel with a top-k"):
         open_training_data(stores["unl"], need=("topk",))
 
 
 def test_labels_needed_on_an_unlabeled_store(stores: dict[str, Path]) -> None:
-    with pytest.raises(ConfigError, match=r"unl@v1 is unlabeled .*hard-label terms need labels; use --loss kd with "
-                                          r"--alpha 1"):
+    with pytest.raises(ConfigError, match=r"unl@v1 is unlabeled .*hard-label terms need labels; use loss kd with "
+                                          r"alpha 1"):
         open_training_data(stores["unl"], need=("logits", "label"))
 
 
@@ -195,8 +195,8 @@ def test_transfer_fingerprint_mismatch(data: Data, stores: dict[str, Path], tmp_
     x = data.x.copy()
     x[10, 3] += 1.0
     other = write_parquet_array(tmp_path / "other.parquet", x, data.y)
-    with pytest.raises(InputError, match=r"--transfer .*other.parquet: sha256 [0-9a-f]{12}\.\.\. differs from "
-                                         r"[0-9a-f]{12}\.\.\. recorded in .*pq@v1; .*pass the right --transfer"):
+    with pytest.raises(InputError, match=r"transfer .*other.parquet: sha256 [0-9a-f]{12}\.\.\. differs from "
+                                         r"[0-9a-f]{12}\.\.\. recorded in .*pq@v1; .*pass the right transfer"):
         open_training_data(stores["pq"], transfer=other)
     td = open_training_data(stores["pq"], need=(), transfer=other, verify_transfer=False)  # an explicit opt-out
     assert td.to_memory()["x"][10, 3] == float(x[10, 3])
@@ -204,7 +204,7 @@ def test_transfer_fingerprint_mismatch(data: Data, stores: dict[str, Path], tmp_
 
 def test_transfer_missing(stores: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"transfer set .*nope.parquet \(recorded in .*pq@v1\) not found; pass "
-                                         r"--transfer PATH"):
+                                         r"transfer PATH"):
         open_training_data(stores["pq"], transfer=tmp_path / "nope.parquet")
 
 
@@ -221,7 +221,7 @@ def test_transfer_row_count_mismatch(data: Data, stores: dict[str, Path], tmp_pa
     short = write_parquet_array(tmp_path / "short.parquet", data.x[:99], data.y[:99])
     with pytest.raises(InputError, match=r"sha256 .* differs"):
         open_training_data(stores["pq"], transfer=short)
-    with pytest.raises(InputError, match=r"--transfer .*short.parquet: 99 rows, but .*pq@v1 has 100"):
+    with pytest.raises(InputError, match=r"transfer .*short.parquet: 99 rows, but .*pq@v1 has 100"):
         open_training_data(stores["pq"], transfer=short, verify_transfer=False)
 
 
@@ -252,5 +252,5 @@ def test_describe_need(loss: str, alpha: float, need: set[str]) -> None:
 
 
 def test_describe_need_unknown_loss() -> None:
-    with pytest.raises(ConfigError, match=r"--loss 'l1': expected kd, topk, mse, hard or ls"):
+    with pytest.raises(ConfigError, match=r"loss 'l1': expected one of kd, topk, mse, hard, ls"):
         describe_need("l1", 1.0)

@@ -63,7 +63,7 @@ def test_diff_two_teachers_of_one_version_unlabeled(pair: dict[str, Path], data:
     assert r.agreement == pytest.approx((arg_a == arg_b).mean())
     assert r.grouped_by == "argmax of A" and r.accuracy_a is None
     assert [d.rows for d in r.per_class] == np.bincount(arg_a, minlength=5).tolist()
-    with pytest.raises(ConfigError, match=r"--teacher-b t7: .* has teachers t0, t1"):
+    with pytest.raises(ConfigError, match=r"teacher_b t7: .* has teachers t0, t1"):
         diff(pair["ens"], pair["ens"], teacher_b="t7")
 
 
@@ -98,5 +98,6 @@ def test_diff_refuses_different_transfer_sets(pair: dict[str, Path]) -> None:
         diff(pair["a"], pair["other"])
     line = assert_clean_error(cli(["diff", pair["a"], pair["other"]]), r"must come from the same transfer set")
     assert "sha256" in line
-    assert_clean_error(cli(["diff", pair["a"], pair["b"], "-T", "0"]), r"--temperature 0.0: must be a positive number")
+    assert_clean_error(cli(["diff", pair["a"], pair["b"], "-T", "0"]), r"--temperature 0.0: must be a finite number > "
+                                                                       r"0")
     assert_clean_error(cli(["diff", pair["a"], f"{pair['b'].parent}@v3"]), r"version v3 not found")

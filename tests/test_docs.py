@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jsonschema
 
-from kdstore import manifest
+from kdstore.store import manifest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import jsonschema
 
-from kdstore import manifest as mf
 from kdstore.store import Version
+from kdstore.store import manifest as mf
 from tests.conftest import Data
 from tests.helpers import FIX, REPO_ROOT, cli, kdstore_command, subprocess_env
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdstore import soft_targets
 from kdstore.ensemble import mean_logits, mean_prob_log_targets, normalise_weights
 from kdstore.errors import ConfigError
 from kdstore.store import Version
@@ -32,9 +33,9 @@ def test_normalise_weights_uniform_and_given() -> None:
 
 @pytest.mark.parametrize(
     ("weights", "members", "match"),
-    [([1, 2, 3], 2, r"--teacher-weights has 3 values for 2 teachers; give one per teacher"),
-     ([1], 2, r"--teacher-weights has 1 values for 2 teachers"),
-     ([1, -1], 2, r"--teacher-weights \[1, -1\]: must be finite and >= 0 with a positive sum"),
+    [([1, 2, 3], 2, r"teacher_weights has 3 values for 2 teachers; give one per teacher"),
+     ([1], 2, r"teacher_weights has 1 values for 2 teachers"),
+     ([1, -1], 2, r"teacher_weights \[1, -1\]: must be finite and >= 0 with a positive sum"),
      ([0, 0], 2, r"must be finite and >= 0 with a positive sum"),
      ([float("nan"), 1], 2, r"must be finite and >= 0"),
      ([float("inf"), 1], 2, r"must be finite and >= 0")],
@@ -125,6 +126,10 @@ def trainer(ref: Path, **kw: Any) -> Trainer:
     return Trainer(TrainConfig(targets=str(ref), student="mlp:8-16-5", out="unused", device="cpu", **kw))
 
 
+def _logp(tr: Trainer, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    return soft_targets.batch_log_probs(batch, temperature, tr.plan, tr.weights)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_trainer_combines_members_as_asked(ens: dict[str, Path], temperature: float) -> None:
     batch = trainer(ens["ens"]).data.to_memory()
@@ -137,10 +142,10 @@ def test_trainer_combines_members_as_asked(ens: dict[str, Path], temperature: fl
         "t1": torch.log_softmax(z[:, 1] / temperature, 1),
     }
     got = {
-        "mean-prob": trainer(ens["ens"]).teacher_log_probs(batch, temperature),
-        "weighted": trainer(ens["ens"], teacher_weights=(1.0, 3.0)).teacher_log_probs(batch, temperature),
-        "mean-logit": trainer(ens["ens"], ensemble="mean-logit").teacher_log_probs(batch, temperature),
-        "t1": trainer(ens["ens"], ensemble="t1").teacher_log_probs({**batch, "logits": batch["logits"][:, 1:]},
+        "mean-prob": _logp(trainer(ens["ens"]), batch, temperature),
+        "weighted": _logp(trainer(ens["ens"], teacher_weights=(1.0, 3.0)), batch, temperature),
+        "mean-logit": _logp(trainer(ens["ens"], ensemble="mean-logit"), batch, temperature),
+        "t1": _logp(trainer(ens["ens"], ensemble="t1"), {**batch, "logits": batch["logits"][:, 1:]},
                                                                    temperature),
     }
     for k in want:
@@ -151,12 +156,12 @@ def test_trainer_combines_members_as_asked(ens: dict[str, Path], temperature: fl
 
 def test_topk_only_ensemble_averages_rebuilt_members(ens: dict[str, Path]) -> None:
     tr = trainer(ens["enstopk"], teacher_weights=(1.0, 3.0))
-    assert tr.source == "topk"
+    assert tr.plan.source == "topk"
     b = tr.data.to_memory()
     members = [log_soft_targets_topk(b["topk_values"][:, m], b["topk_indices"][:, m], b["lse"][:, m], 5, 2.0)
                for m in (0, 1)]
     want = torch.log(0.25 * members[0].exp() + 0.75 * members[1].exp())
-    torch.testing.assert_close(tr.teacher_log_probs(b, 2.0), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logp(tr, b, 2.0), want, rtol=1e-5, atol=1e-5)
 
 
 def train(ref: Path, out: Path, *extra: Any) -> Any:
@@ -212,4 +217,4 @@ def test_ensemble_option_errors(ens: dict[str, Path], tmp_path: Path, store: str
 def test_unparsable_weights_are_a_usage_error(ens: dict[str, Path], tmp_path: Path) -> None:
     r = train(ens["ens"], tmp_path / "run", "--teacher-weights", "1,x")
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output
-    assert "Error: Invalid value for --teacher-weights: '1,x' is not a comma-separated list of numbers" in r.output
+    assert "Error: Invalid value for '--teacher-weights': '1,x' is not a comma-separated list of numbers" in r.output

@@ -24,16 +24,17 @@ from tests.helpers import FIX, label_config, run_label, versions_of
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"teacher": []}, "--teacher is required"),
-     ({"format": "zip"}, "--format 'zip': expected one of parquet, hdf5"),
-     ({"top_k": 0}, r"--top-k 0: must be >= 1 \(or 0 to store no top-k\)"),
-     ({"top_k": None, "keep_logits": False}, "--no-logits with --top-k 0 would store no targets"),
-     ({"logits_dtype": "float64"}, "--logits-dtype 'float64': expected one of float16, bfloat16, float32"),
-     ({"batch_size": 0}, "--batch-size 0: must be >= 1"),
-     ({"shard_rows": 0}, "--shard-rows 0 / --row-group-rows 16: must be >= 1"),
-     ({"row_group_rows": -1}, "--row-group-rows -1: must be >= 1"),
-     ({"tail": "cubic"}, "--tail 'cubic': expected one of uniform, drop"),
-     ({"name": "../x"}, "--name '../x' is not a valid dataset name")],
+    [({"teacher": []}, "teachers is required"),
+     ({"format": "zip"}, "format 'zip': expected one of parquet, hdf5"),
+     ({"top_k": 0}, r"top_k 0: must be >= 1 \(or 0 to store no top-k\)"),
+     ({"top_k": None, "keep_logits": False}, r"nothing to store: no full logits \(keep_logits False\) and no top-k "
+                                             r"\(top_k 0\)"),
+     ({"logits_dtype": "float64"}, "logits_dtype 'float64': expected one of float16, bfloat16, float32"),
+     ({"batch_size": 0}, "batch_size 0: must be >= 1"),
+     ({"shard_rows": 0}, "shard_rows 0 / row_group_rows 16: must be >= 1"),
+     ({"row_group_rows": -1}, "row_group_rows -1: must be >= 1"),
+     ({"tail": "cubic"}, "tail 'cubic': expected one of uniform, drop"),
+     ({"name": "../x"}, "name '../x' is not a valid dataset name")],
 )
 def test_label_config_rejects(data: Data, store: Path, kw: dict[str, Any], match: str) -> None:
     args: dict[str, Any] = {"teacher": str(data.teacher_pt), "transfer": data.parquet, "out": store}
@@ -43,7 +44,7 @@ def test_label_config_rejects(data: Data, store: Path, kw: dict[str, Any], match
 
 
 def test_label_config_lists_every_problem(data: Data, store: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--format 'x': .*; --batch-size 0: must be >= 1; --tail 'y'"):
+    with pytest.raises(ConfigError, match=r"format 'x': .*; batch_size 0: must be >= 1; tail 'y'"):
         label_config(data.teacher_pt, data.parquet, store, format="x", batch_size=0, tail="y")
 
 
@@ -51,17 +52,17 @@ def test_label_config_lists_every_problem(data: Data, store: Path) -> None:
 def test_device_and_precision_without_cuda() -> None:
     assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
     with pytest.raises(ConfigError,
-                       match="--device cuda: CUDA is not available on this machine; use --device auto or cpu"):
+                       match="device cuda: CUDA is not available on this machine; use device auto or cpu"):
         resolve_device("cuda")
-    with pytest.raises(ConfigError, match="--device cuda:1: CUDA is not available"):
+    with pytest.raises(ConfigError, match="device cuda:1: CUDA is not available"):
         resolve_device("cuda:1")
-    with pytest.raises(ConfigError, match=r"--device 'tpu' is not understood; expected auto, cpu, cuda or cuda:N"):
+    with pytest.raises(ConfigError, match=r"device 'tpu' is not understood; expected auto, cpu, cuda or cuda:N"):
         resolve_device("tpu")
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    with pytest.raises(ConfigError, match="--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU"):
+    with pytest.raises(ConfigError, match="precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU"):
         resolve_precision("fp16", cpu)
-    with pytest.raises(ConfigError, match=r"--precision 'fp8': expected one of auto, fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"precision 'fp8': expected one of auto, fp32, bf16, fp16"):
         resolve_precision("fp8", cpu)
 
 
@@ -135,13 +136,13 @@ def test_state_dict_pt_weights(data: Data, tmp_path: Path) -> None:
     with pytest.raises(TeacherError,
                        match=r"cannot read weights .*bad.safetensors \(.*\); expected .safetensors or a state_dict"):
         load_teacher(f"{FIX}:tiny_teacher@{tmp_path / 'bad.safetensors'}")
-    with pytest.raises(TeacherError, match=r"--teacher: weights file .*missing.safetensors not found"):
+    with pytest.raises(TeacherError, match=r"teacher: weights file .*missing.safetensors not found"):
         load_teacher(f"{FIX}:tiny_teacher@{tmp_path / 'missing.safetensors'}")
 
 
 @pytest.mark.parametrize(
     ("spec", "match"),
-    [("no_such_pkg_kdstore.models:teacher", r"--teacher: cannot import module 'no_such_pkg_kdstore.models' .*"
+    [("no_such_pkg_kdstore.models:teacher", r"teacher: cannot import module 'no_such_pkg_kdstore.models' .*"
                                             r"ModuleNotFoundError.*check the name and that it is on PYTHONPATH"),
      (f"{FIX}:missing_factory", rf"'{FIX}:missing_factory': module '{FIX}' has no callable 'missing_factory'"),
      (f"{FIX}:not_a_module", r"not_a_module\(\) returned str, expected a torch.nn.Module"),
@@ -189,7 +190,7 @@ def test_nan_logits_name_the_row(data: Data, tmp_path: Path, store: Path) -> Non
     x[57, 0] = fm.NAN_SENTINEL
     transfer = write_parquet_array(tmp_path / "nan.parquet", x, data.y)
     with pytest.raises(TeacherError,
-                       match=rf"--teacher {FIX}:nan_teacher: NaN or Inf logits for row 57 of .*nan.parquet; "
+                       match=rf"teacher {FIX}:nan_teacher: NaN or Inf logits for row 57 of .*nan.parquet; "
                              "nothing was committed"):
         run_label(f"{FIX}:nan_teacher", transfer, store)
     assert_nothing_committed(store)
@@ -205,7 +206,7 @@ def test_nan_in_the_first_rows_is_caught_by_the_probe_or_the_check(data: Data, t
 
 
 def test_teacher_output_not_2d(data: Data, store: Path) -> None:
-    with pytest.raises(TeacherError, match=rf"--teacher {FIX}:three_d_teacher: output \(2, 5, 1\) for a batch of 2; "
+    with pytest.raises(TeacherError, match=rf"teacher {FIX}:three_d_teacher: output \(2, 5, 1\) for a batch of 2; "
                                            r"expected logits of shape \(batch, classes\)"):
         run_label(f"{FIX}:three_d_teacher", data.parquet, store)
     assert_nothing_committed(store)
@@ -213,7 +214,7 @@ def test_teacher_output_not_2d(data: Data, store: Path) -> None:
 
 def test_wrong_input_width(data: Data, tmp_path: Path, store: Path) -> None:
     narrow = write_parquet_array(tmp_path / "narrow.parquet", data.x[:, :6], data.y)
-    with pytest.raises(TeacherError, match=r"forward pass failed on inputs of shape \(2, 6\) .*check --input-column"):
+    with pytest.raises(TeacherError, match=r"forward pass failed on inputs of shape \(2, 6\) .*check input_columns"):
         run_label(data.teacher_pt, narrow, store)
     with pytest.raises(TeacherError,
                        match=r"asserting_teacher: forward pass failed on inputs of shape \(2, 6\) \(AssertionError"):
@@ -224,7 +225,7 @@ def test_wrong_input_width(data: Data, tmp_path: Path, store: Path) -> None:
 
 
 def test_top_k_larger_than_classes(data: Data, store: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--top-k 6: the teachers have 5 classes; use 1..5"):
+    with pytest.raises(ConfigError, match=r"top_k 6: the teachers have 5 classes; use 1..5"):
         run_label(data.teacher_pt, data.parquet, store, top_k=6)
     assert not (store / "ds").exists()
 
@@ -234,7 +235,7 @@ def test_labels_out_of_range(data: Data, tmp_path: Path, store: Path) -> None:
     y[63] = 7
     transfer = write_parquet_array(tmp_path / "bad_labels.parquet", data.x, y)
     with pytest.raises(InputError, match=r"row 63 has label 7, outside the teachers' class range 0..4; fix the labels "
-                                         "or pass --label-column none"):
+                                         "or pass label_column none"):
         run_label(data.teacher_pt, transfer, store)
     assert_nothing_committed(store)
     y[63] = -1

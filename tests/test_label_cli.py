@@ -146,7 +146,8 @@ def test_bad_input_is_one_error_line(data: Data, tmp_path: Path, store: Path, ca
 @pytest.mark.parametrize(
     ("extra", "match"),
     [(["--top-k", "0", "--no-logits"],
-      r"--no-logits with --top-k 0 would store no targets; keep logits or give --top-k K"),
+      r"nothing to store: no full logits \(--logits/--no-logits False\) and no top-k \(--top-k 0\); keep the logits or "
+      r"give --top-k K"),
      (["--top-k", "6"], r"--top-k 6: the teachers have 5 classes; use 1..5"),
      (["--top-k", "-2"], r"--top-k -2: must be >= 1"),
      (["--name", "../evil"], r"--name '../evil' is not a valid dataset name"),

@@ -173,10 +173,10 @@ def test_integer_columns_clip_to_range() -> None:
     ("kwargs", "match"),
     [
         ({"multiplier": 0}, r"--multiplier must be an integer >= 1"),
-        ({"p": 1.5}, r"--p must be in \[0, 1\], got 1.5"),
-        ({"p": -0.1}, r"--p must be in \[0, 1\]"),
-        ({"s": 0.0}, r"--s must be a finite number > 0"),
-        ({"s": float("inf")}, r"--s must be a finite number > 0"),
+        ({"p": 1.5}, r"p must be in \[0, 1\], got 1.5"),
+        ({"p": -0.1}, r"p must be in \[0, 1\]"),
+        ({"s": 0.0}, r"s must be a finite number > 0"),
+        ({"s": float("inf")}, r"s must be a finite number > 0"),
         ({"seed": -1}, r"--seed must be an integer >= 0"),
         ({"block_size": 0}, r"--block-size must be an integer >= 1"),
     ],
@@ -187,9 +187,9 @@ def test_config_errors(kwargs: dict, match: str) -> None:
 
 
 def test_unknown_columns() -> None:
-    with pytest.raises(ConfigError, match=r"--label-column 'nope' is not a column"):
+    with pytest.raises(ConfigError, match=r"label_column 'nope' is not a column"):
         munge(_table(), MungeConfig(label_column="nope"))
-    with pytest.raises(ConfigError, match=r"--exclude-column 'nope' is not a column"):
+    with pytest.raises(ConfigError, match=r"exclude_columns 'nope' is not a column"):
         munge(_table(), MungeConfig(exclude_columns=("nope",)))
     with pytest.raises(ConfigError, match=r"no attribute columns"):
         munge(pa.table({"y": [1, 2]}), MungeConfig(label_column="y"))
@@ -206,7 +206,7 @@ def test_data_errors() -> None:
         munge(pa.table({"x": [1.0, 2.0], "ts": pa.array([1, 2], type=pa.timestamp("s"))}))
     with pytest.raises(InputError, match=r"column 'b' has type binary"):
         munge(pa.table({"x": [1.0, 2.0], "b": [b"a", b"b"]}))
-    with pytest.raises(InputError, match=r"column 'k' is constant.*--exclude-column k"):
+    with pytest.raises(InputError, match=r"column 'k' is constant.*exclude_columns k"):
         munge(pa.table({"x": [1.0, 2.0, 3.0], "k": [5, 5, 5]}))
     with pytest.raises(InputError, match=r"column 'x' has 1 missing values \(nulls\).*drop"):
         munge(pa.table({"x": [1.0, None, 3.0]}))

@@ -21,7 +21,7 @@ def test_no_top_level_cli_package_is_installed() -> None:
 
 def test_installed_command_group_and_schema() -> None:
     import kdstore.cli
-    from kdstore import manifest
+    from kdstore.store import manifest
 
     assert Path(kdstore.cli.__file__).parent.name == "cli"
     assert manifest.schema(1)["properties"]["format_version"] == {"const": 1}
@@ -31,6 +31,7 @@ def test_store_layer_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, kdstore.store, kdstore.manifest; print('torch' in sys.modules)"
+    code = ("import sys, kdstore.store, kdstore.store.manifest, kdstore.store.remote, kdstore.store.catalog, "
+            "kdstore.options, kdstore.plan, kdstore.cli; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

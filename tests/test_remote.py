@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdstore import catalog, remote
 from kdstore.errors import ConfigError, RemoteError, StoreFormatError, StoreNotFoundError, UnsafePathError
-from kdstore.store import Version
+from kdstore.store import Version, catalog, remote
 from tests.conftest import Data
 from tests.helpers import assert_clean_error, cli, run_label
 from tests.sharing_helpers import copy_version, flip_byte

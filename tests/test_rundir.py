@@ -50,7 +50,7 @@ def test_prepare_resume_and_refusals(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
     rd.prepare({"config": {"lr": 0.1, "epochs": 2}, "device": "cpu"}, resume=False)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"] == {"lr": 0.1, "epochs": 2}
-    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+    with pytest.raises(ConfigError, match="already holds a run; pass resume"):
         rd.prepare({"config": {"lr": 0.1, "epochs": 2}}, resume=False)
     rd.prepare({"config": {"lr": 0.1, "epochs": 2}}, resume=True)  # same options: fine
     with pytest.raises(ConfigError, match=r"started with other settings \(epochs, lr\); rerun with the same"):
@@ -59,7 +59,7 @@ def test_prepare_resume_and_refusals(tmp_path: Path) -> None:
 
 def test_prepare_unwritable(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match=r"--out .*file/run: cannot create it"):
+    with pytest.raises(ConfigError, match=r"out .*file/run: cannot create it"):
         RunDir(tmp_path / "file" / "run").prepare({"config": {}}, resume=False)
 
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from kdstore import labeling
-from kdstore import manifest as mf
 from kdstore.errors import (
     ConfigError,
     KdstoreError,
@@ -36,7 +35,9 @@ from kdstore.store import (
     list_datasets,
     resolve,
 )
-from kdstore.store.formats import atomic_write_text, read_shard, write_shard
+from kdstore.store import manifest as mf
+from kdstore.store.files import atomic_write_text
+from kdstore.store.formats import read_shard, write_shard
 from tests.conftest import Data, teacher_logits
 from tests.helpers import REPO_ROOT, all_bytes, data_bytes, run_label, versions_of
 from tests.sharing_helpers import copy_version, edit_manifest
@@ -580,7 +581,7 @@ def test_check_name_rejects(name: str) -> None:
 
 
 def test_writer_rejects_bad_settings(store: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--format 'zip' is not supported; expected one of parquet, hdf5"):
+    with pytest.raises(ConfigError, match=r"format 'zip' is not supported; expected one of parquet, hdf5"):
         writer(store, fmt="zip")
     with pytest.raises(ConfigError, match="must be >= 1, got 0, 2"):
         writer(store, shard_rows=0)
@@ -621,7 +622,7 @@ def test_writer_refuses_non_contiguous_shards(store: Path) -> None:
 def test_unwritable_store(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreFormatError,
-                       match=r"--out .*file/store: cannot create .*: Not a directory; choose a writable"), \
+                       match=r"out .*file/store: cannot create .*: Not a directory; choose a writable"), \
             writer(tmp_path / "file" / "store"):
         pass
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdstore import soft_targets
 from kdstore.store import Version
 from kdstore.students import build_model
 from kdstore.training import Trainer
@@ -150,7 +151,7 @@ def test_kd_from_topk_only_store_uses_rebuilt_targets(stores: dict[str, Path]) -
 
     t = Trainer(TrainConfig(targets=str(stores["nolog"]), student=STUDENT, out="unused", loss="kd", device="cpu"))
     batch = t.data.to_memory()
-    got = t.teacher_log_probs(batch, 2.0)
+    got = soft_targets.batch_log_probs(batch, 2.0, t.plan, t.weights)
     v, i, lse = batch["topk_values"][:, 0], batch["topk_indices"][:, 0], batch["lse"][:, 0]
     torch.testing.assert_close(got, log_soft_targets_topk(v, i, lse, 5, 2.0, "uniform"))
     assert not Path("unused").exists()
@@ -266,7 +267,7 @@ BAD: dict[str, tuple[Any, list[str], str]] = {
     "unlabeled topk alpha 0.5": (lambda s, d, t: s["unl"], ["--loss", "topk", "--alpha", "0.5"],
                                  r"unl@v1 is unlabeled"),
     "mse on top-k only": (lambda s, d, t: s["nolog"], ["--loss", "mse"],
-                          r"nolog@v1 stores only top-k targets \(labeled with --no-logits\); this needs full logits"),
+                          r"nolog@v1 stores only top-k targets, no full logits; this needs full logits"),
     "top-k above stored": (lambda s, d, t: s["pq"], ["--loss", "topk", "--top-k", "4"],
                            r"--top-k 4: .*pq@v1 stores top-3; use a k <= 3"),
     "top-k above classes": (lambda s, d, t: s["k0"], ["--loss", "topk", "--top-k", "7"],
@@ -352,5 +353,6 @@ def test_over_seeds_without_eval_reports_agreement(stores: dict[str, Path], tmp_
 def test_seed_list_of_non_integers_is_a_usage_error(stores: dict[str, Path], tmp_path: Path) -> None:
     r = train(stores["pq"], tmp_path / "run", "--seed", "0,1.5")
     assert r.exit_code == 2 and "Traceback" not in r.output
-    assert "Error: Invalid value for --seed: '0,1.5' is not a comma-separated list of integers, e.g. 0,1,2" in r.output
+    assert ("Error: Invalid value for '--seed': '0,1.5' is not a comma-separated list of integers, e.g. 0,1,2"
+            in r.output)
     assert not (tmp_path / "run").exists()

@@ -168,15 +168,15 @@ def test_parquet_variable_list_type_with_equal_lengths(tmp_path: Path, data: Dat
 def test_detect_format() -> None:
     assert [detect_format(Path(f"a{s}")) for s in (".parquet", ".PQ", ".npz", ".npy", ".h5", ".HDF5")] == [
         "parquet", "parquet", "npz", "npy", "hdf5", "hdf5"]
-    with pytest.raises(InputError, match=r"--eval a.csv: unknown file type '.csv'; expected one of .*\.npz"):
-        detect_format(Path("a.csv"), "--eval")
+    with pytest.raises(InputError, match=r"eval a.csv: unknown file type '.csv'; expected one of .*\.npz"):
+        detect_format(Path("a.csv"), "eval")
 
 
 # --- bad inputs ---------------------------------------------------------------------------------------------------
 
 
 def test_missing_and_unknown_files(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"--transfer .*nope.parquet: file not found; check the path"):
+    with pytest.raises(InputError, match=r"transfer .*nope.parquet: file not found; check the path"):
         open_transfer(tmp_path / "nope.parquet")
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(InputError, match="unknown file type '.csv'"):
@@ -190,7 +190,7 @@ def test_missing_and_unknown_files(tmp_path: Path) -> None:
                          [("g.parquet", "parquet"), ("g.npz", "npz"), ("g.npy", "npy"), ("g.h5", "hdf5")])
 def test_corrupted_files(tmp_path: Path, name: str, fmt: str) -> None:
     (tmp_path / name).write_bytes(b"this is not a data file\n" * 10)
-    with pytest.raises(InputError, match=rf"--transfer .*{name}: cannot read it as {fmt}: "):
+    with pytest.raises(InputError, match=rf"transfer .*{name}: cannot read it as {fmt}: "):
         open_transfer(tmp_path / name)
 
 
@@ -210,15 +210,15 @@ def test_parquet_column_problems(tmp_path: Path, data: Data) -> None:
     x = pa.FixedSizeListArray.from_arrays(pa.array(data.x.reshape(-1)), 8)
     p = tmp_path / "p.parquet"
     pq.write_table(pa.table({"x": x, "x2": x, "label": pa.array(data.y), "flabel": pa.array(data.y * 1.0)}), p)
-    with pytest.raises(InputError, match=r"several array columns \['x', 'x2'\]; choose one with --input-column"):
+    with pytest.raises(InputError, match=r"several array columns \['x', 'x2'\]; choose one with input_columns"):
         open_transfer(p)
-    with pytest.raises(InputError, match=r"--input-column 'nope': .* has no such column; columns are \['x'"):
+    with pytest.raises(InputError, match=r"input_columns 'nope': .* has no such column; columns are \['x'"):
         open_transfer(p, input_columns=["nope"])
     with pytest.raises(InputError, match="array column 'x' cannot be combined with other columns"):
         open_transfer(p, input_columns=["x", "x2"])
-    with pytest.raises(InputError, match=r"--label-column 'lab': .* has no such column"):
+    with pytest.raises(InputError, match=r"label_column 'lab': .* has no such column"):
         open_transfer(p, input_columns=["x"], label_column="lab")
-    with pytest.raises(InputError, match=r"--label-column 'flabel' .* has type double, expected integer class indices"):
+    with pytest.raises(InputError, match=r"label_column 'flabel' .* has type double, expected integer class indices"):
         open_transfer(p, input_columns=["x"], label_column="flabel")
     assert open_transfer(p, input_columns=["x2"]).input_columns == ["x2"]
 
@@ -226,11 +226,11 @@ def test_parquet_column_problems(tmp_path: Path, data: Data) -> None:
     pq.write_table(pa.table({"name": pa.array(["a", "b"]), "label": pa.array([0, 1])}), s)
     with pytest.raises(InputError, match=r"no array or numeric input columns found; columns are \['name', 'label'\]"):
         open_transfer(s)
-    with pytest.raises(InputError, match=r"--input-column 'name' .* has type string, expected numbers"):
+    with pytest.raises(InputError, match=r"input_columns 'name' .* has type string, expected numbers"):
         open_transfer(s, input_columns=["name"])
     sl = tmp_path / "sl.parquet"
     pq.write_table(pa.table({"x": pa.array([["a"], ["b"]], pa.list_(pa.string()))}), sl)
-    with pytest.raises(InputError, match=r"--input-column 'x' .* has type list<.*string>, expected numbers"):
+    with pytest.raises(InputError, match=r"input_columns 'x' .* has type list<.*string>, expected numbers"):
         open_transfer(sl)
 
 
@@ -250,28 +250,28 @@ def test_parquet_ragged_and_null_rows(tmp_path: Path) -> None:
     nl = tmp_path / "nl.parquet"
     pq.write_table(pa.table({"a": pa.array([1.0, 2.0]), "label": pa.array([1, None], pa.int64())}), nl)
     with pytest.raises(InputError,
-                       match="--label-column 'label' has missing labels; drop those rows or pass --label-column none"):
+                       match="label_column 'label' has missing labels; drop those rows or pass label_column none"):
         open_transfer(nl)
     assert not open_transfer(nl, label_column="none").has_labels
 
 
 def test_npz_problems(tmp_path: Path, data: Data) -> None:
     np.savez(tmp_path / "a.npz", a=data.x, b=data.y)
-    with pytest.raises(InputError, match=r"no input array 'x'; arrays are \['a', 'b'\]; pass --input-column"):
+    with pytest.raises(InputError, match=r"no input array 'x'; arrays are \['a', 'b'\]; pass input_columns"):
         open_transfer(tmp_path / "a.npz")
     with pytest.raises(InputError, match=r"no input array 'c'"):
         open_transfer(tmp_path / "a.npz", input_columns=["c"])
     assert open_transfer(tmp_path / "a.npz", input_columns=["a"], label_column="b").rows == 100
     with pytest.raises(InputError, match=r"npz transfer sets take one input array, got \['a', 'b'\]"):
         open_transfer(tmp_path / "a.npz", input_columns=["a", "b"])
-    with pytest.raises(InputError, match=r"--label-column 'z': .* has no such array; arrays are \['a', 'b'\]"):
+    with pytest.raises(InputError, match=r"label_column 'z': .* has no such array; arrays are \['a', 'b'\]"):
         open_transfer(tmp_path / "a.npz", input_columns=["a"], label_column="z")
     np.savez(tmp_path / "short.npz", x=data.x, y=data.y[:99])
     with pytest.raises(InputError, match="99 labels for 100 inputs; they must have the same length"):
         open_transfer(tmp_path / "short.npz")
     np.savez(tmp_path / "fy.npz", x=data.x, y=data.y * 1.0)
     with pytest.raises(InputError,
-                       match=r"--label-column 'y' in .*: dtype float64 shape \(100,\), expected 1-D integers"):
+                       match=r"label_column 'y' in .*: dtype float64 shape \(100,\), expected 1-D integers"):
         open_transfer(tmp_path / "fy.npz")
     np.savez(tmp_path / "1d.npz", x=data.x[:, 0])
     with pytest.raises(InputError, match=r"input array 'x' has shape \(100,\); expected \(rows, features...\)"):
@@ -288,7 +288,7 @@ def test_npz_problems(tmp_path: Path, data: Data) -> None:
 
 
 def test_npy_problems(tmp_path: Path, data: Data) -> None:
-    with pytest.raises(InputError, match=r"--label-column 'y': an .npy file holds one array \(inputs only\)"):
+    with pytest.raises(InputError, match=r"label_column 'y': an .npy file holds one array \(inputs only\)"):
         open_transfer(data.npy, label_column="y")
     np.save(tmp_path / "v.npy", data.x[:, 0])
     with pytest.raises(InputError, match=r"array of shape \(100,\); expected \(rows, features...\)"):
@@ -305,7 +305,7 @@ def test_hdf5_problems(tmp_path: Path, data: Data) -> None:
     with h5py.File(tmp_path / "h.h5", "w") as f:
         f.create_dataset("features", data=data.x)
         f.create_dataset("y", data=data.y.reshape(50, 2))
-    with pytest.raises(InputError, match=r"--label-column 'y' .*: dtype int64 shape \(50, 2\), expected 1-D integers"):
+    with pytest.raises(InputError, match=r"label_column 'y' .*: dtype int64 shape \(50, 2\), expected 1-D integers"):
         open_transfer(tmp_path / "h.h5")
     ts = open_transfer(tmp_path / "h.h5", label_column="none")
     assert ts.input_columns == ["features"] and not ts.has_labels

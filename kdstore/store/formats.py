@@ -8,16 +8,15 @@ spec (manifest) says ``bfloat16``; `decode_bfloat16` turns it back into float32.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdstore.errors import StoreFormatError
+from kdstore.options import FORMATS
 
-FORMATS = ("parquet", "hdf5")
 EXTENSIONS = {"parquet": ".parquet", "hdf5": ".h5"}
 _NUMPY_DTYPES = {
     "bool": np.bool_, "uint8": np.uint8, "int8": np.int8, "uint16": np.uint16, "int16": np.int16,
@@ -189,19 +188,6 @@ def _read_hdf5(path: Path, names: Sequence[str], row_groups: Sequence[int] | Non
         return out
 
 
-def read_shard_metadata(path: Path, fmt: str) -> dict[str, Any]:
-    """The JSON copy of the dataset description embedded in a shard (Parquet key-value / HDF5 attribute)."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        raw = (pq.read_schema(path).metadata or {}).get(b"kdstore", b"{}")
-        return json.loads(raw)  # type: ignore[no-any-return]
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return json.loads(f.attrs.get("kdstore", "{}"))  # type: ignore[no-any-return]
-
-
 def count_rows(path: Path, fmt: str) -> int:
     """Row count from the file's own metadata (cheap; no data read)."""
     if fmt == "parquet":
@@ -212,44 +198,3 @@ def count_rows(path: Path, fmt: str) -> int:
 
     with h5py.File(path, "r") as f:
         return int(f["sample_id"].shape[0])
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, streamed."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it, rename it over `path`: readers see the old
-    file or the new one, never a part. The temporary name carries the process id, so processes writing the same
-    file at once (the ranks of a torchrun labeling job creating one staging directory) do not collide."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    """[start, stop) ranges covering range(n) in steps of `size`."""
-    for s in range(0, n, size):
-        yield s, min(s + size, n)

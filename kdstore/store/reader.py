@@ -2,80 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kdstore import manifest as mf
 from kdstore.errors import StoreFormatError, StoreNotFoundError
-from kdstore.store.formats import (
-    count_rows,
-    decode_bfloat16,
-    numpy_dtype,
-    read_shard,
-    sha256_file,
-    shard_row_groups,
-)
-from kdstore.store.writer import VERSION_RE, existing_versions
-
-_REF_RE = re.compile(r"^(?P<path>.+?)(?:@v?(?P<version>[0-9]+|latest))?$")
-
-
-@dataclass(frozen=True)
-class VersionRef:
-    """A resolved reference to one committed version."""
-
-    store: Path
-    name: str
-    version: int
-
-    @property
-    def path(self) -> Path:
-        return self.store / self.name / f"v{self.version}"
-
-    def __str__(self) -> str:
-        return f"{self.store / self.name}@v{self.version}"
-
-
-def resolve(ref: str | Path, option: str = "--targets") -> VersionRef:
-    """Resolve `STORE/NAME` (latest), `STORE/NAME@vN` or `STORE/NAME/vN` to a committed version.
-
-    Args:
-        ref: the reference.
-        option: how error messages name the reference (the CLI option or argument it came from).
-
-    Raises:
-        StoreNotFoundError: naming what was looked for and what exists.
-    """
-    text = str(ref)
-    what = f"{option} {text}" if option else text
-    m = _REF_RE.match(text)
-    assert m is not None  # the pattern matches any non-empty string
-    path, want = Path(m.group("path")), m.group("version")
-    if want is None and VERSION_RE.match(path.name) and (path / mf.MANIFEST_NAME).exists():
-        return VersionRef(path.parent.parent, path.parent.name, int(path.name[1:]))
-    if not path.is_dir():
-        raise StoreNotFoundError(
-            f"{what}: no dataset directory {path}; expected STORE/NAME or STORE/NAME@vN "
-            "(run `kdstore ls STORE` to list datasets)"
-        )
-    versions = existing_versions(path)
-    if not versions:
-        staging = [p.name for p in path.glob(".staging-*") if p.is_dir()]
-        hint = " (an unfinished `kdstore label` run is staged there: rerun it to finish)" if staging else ""
-        raise StoreNotFoundError(f"{what}: {path} holds no committed version{hint}")
-    if want is None or want == "latest":
-        return VersionRef(path.parent, path.name, versions[-1])
-    if int(want) not in versions:
-        raise StoreNotFoundError(
-            f"{what}: version v{want} not found; {path.name} has "
-            f"{', '.join(f'v{v}' for v in versions)}"
-        )
-    return VersionRef(path.parent, path.name, int(want))
+from kdstore.store import manifest as mf
+from kdstore.store.files import sha256_file
+from kdstore.store.formats import count_rows, decode_bfloat16, numpy_dtype, read_shard, shard_row_groups
+from kdstore.store.layout import MANIFEST_NAME, VersionRef, existing_versions, resolve
 
 
 class Version:
@@ -93,7 +30,7 @@ class Version:
         self.fmt: str = self.manifest["storage"]["format"]
         self.files: list[dict[str, Any]] = self.manifest["files"]
         self.columns: dict[str, dict[str, Any]] = {c["name"]: c for c in self.manifest["columns"]}
-        self.file_paths = [mf.resolve_inside(self.path, f["path"], str(self.path / mf.MANIFEST_NAME))
+        self.file_paths = [mf.resolve_inside(self.path, f["path"], str(self.path / MANIFEST_NAME))
                            for f in self.files]
         if check:
             problems = self.verify(full=False)

@@ -11,6 +11,9 @@ At commit the sidecars go, ``manifest.json`` is written **last**, and the stagin
 renamed to ``STORE/NAME/vN`` (N = one more than the highest existing version; a concurrent writer that took N
 makes us retry N + 1). An interrupted run leaves its staging directory; rerunning with the same settings
 (same `run_key`) resumes from the first shard without a sidecar.
+
+`write_async` hands a shard to the writer's background thread, so encoding, compression, fsync and hashing of one
+shard overlap the caller's computation of the next (at most two shards wait in the queue).
 """
 
 from __future__ import annotations
@@ -19,41 +22,20 @@ import datetime as _dt
 import errno
 import json
 import os
+import queue
 import re
-import shutil
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from kdstore import manifest as mf
-from kdstore.errors import ConfigError, KdstoreError, StoreFormatError
-from kdstore.store.formats import EXTENSIONS, FORMATS, atomic_write_text, fsync_dir, sha256_file, write_shard
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
-
-
-def check_name(name: str) -> None:
-    """A dataset name is one path component of safe characters."""
-    if not _NAME_RE.match(name) or name in (".", ".."):
-        raise ConfigError(
-            f"--name {name!r} is not a valid dataset name; use letters, digits, '.', '_' and '-' "
-            "(start with a letter or digit, at most 128 characters)"
-        )
-
-
-def existing_versions(dataset_dir: Path) -> list[int]:
-    """Committed version numbers under a dataset directory, ascending."""
-    if not dataset_dir.is_dir():
-        return []
-    out = []
-    for p in dataset_dir.iterdir():
-        m = VERSION_RE.match(p.name)
-        if m and (p / mf.MANIFEST_NAME).exists():
-            out.append(int(m.group(1)))
-    return sorted(out)
+from kdstore.errors import ConfigError, KdstoreError, StoreFormatError, arg
+from kdstore.store import manifest as mf
+from kdstore.store.files import atomic_write_json, fsync_dir, fsync_file, sha256_file
+from kdstore.store.formats import EXTENSIONS, FORMATS, write_shard
+from kdstore.store.layout import STAGING_PREFIX, check_name, existing_versions, version_dir_name
 
 
 class VersionWriter:
@@ -85,7 +67,7 @@ class VersionWriter:
     ) -> None:
         check_name(name)
         if fmt not in FORMATS:
-            raise ConfigError(f"--format {fmt!r} is not supported; expected one of {', '.join(FORMATS)}")
+            raise ConfigError(f"{arg('format')} {fmt!r} is not supported; expected one of {', '.join(FORMATS)}")
         if shard_rows < 1 or row_group_rows < 1:
             raise ConfigError(f"shard_rows and row_group_rows must be >= 1, got {shard_rows}, {row_group_rows}")
         if not re.fullmatch(r"[0-9a-f]{8,64}", run_key):
@@ -94,14 +76,16 @@ class VersionWriter:
         self.columns, self.shard_rows, self.row_group_rows = columns, shard_rows, row_group_rows
         self.shard_metadata = shard_metadata
         self.dataset_dir = self.store / name
-        self.staging = self.dataset_dir / f".staging-{run_key[:16]}"
+        self.staging = self.dataset_dir / f"{STAGING_PREFIX}{run_key[:16]}"
         # One lock per participant: a single run holds ".lock"; jobs of a sharded run each hold their own
         # (".shard-i-of-N.lock"), so they can write disjoint shards of the same staging directory at once.
         suffix = f".{participant}" if participant else ""
-        self._lock_path = self.dataset_dir / f".staging-{run_key[:16]}{suffix}.lock"
-        self._commit_lock_path = self.dataset_dir / f".staging-{run_key[:16]}.commit.lock"
+        self._lock_path = self.dataset_dir / f"{self.staging.name}{suffix}.lock"
+        self._commit_lock_path = self.dataset_dir / f"{self.staging.name}.commit.lock"
         self._lock_fd: int | None = None
-        self.committed: Path | None = None
+        self._queue: queue.Queue[tuple[int, int, dict[str, np.ndarray], dict[str, Any]] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: list[BaseException] = []
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> VersionWriter:
@@ -109,7 +93,7 @@ class VersionWriter:
             (self.staging / "data").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreFormatError(
-                f"--out {self.store}: cannot create {self.staging}: {e.strerror}; choose a writable directory"
+                f"{arg('out')} {self.store}: cannot create {self.staging}: {e.strerror}; choose a writable directory"
             ) from None
         self._lock()
         settings = self.staging / "settings.json"
@@ -121,12 +105,16 @@ class VersionWriter:
                     f"{self.staging} holds an interrupted run with other settings; delete that directory to start over"
                 )
         else:
-            atomic_write_text(settings, json.dumps(desc, indent=1))
+            atomic_write_json(settings, desc, indent=1)
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        # On failure the staging directory stays for resumption; only the lock is released.
-        self._unlock()
+        # On failure the staging directory stays for resumption; shards already queued are still finished (they
+        # are complete results), then the lock is released.
+        try:
+            self._stop_thread()
+        finally:
+            self._unlock()
 
     def _lock(self) -> None:
         import fcntl
@@ -171,14 +159,51 @@ class VersionWriter:
         tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # unique: jobs may race on one shard
         write_shard(tmp, columns, self.columns, fmt=self.fmt, row_group_rows=self.row_group_rows,
                     metadata=self.shard_metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, final)
         rows = len(next(iter(columns.values())))
         info = {"index": index, "path": f"data/{final.name}", "rows": rows, "bytes": final.stat().st_size,
                 "sha256": sha256_file(final), "first_row": first_row, "stats": stats}
-        atomic_write_text(final.with_suffix(".json"), json.dumps(info))
+        atomic_write_json(final.with_suffix(".json"), info)
         return info
+
+    def write_async(self, index: int, first_row: int, columns: dict[str, np.ndarray], stats: dict[str, Any]) -> None:
+        """`write` on the writer's background thread; returns once the shard is queued (at most two wait).
+
+        Raises:
+            the first failure of an earlier queued write (nothing more is written after one fails).
+        """
+        self._raise_failure()
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=2)
+            self._thread = threading.Thread(target=self._drain, name="kdstore-shard-writer", daemon=True)
+            self._thread.start()
+        assert self._queue is not None
+        self._queue.put((index, first_row, columns, stats))
+
+    def flush(self) -> None:
+        """Wait until every queued shard is written; raise the first failure."""
+        self._stop_thread()
+        self._raise_failure()
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            if not self._failure:
+                try:
+                    self.write(*item)
+                except BaseException as e:  # re-raised on the caller's thread
+                    self._failure.append(e)
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = self._queue = None
+
+    def _raise_failure(self) -> None:
+        if self._failure:
+            raise self._failure[0]
 
     # -- commit ----------------------------------------------------------------------------------
     def commit(self, manifest: dict[str, Any]) -> Path | None:
@@ -217,14 +242,16 @@ class VersionWriter:
         mf.validate(manifest, f"manifest for {self.name!r}")  # before anything is removed
         for side in (self.staging / "data").glob("part-*.json"):
             side.unlink()
-        for extra in ("settings.json",):
-            (self.staging / extra).unlink(missing_ok=True)
+        (self.staging / "settings.json").unlink(missing_ok=True)
+        for stale in [*self.staging.glob("*.tmp"), *self.staging.glob(".*.tmp"), *(self.staging / "data").glob("*.tmp"),
+                      *(self.staging / "data").glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)  # left by a process killed mid-write; never part of a version
         fsync_dir(self.staging / "data")
         while True:
             version = max(existing_versions(self.dataset_dir), default=0) + 1
             manifest["version"] = version
             mf.save(self.staging, manifest)
-            target = self.dataset_dir / f"v{version}"
+            target = self.dataset_dir / version_dir_name(version)
             try:
                 os.rename(self.staging, target)
             except OSError as e:
@@ -235,10 +262,4 @@ class VersionWriter:
         for lock in self.dataset_dir.glob(f"{self.staging.name}*.lock"):  # every participant's, ours included
             lock.unlink(missing_ok=True)
         fsync_dir(self.dataset_dir)
-        self.committed = target
         return target
-
-    def discard(self) -> None:
-        """Delete the staging directory (used when the caller decides not to resume)."""
-        self._unlock()
-        shutil.rmtree(self.staging, ignore_errors=True)

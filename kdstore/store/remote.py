@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from kdstore import manifest as mf
 from kdstore.errors import (
     ConfigError,
     KdstoreError,
@@ -50,13 +49,23 @@ from kdstore.errors import (
     StoreFormatError,
     StoreNotFoundError,
 )
-from kdstore.store.formats import fsync_dir
-from kdstore.store.reader import Version, VersionRef, resolve
-from kdstore.store.writer import VERSION_RE, check_name
+from kdstore.store import manifest as mf
+from kdstore.store.files import fsync_dir, write_synced
+from kdstore.store.layout import (
+    MANIFEST_NAME,
+    NAME_RE,
+    STAGING_PREFIX,
+    VersionRef,
+    check_name,
+    parse_version_dir,
+    pick_version,
+    resolve,
+    split_ref,
+    version_dir_name,
+)
+from kdstore.store.reader import Version
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_REF_RE = re.compile(r"^(?P<path>.+?)(?:@v?(?P<version>[0-9]+|latest))?$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CLAIM_PREFIX = ".push-"
 _CHUNK = 1 << 20
 
@@ -119,15 +128,14 @@ class RemoteRef:
 
 def parse_ref(ref: str) -> RemoteRef:
     """Split a remote reference. Raises ConfigError for one that names no dataset."""
-    m = _REF_RE.match(ref)
-    assert m is not None
-    path, want = m.group("path").rstrip("/"), m.group("version")
-    head, _, last = path.rpartition("/")
-    if want is None and VERSION_RE.match(last) and "/" in head:
-        want, (head, _, last) = last[1:], head.rpartition("/")
-    if not _URL_RE.match(head + "/") or head.endswith(":/") or not _NAME_RE.match(last):
+    path, want = split_ref(ref)
+    head, _, last = path.rstrip("/").rpartition("/")
+    in_dir = parse_version_dir(last)
+    if want is None and in_dir is not None and "/" in head:
+        want, (head, _, last) = in_dir, head.rpartition("/")
+    if not _URL_RE.match(head + "/") or head.endswith(":/") or not NAME_RE.match(last):
         raise ConfigError(f"{ref}: expected URL/NAME or URL/NAME@vN, e.g. s3://bucket/targets/mnist@v2")
-    return RemoteRef(head, last, None if want in (None, "latest") else int(want))
+    return RemoteRef(head, last, want)
 
 
 # --- the remote store ------------------------------------------------------------------------------------------
@@ -187,13 +195,13 @@ class RemoteStore:
         """{name: committed versions} (a version is committed when its manifest.json exists)."""
         with _remote_errors(self.url):
             self.fs.invalidate_cache()
-            found = self.fs.glob(self.path("*", "v*", mf.MANIFEST_NAME))
+            found = self.fs.glob(self.path("*", "v*", MANIFEST_NAME))
         out: dict[str, list[int]] = {}
         prefix = (self.root + "/") if self.root else ""
         for p in map(str, found):
             rel = p[len(prefix):] if p.startswith(prefix) else p.lstrip("/")
             parts = rel.split("/")
-            if len(parts) == 3 and _NAME_RE.match(parts[0]) and VERSION_RE.match(parts[1]):
+            if len(parts) == 3 and NAME_RE.match(parts[0]) and parse_version_dir(parts[1]) is not None:
                 out.setdefault(parts[0], []).append(int(parts[1][1:]))
         return {k: sorted(v) for k, v in sorted(out.items())}
 
@@ -201,31 +209,20 @@ class RemoteStore:
         """Committed versions of dataset `name`, ascending."""
         with _remote_errors(self.url_of(name)):
             self.fs.invalidate_cache()
-            found = self.fs.glob(self.path(name, "v*", mf.MANIFEST_NAME))
-        out = []
-        for p in map(str, found):
-            v = p.rstrip("/").split("/")[-2]
-            if VERSION_RE.match(v):
-                out.append(int(v[1:]))
-        return sorted(out)
+            found = self.fs.glob(self.path(name, "v*", MANIFEST_NAME))
+        versions = (parse_version_dir(p.rstrip("/").split("/")[-2]) for p in map(str, found))
+        return sorted(v for v in versions if v is not None)
 
     def resolve(self, name: str, version: int | None, what: str) -> int:
-        versions = self.versions(name)
-        if not versions:
-            raise StoreNotFoundError(f"{what}: {self.url_of(name)} holds no committed version "
-                                     f"(run `kdstore ls {self.url}` to list datasets)")
-        if version is None:
-            return versions[-1]
-        if version not in versions:
-            raise StoreNotFoundError(f"{what}: version v{version} not found; {name} has "
-                                     f"{', '.join(f'v{v}' for v in versions)}")
-        return version
+        """The committed version to open: `version`, or the latest when None (as for local stores)."""
+        return pick_version(self.versions(name), version, what, self.url_of(name),
+                            f" (run `kdstore ls {self.url}` to list datasets)")
 
     def read_manifest(self, name: str, version: int) -> tuple[str, dict[str, Any]]:
         """The manifest text and its validated content (schema, format_version, path safety)."""
-        where = self.url_of(name, f"v{version}", mf.MANIFEST_NAME)
+        where = self.url_of(name, f"v{version}", MANIFEST_NAME)
         with _remote_errors(where):
-            raw = self.fs.cat_file(self.path(name, f"v{version}", mf.MANIFEST_NAME))
+            raw = self.fs.cat_file(self.path(name, f"v{version}", MANIFEST_NAME))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -242,7 +239,7 @@ class RemoteStore:
 # --- reading: materialize into the cache -----------------------------------------------------------------------
 
 
-def resolve_any(ref: str | Path | VersionRef, option: str = "--targets") -> VersionRef:
+def resolve_any(ref: str | Path | VersionRef, option: str = "targets") -> VersionRef:
     """A local `VersionRef` for a local reference, a ``file://`` URL, or a remote URL (materialized).
 
     Args:
@@ -293,7 +290,7 @@ def materialize(ref: str, progress: Callable[[int], None] | None = None) -> Vers
 def _cached(local: VersionRef, manifest: dict[str, Any]) -> bool:
     """A complete cached copy of exactly this manifest whose files pass the cheap checks."""
     try:
-        if json.loads((local.path / mf.MANIFEST_NAME).read_text("utf-8")) != manifest:
+        if json.loads((local.path / MANIFEST_NAME).read_text("utf-8")) != manifest:
             return False
         Version(local, check=True)
         return True
@@ -302,7 +299,7 @@ def _cached(local: VersionRef, manifest: dict[str, Any]) -> bool:
 
 
 def _new_staging(dataset_dir: Path, tag: str) -> Path:
-    staging = dataset_dir / f".staging-{tag}-{uuid.uuid4().hex[:16]}"
+    staging = dataset_dir / f"{STAGING_PREFIX}{tag}-{uuid.uuid4().hex[:16]}"
     try:
         (staging / "data").mkdir(parents=True)
     except OSError as e:
@@ -317,7 +314,7 @@ def fetch_files(
 ) -> list[str]:
     """Stream every file of the (validated) manifest into `dest`, checking size and sha256; return the problems."""
     problems: list[str] = []
-    where = store.url_of(name, f"v{version}", mf.MANIFEST_NAME)
+    where = store.url_of(name, f"v{version}", MANIFEST_NAME)
     for f in manifest["files"]:
         target = mf.resolve_inside(dest, f["path"], where)  # validated already; defence in depth
         src = store.path(name, f"v{version}", f["path"])
@@ -362,10 +359,7 @@ def _fetch_one(store: RemoteStore, src: str, target: Path, entry: dict[str, Any]
 
 def _commit_cache(staging: Path, local: VersionRef, text: str, manifest: dict[str, Any], url: str) -> None:
     """Write the manifest last, then rename the staging directory to the cache's vN (replacing a stale copy)."""
-    with open(staging / mf.MANIFEST_NAME, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(staging / MANIFEST_NAME, text.encode("utf-8"))
     fsync_dir(staging)
     final = local.path
     for _ in range(3):
@@ -454,13 +448,13 @@ def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
 
 def _claim(store: RemoteStore, name: str, token: str, source: str) -> tuple[int, str]:
     """Claim the first free version number from (highest existing vN) + 1: write a claim, then list."""
-    taken = [int(x[1:]) for x in store.ls(name) if VERSION_RE.match(x)]
+    taken = [v for v in map(parse_version_dir, store.ls(name)) if v is not None]
     n = max(taken, default=0) + 1
     info = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(), "source": source,
                        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}).encode()
     collisions = 0
     while collisions < 50:
-        vdir = f"v{n}"
+        vdir = version_dir_name(n)
         if store.ls(name, vdir):  # a committed version, or another push's claim or data: take the next number
             n += 1
             continue
@@ -482,19 +476,16 @@ def _claim(store: RemoteStore, name: str, token: str, source: str) -> tuple[int,
 
 
 def _publish_manifest(store: RemoteStore, name: str, version: int, text: str, token: str) -> None:
-    where = store.url_of(name, f"v{version}", mf.MANIFEST_NAME)
-    if store.exists(name, f"v{version}", mf.MANIFEST_NAME):
+    where = store.url_of(name, f"v{version}", MANIFEST_NAME)
+    if store.exists(name, f"v{version}", MANIFEST_NAME):
         raise RemoteError(f"{where} already exists: another push took v{version} despite the claim (a store "
                           "without read-after-write listing?); nothing of ours was published: push again")
-    dst = store.path(name, f"v{version}", mf.MANIFEST_NAME)
+    dst = store.path(name, f"v{version}", MANIFEST_NAME)
     data = text.encode("utf-8")
     if store.local:
-        tmp = Path(dst).with_name(f".{mf.MANIFEST_NAME}.{token}.tmp")
+        tmp = Path(dst).with_name(f".{MANIFEST_NAME}.{token}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp, data)
             try:
                 os.link(tmp, dst)  # atomic, and fails if the manifest exists: an exclusive create
             except FileExistsError:
@@ -516,9 +507,9 @@ def _remove(store: RemoteStore, path: str) -> None:
         store.fs.rm_file(path)
 
 
-def remote_manifest(ref: str) -> tuple[RemoteRef, RemoteStore, int, dict[str, Any]]:
-    """Resolve a remote reference and read its validated manifest (no data download)."""
+def read_remote_manifest(ref: str) -> tuple[str, dict[str, Any]]:
+    """Resolve a remote reference and read its validated manifest (no data download): (URL/NAME@vN, manifest)."""
     r = parse_ref(ref)
     store = RemoteStore(r.store)
     version = store.resolve(r.name, r.version, ref)
-    return r, store, version, store.read_manifest(r.name, version)[1]
+    return f"{store.url_of(r.name)}@v{version}", store.read_manifest(r.name, version)[1]

@@ -1,7 +1,7 @@
 """What a store holds (`kdstore ls`) and whether a version is intact (`kdstore verify`). Imports no torch.
 
 Both accept local stores and remote URLs. Listing a remote store reads only manifests; verifying a remote
-version downloads every file (into the cache, see `kdstore.remote`) and checks it exactly like a local one.
+version downloads every file (into the cache, see `kdstore.store.remote`) and checks it exactly like a local one.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdstore import manifest as mf
-from kdstore import remote
 from kdstore.errors import KdstoreError, StoreNotFoundError
+from kdstore.store import manifest as mf
+from kdstore.store import remote
 from kdstore.store.formats import numpy_dtype, read_shard
-from kdstore.store.reader import Version, VersionRef
-from kdstore.store.writer import existing_versions
+from kdstore.store.layout import MANIFEST_NAME, VersionRef, existing_versions, staged_runs
+from kdstore.store.reader import Version
 
 _SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -48,6 +48,17 @@ class Listing:
     entries: list[VersionEntry]
     unfinished: dict[str, int] = field(default_factory=dict)  # dataset -> staged (interrupted or running) runs
     hint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What `kdstore ls --json` prints: the store, every version's summary, unfinished runs per dataset."""
+        return {"store": self.store, "versions": [e.summary() for e in self.entries], "unfinished": self.unfinished}
+
+
+def class_names(manifest: dict[str, Any]) -> list[str]:
+    """The manifest's class names, or "0".."C-1" when it records none (or a list of the wrong length)."""
+    names = manifest.get("class_names")
+    c = int(manifest["num_classes"])
+    return [str(n) for n in names] if isinstance(names, list) and len(names) == c else [str(i) for i in range(c)]
 
 
 def short_source(source: str) -> str:
@@ -115,7 +126,7 @@ def list_store(store: str | Path) -> Listing:
     entries: list[VersionEntry] = []
     unfinished: dict[str, int] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        staged = sum(1 for s in d.glob(".staging-*") if s.is_dir())
+        staged = len(staged_runs(d))
         if staged:
             unfinished[d.name] = staged
         for n in existing_versions(d):
@@ -126,7 +137,7 @@ def list_store(store: str | Path) -> Listing:
                 entries.append(VersionEntry(d.name, n, ref, None, str(e)))
     hint = None
     if not entries:
-        if (root / mf.MANIFEST_NAME).exists():
+        if (root / MANIFEST_NAME).exists():
             hint = f"{root} is a version directory; run `kdstore ls {root.parent.parent}`"
         elif existing_versions(root):
             hint = f"{root} is a dataset directory; run `kdstore ls {root.parent}`"
@@ -139,14 +150,14 @@ def _list_remote(url: str) -> Listing:
     if not found and not store.exists():
         raise StoreNotFoundError(f"store {store.url} does not exist or holds nothing (no such bucket or prefix); "
                                  "check the URL")
-    paths = {store.path(n, f"v{v}", mf.MANIFEST_NAME): (n, v) for n, vs in found.items() for v in vs}
+    paths = {store.path(n, f"v{v}", MANIFEST_NAME): (n, v) for n, vs in found.items() for v in vs}
     texts: dict[str, Any] = {}
     if paths:
         with remote._remote_errors(store.url):
             texts = store.fs.cat(list(paths), on_error="return")  # concurrent on async backends (s3, gcs)
     entries = []
     for p, (n, v) in paths.items():
-        where = store.url_of(n, f"v{v}", mf.MANIFEST_NAME)
+        where = store.url_of(n, f"v{v}", MANIFEST_NAME)
         raw = texts.get(p)
         try:
             if not isinstance(raw, bytes):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,11 @@ from typing import Any
 import jsonschema
 
 from kdstore.errors import ManifestError, UnsafePathError, UnsupportedFormatVersion
+from kdstore.store.files import atomic_write_text
+from kdstore.store.layout import MANIFEST_NAME
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
-MANIFEST_NAME = "manifest.json"
 
 
 @functools.cache
@@ -122,13 +122,6 @@ def dumps(manifest: dict[str, Any]) -> str:
 
 
 def save(version_dir: Path, manifest: dict[str, Any]) -> Path:
-    """Validate and write `manifest.json` atomically (temp file, fsync, rename)."""
+    """Validate and write `manifest.json` atomically (per-process temporary file, fsync, rename)."""
     validate(manifest, f"manifest for {manifest.get('name')!r}")
-    path = version_dir / MANIFEST_NAME
-    tmp = version_dir / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dumps(manifest))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(version_dir / MANIFEST_NAME, dumps(manifest))

@@ -1,0 +1,99 @@
+"""A teacher's soft targets from what a version stores: the one place the trainer, `diff`, the card and `convert`
+turn stored columns into log-probabilities at a temperature.
+
+Exact from full logits (``log_softmax(z / T)``), otherwise rebuilt from the top-k and log-sum-exp under the
+version's tail model (`kdstore.targets.rebuild_logits`); several teachers are combined by
+`kdstore.ensemble`. Two shapes of input are served: a *block* of one version's columns (``{column name:
+array}``, as `Version.read_file` returns it) and a training *batch* (``{"logits": (B, M, C), "topk_values":
+(B, M, k), ...}`` with the M teachers stacked on dim 1, as `kdstore.data` assembles it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdstore import ensemble, targets
+from kdstore.errors import ConfigError, arg
+from kdstore.plan import TargetPlan
+from kdstore.store import Version
+
+# --- blocks of stored columns -------------------------------------------------------------------------------------
+
+
+def tensor(a: np.ndarray, dtype: type = np.float32) -> Tensor:
+    """A torch tensor of `a` as `dtype`, copying only when needed (read-only memory-mapped columns are copied)."""
+    return torch.from_numpy(np.require(a, dtype, ["C", "W"]))
+
+
+def teacher_id(version: Version, teacher: str | None, argument: str = "teacher") -> str:
+    """`teacher` checked against the version's teachers (default: the first)."""
+    if teacher is None:
+        return version.teacher_ids[0]
+    if teacher not in version.teacher_ids:
+        raise ConfigError(f"{arg(argument)} {teacher}: {version.ref} has teachers {', '.join(version.teacher_ids)}")
+    return teacher
+
+
+def columns_for(version: Version, teacher: str) -> list[str]:
+    """The columns needed to rebuild `teacher`'s soft targets (its logits, else its top-k + log-sum-exp)."""
+    logits = version.column_for("logits", teacher)
+    if logits:
+        return [logits]
+    names = [version.column_for(r, teacher) for r in ("topk_indices", "topk_values", "logsumexp")]
+    if not all(names):
+        raise ConfigError(f"{version.ref}: teacher {teacher} has neither logits nor top-k columns")
+    return [n for n in names if n]
+
+
+def log_probs(version: Version, block: Mapping[str, np.ndarray], teacher: str, temperature: float) -> Tensor:
+    """(N, C) float32 log soft targets of `teacher` at `temperature` for a block read with `columns_for`."""
+    logits = version.column_for("logits", teacher)
+    if logits:
+        return targets.log_soft_targets(tensor(block[logits]), temperature)
+    idx, val, lse = (block[version.column_for(r, teacher) or ""] for r in ("topk_indices", "topk_values", "logsumexp"))
+    tail = (version.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
+    return targets.log_soft_targets_topk(tensor(val), tensor(idx, np.int64), tensor(lse), version.num_classes,
+                                         temperature, tail)
+
+
+# --- training batches -----------------------------------------------------------------------------------------------
+
+
+def batch_logits(batch: Mapping[str, Tensor], plan: TargetPlan) -> Tensor:
+    """Each teacher's dense logits for a batch, (B, M, C) float32: exact, or rebuilt from a top-k per `plan`."""
+    if plan.source == "logits":
+        z = batch["logits"].float()
+        if not plan.topk_from_logits:
+            return z
+        b, m, c = z.shape
+        flat = z.reshape(b * m, c)
+        v, i = targets.top_k(flat, plan.k)
+        return targets.rebuild_logits(v, i, torch.logsumexp(flat, 1), c, plan.tail).reshape(b, m, c)
+    v, i, lse = batch["topk_values"][..., : plan.k].float(), batch["topk_indices"][..., : plan.k], batch["lse"]
+    b, m, k = v.shape
+    rebuilt = targets.rebuild_logits(v.reshape(b * m, k), i.reshape(b * m, k), lse.reshape(b * m).float(),
+                                     plan.num_classes, plan.tail)
+    return rebuilt.reshape(b, m, plan.num_classes)
+
+
+def combine(logits: Tensor, temperature: float, plan: TargetPlan, weights: Tensor) -> Tensor:
+    """The (ensembled) teacher's log soft targets at T from (B, M, C) logits, (B, C) float32."""
+    if logits.shape[1] == 1:
+        return torch.log_softmax(logits[:, 0] / temperature, dim=1)
+    if plan.ensemble == "mean-logit":
+        return torch.log_softmax(ensemble.mean_logits(logits, weights) / temperature, dim=1)
+    return ensemble.mean_prob_log_targets(torch.log_softmax(logits / temperature, dim=2), weights)
+
+
+def batch_log_probs(batch: Mapping[str, Tensor], temperature: float, plan: TargetPlan, weights: Tensor) -> Tensor:
+    """The (possibly ensembled) teacher's log soft targets at T for a batch, (B, C) float32."""
+    return combine(batch_logits(batch, plan), temperature, plan, weights)
+
+
+def mse_target(batch: Mapping[str, Tensor], weights: Tensor) -> Tensor:
+    """The logit-regression target of a batch: the (weighted) mean of the teachers' logits, (B, C) float32."""
+    return ensemble.mean_logits(batch["logits"].float(), weights)
