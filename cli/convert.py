@@ -28,7 +28,7 @@ from kdstore.options import FORMATS, LOGITS_DTYPES
 @click.option("--shard-rows", type=int, default=None, help="Rows per data file. Default: as stored.")
 @click.option("--row-group-rows", type=int, default=None, help="Rows per row group / chunk. Default: as stored.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@user_errors(aliases={"format": "--to", "source": "REF", "keep_logits": "--logits/--no-logits"})
+@user_errors(aliases={"format": "--to", "source": "STORE/NAME[@vN]", "keep_logits": "--logits/--no-logits"})
 def convert(ref: str, to: str | None, top_k: int | None, logits_dtype: str | None, keep_logits: bool | None,
             name: str | None, out: str | None, shard_rows: int | None, row_group_rows: int | None,
             quiet: bool) -> None:

@@ -64,7 +64,8 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
 
 
 def _show(manifest: dict, where: str, stats: object, as_json: bool) -> None:  # type: ignore[type-arg]
-    from kdstore.card import CardStatistics, card_text
+    from kdstore.card import CardStatistics
+    from kdstore.card_render import card_text
 
     if not as_json:
         click.echo(card_text(manifest, where, stats if isinstance(stats, CardStatistics) else None))

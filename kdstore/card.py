@@ -1,10 +1,10 @@
 """`kdstore inspect`: a dataset card, in the terminal and as ``card/README.md`` with PNG plots.
 
-The terminal card is made from the manifest alone (provenance, stored targets, label-time statistics, top-k
-fidelity). `compute_statistics` reads the data once, streaming file by file, for what the manifest does not hold:
-confidence histogram, reliability diagram and expected calibration error (where labels exist), per-row top-k
-probability mass, and the class-similarity matrix (mean soft targets at a chosen temperature, rows grouped by
-true class, or by argmax where there are no labels: the "dark knowledge" structure KD transfers at high T).
+The terminal card (`kdstore.card_render`) is made from the manifest alone (provenance, stored targets, label-time
+statistics, top-k fidelity). `compute_statistics` reads the data once, streaming file by file, for what the manifest
+does not hold: confidence histogram, reliability diagram and expected calibration error (where labels exist),
+per-row top-k probability mass, and the class-similarity matrix (mean soft targets at a chosen temperature, rows
+grouped by true class, or by argmax where there are no labels: the "dark knowledge" structure KD transfers at high T).
 
 Card files are *derived*: they are written to ``vN/card/`` (each file atomically, README.md last), are not listed
 in the manifest and do not change it, so a version's checksummed content never changes (docs/format.md).
@@ -13,7 +13,6 @@ Plots use matplotlib's object API with the Agg canvas: no pyplot, no global back
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,24 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore import __version__
+from kdstore.card_render import ECE_BINS, PLOTS, card_markdown
 from kdstore.errors import ConfigError, arg
 from kdstore.soft_targets import columns_for, log_probs, teacher_id
 from kdstore.store import Version
-from kdstore.store.catalog import class_names, human_bytes, short_source, targets_text
+from kdstore.store.catalog import class_names
 from kdstore.store.files import atomic_write_bytes
 from kdstore.targets import check_temperature
 
 CARD_DIR = "card"
 CONF_BINS = 20
-ECE_BINS = 15
 MASS_BINS = 20
-PLOTS = {
-    "confidence": "confidence.png",
-    "reliability": "reliability.png",
-    "similarity": "class_similarity.png",
-    "topk_mass": "topk_mass.png",
-}
 
 
 @dataclass
@@ -81,6 +73,32 @@ class TeacherStats:
 
     def mass_mean(self, k: int) -> float:
         return self.mass_sum[k] / max(self.rows, 1)
+
+    def add(self, lp: torch.Tensor, y: np.ndarray | None) -> np.ndarray:
+        """Add a block of rows from their (N, C) log soft targets at T = 1; returns the teacher's argmax."""
+        p = lp.exp()
+        conf, pred = p.max(1)
+        conf_np, pred_np = conf.double().numpy(), pred.numpy()
+        self.rows += len(conf_np)
+        self.confidence_sum += float(conf_np.sum())
+        self.entropy_sum += float(-(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(1).double().sum())
+        self.conf_hist += np.histogram(conf_np, CONF_BINS, (0.0, 1.0))[0]
+        if y is not None:
+            ok = pred_np == y
+            self.correct += int(ok.sum())
+            self.labeled += len(y)
+            b = np.minimum((conf_np * ECE_BINS).astype(np.int64), ECE_BINS - 1)
+            self.rel_count += np.bincount(b, minlength=ECE_BINS)
+            self.rel_conf += np.bincount(b, conf_np, minlength=ECE_BINS)
+            self.rel_correct += np.bincount(b, ok.astype(np.float64), minlength=ECE_BINS)
+        return pred_np
+
+    def add_mass(self, k: int, mass: np.ndarray) -> None:
+        """Add the top-k probability mass of a block of rows."""
+        mass = np.clip(mass, 0.0, 1.0)
+        self.mass_hist.setdefault(k, np.zeros(MASS_BINS, np.int64))
+        self.mass_hist[k] += np.histogram(mass, MASS_BINS, (0.0, 1.0))[0]
+        self.mass_sum[k] = self.mass_sum.get(k, 0.0) + float(mass.sum())
 
 
 @dataclass
@@ -137,40 +155,20 @@ def compute_statistics(version: Version, *, temperature: float = 4.0, teacher: s
             names += [version.column_for(r, tid) or "" for r in ("topk_values", "logsumexp")]
     names = list(dict.fromkeys(names))
     stats = [TeacherStats(tid) for tid in version.teacher_ids]
-    for s in stats:
-        s.mass_hist = {k: np.zeros(MASS_BINS, np.int64) for k in ks}
-        s.mass_sum = {k: 0.0 for k in ks}
     sim = torch.zeros(c, c, dtype=torch.float64)
     group_rows = np.zeros(c, np.int64)
     for block in version.iter_files(names):
         y = block[label_col].astype(np.int64) if label_col else None
         for s in stats:
             lp = log_probs(version, block, s.teacher, 1.0)
-            p = lp.exp()
-            conf, pred = p.max(1)
-            conf_np, pred_np = conf.double().numpy(), pred.numpy()
-            s.rows += len(conf_np)
-            s.confidence_sum += float(conf_np.sum())
-            s.entropy_sum += float(-(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(1).double().sum())
-            s.conf_hist += np.histogram(conf_np, CONF_BINS, (0.0, 1.0))[0]
-            if y is not None:
-                ok = pred_np == y
-                s.correct += int(ok.sum())
-                s.labeled += len(y)
-                b = np.minimum((conf_np * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-                s.rel_count += np.bincount(b, minlength=ECE_BINS)
-                s.rel_conf += np.bincount(b, conf_np, minlength=ECE_BINS)
-                s.rel_correct += np.bincount(b, ok.astype(np.float64), minlength=ECE_BINS)
+            pred_np = s.add(lp, y)
             for k in ks:
                 if k_stored:
                     v = np.asarray(block[version.column_for("topk_values", s.teacher) or ""], np.float64)
                     lse = np.asarray(block[version.column_for("logsumexp", s.teacher) or ""], np.float64)
-                    mass = np.exp(v[:, :k] - lse[:, None]).sum(1)
+                    s.add_mass(k, np.exp(v[:, :k] - lse[:, None]).sum(1))
                 else:
-                    mass = torch.topk(p, k, dim=1).values.sum(1).double().numpy()
-                mass = np.clip(mass, 0.0, 1.0)
-                s.mass_hist[k] += np.histogram(mass, MASS_BINS, (0.0, 1.0))[0]
-                s.mass_sum[k] += float(mass.sum())
+                    s.add_mass(k, torch.topk(lp.exp(), k, dim=1).values.sum(1).double().numpy())
             if s.teacher == sim_t:
                 pt = log_probs(version, block, s.teacher, temperature).exp().double()
                 ref = torch.from_numpy(y if y is not None else pred_np).long()
@@ -179,108 +177,6 @@ def compute_statistics(version: Version, *, temperature: float = 4.0, teacher: s
     mean_sim = (sim / torch.from_numpy(np.maximum(group_rows, 1)).double()[:, None]).numpy()
     return CardStatistics(float(temperature), sim_t, "label" if label_col else "argmax", mean_sim, group_rows, ks,
                           "stored top-k" if k_stored else "full logits", stats)
-
-
-# --- text ----------------------------------------------------------------------------------------------------------
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _num(x: float | None, fmt: str = ".3g") -> str:
-    return "inf" if x is None else format(x, fmt)
-
-
-def _created(iso: str) -> str:
-    try:
-        t = _dt.datetime.fromisoformat(iso)
-    except ValueError:
-        return iso
-    return t.astimezone(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if t.tzinfo else iso
-
-
-def _parent_text(parent: dict[str, Any] | None) -> str | None:
-    if not parent:
-        return None
-    settings = ", ".join(f"{k}={v}" for k, v in (parent.get("settings") or {}).items() if k != "source")
-    return f"{parent['name']}@v{parent['version']} by {parent['relation']}" + (f" ({settings})" if settings else "")
-
-
-def _fidelity_temps(m: dict[str, Any]) -> list[str]:
-    temps: list[str] = []
-    for s in m["statistics"].get("teachers", {}).values():
-        for t in (s.get("topk_fidelity_kl") or {}):
-            if t not in temps:
-                temps.append(t)
-    return sorted(temps, key=float)
-
-
-def card_text(m: dict[str, Any], where: str, stats: CardStatistics | None = None) -> str:
-    """The terminal dataset card of manifest `m` (found at `where`): provenance, stored targets, statistics,
-    top-k fidelity, and the data statistics if computed."""
-    ts, lab, tg = m["transfer_set"], m["labeling"], m["targets"]
-    size = sum(f["bytes"] for f in m["files"])
-    out = [f"{m['name']}@v{m['version']}   {where}",
-           f"  {m['num_rows']} rows x {m['num_classes']} classes; {m['storage']['format']}, {len(m['files'])} file(s), "
-           f"{human_bytes(size)}; created {_created(m['created_at'])} by kdstore {m['kdstore_version']}"]
-    parent = _parent_text(m.get("parent"))
-    if parent:
-        out.append(f"  derived from {parent}")
-    out += ["", "provenance"]
-    for t in m["teachers"]:
-        out.append(f"  teacher {t['id']:<4} {short_source(t['source'])}  ({t['kind']}, sha256 {t['sha256'][:12]})")
-        out.append(f"  {'':12} {t['source']}")
-    labels = f"labels in {ts['label_column']!r}" if ts["label_column"] else "no labels"
-    out.append(f"  transfer set {Path(ts['path']).name}  ({ts['kind']}, {ts['rows']} rows, {labels}, "
-               f"sha256 {ts['sha256'][:12]})")
-    out.append(f"  {'':12} {ts['path']}")
-    out.append(f"  inputs       {', '.join(ts['inputs']['columns'])}: {ts['inputs']['dtype']} {ts['inputs']['shape']}")
-    if ts.get("generator"):
-        g = ts["generator"]
-        out.append(f"  generator    {g.get('generator')}: "
-                   + ", ".join(f"{k}={v}" for k, v in g.get("settings", {}).items()))
-    out.append(f"  labeling     {lab['device']}, {lab['precision']}, batch {lab['batch_size']}"
-               + (f", torch {lab['torch_version']}" if lab.get("torch_version") else "")
-               + (f", {lab['seconds']:.1f} s" if lab.get("seconds") is not None else ""))
-    tk = tg["top_k"]
-    stored = targets_text(tg) + (f" ({tk['indices_dtype']} indices, {tk['values_dtype']} values, {tk['tail']} tail)"
-                                 if tk else "") + ", log-sum-exp" + (", labels" if tg["labels"] else "")
-    out += ["", "targets", f"  stored       {stored}"]
-    st = m["statistics"]
-    out += ["", "statistics (label time, T = 1)" + ("; data: ECE and confidence at T = 1" if stats else ""),
-            f"  {'teacher':<8} {'accuracy':>9} {'errors':>7} {'entropy':>8} {'top-k mass':>10}"
-            + (f" {'ECE':>7} {'mean conf':>9}" if stats else "")]
-    by_id = {s.teacher: s for s in stats.teachers} if stats else {}
-    for tid, s in st.get("teachers", {}).items():
-        line = (f"  {tid:<8} {_pct(s.get('accuracy')):>9} {s.get('errors') if s.get('errors') is not None else '-':>7} "
-                f"{s.get('mean_entropy_nats', float('nan')):8.3f} "
-                f"{(format(s['topk_mass_mean'], '.4f') if s.get('topk_mass_mean') is not None else '-'):>10}")
-        if stats and tid in by_id:
-            d = by_id[tid]
-            line += f" {(format(d.ece, '.4f') if d.ece is not None else '-'):>7} {d.mean_confidence:9.4f}"
-        out.append(line)
-    if st.get("ensemble"):
-        e = st["ensemble"]
-        out.append(f"  ensemble ({e.get('combine', 'mean-prob')}): accuracy {_pct(e.get('accuracy'))}, "
-                   f"errors {e.get('errors')}")
-    temps = _fidelity_temps(m)
-    if tk:
-        out += ["", f"top-k fidelity: mean KL(exact || rebuilt from top-{tk['k']}, {tk['tail']} tail) in nats"]
-        if temps:
-            out.append(f"  {'teacher':<8} " + " ".join(f"{'T=' + format(float(t), 'g'):>9}" for t in temps))
-            for tid, s in st.get("teachers", {}).items():
-                fid = s.get("topk_fidelity_kl") or {}
-                out.append(f"  {tid:<8} " + " ".join(f"{_num(fid.get(t)) if t in fid else '-':>9}" for t in temps))
-        else:
-            out.append("  not measured (this version was made from a top-k without full logits)")
-    if stats:
-        names = class_names(m)
-        pairs = stats.similar_pairs(names)
-        out += ["", f"most similar classes at T={stats.temperature:g} ({stats.similarity_teacher}, rows grouped by "
-                    f"{stats.grouped_by}): mean probability of the second class on rows of the first"]
-        out += [f"  {a} -> {b}: {p:.4f}" for a, b, p in pairs]
-    return "\n".join(out)
 
 
 # --- the card files ------------------------------------------------------------------------------------------------
@@ -315,7 +211,7 @@ def write_card(version: Version, stats: CardStatistics, out_dir: Path | None = N
     plots = _plots(version, stats, names)
     for key, fig in plots.items():
         written.append(_save_png(fig, out / PLOTS[key]))
-    readme = card_markdown(version, stats, [k for k in PLOTS if k in plots])
+    readme = card_markdown(version.manifest, stats, [k for k in PLOTS if k in plots])
     written.append(_atomic_write(out / "README.md", readme.encode("utf-8")))
     return written
 
@@ -401,93 +297,3 @@ def _log_if_concentrated(ax: Any, hists: list[np.ndarray]) -> None:
         ax.set_ylabel("fraction of rows (log scale)")
 
 
-def card_markdown(version: Version, stats: CardStatistics, plots: list[str]) -> str:
-    """README.md of the card (GitHub-flavoured Markdown, images relative to the card directory)."""
-    m = version.manifest
-    ts, tg, lab, st = m["transfer_set"], m["targets"], m["labeling"], m["statistics"]
-    tk = tg["top_k"]
-    title = f"{m['name']} v{m['version']}"
-    lines = [
-        f"# {title}",
-        "",
-        f"A kdstore target dataset: {m['num_rows']} rows x {m['num_classes']} classes of teacher targets "
-        f"({targets_text(tg)}), {m['storage']['format']}, {human_bytes(sum(f['bytes'] for f in m['files']))} in "
-        f"{len(m['files'])} file(s).",
-        "",
-        f"*This card is derived: generated by `kdstore inspect --card` (kdstore {__version__}) and not part of the "
-        "checksummed version (its manifest does not list it). Check the data with `kdstore verify`.*",
-        "",
-        "## Provenance",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| created | {_created(m['created_at'])}, kdstore {m['kdstore_version']} |",
-    ]
-    parent = _parent_text(m.get("parent"))
-    if parent:
-        lines.append(f"| derived from | {parent} |")
-    for t in m["teachers"]:
-        lines.append(f"| teacher `{t['id']}` | `{t['source']}` ({t['kind']}), sha256 `{t['sha256']}` |")
-    lines += [
-        f"| transfer set | `{ts['path']}` ({ts['kind']}, {ts['rows']} rows, {ts['format']}), sha256 `{ts['sha256']}` |",
-        f"| inputs | {', '.join(ts['inputs']['columns'])}: {ts['inputs']['dtype']} {ts['inputs']['shape']} |",
-        f"| labels | {('`' + ts['label_column'] + '`') if ts['label_column'] else 'none'} |",
-        f"| labeling | {lab['device']}, {lab['precision']}, batch {lab['batch_size']}"
-        + (f", torch {lab['torch_version']}" if lab.get("torch_version") else "") + " |",
-        f"| stored | {targets_text(tg)}"
-        + (f"; top-{tk['k']} {tk['values_dtype']} values, {tk['indices_dtype']} indices, {tk['tail']} tail"
-           if tk else "")
-        + "; float32 log-sum-exp |",
-    ]
-    if ts.get("generator"):
-        lines.append(f"| generator | `{ts['generator']}` |")
-    lines += ["", "## Statistics", "",
-              "Accuracy, entropy and top-k mass at T = 1 from the manifest (label time); ECE and mean confidence "
-              f"computed from the stored targets ({ECE_BINS} equal-width bins).", "",
-              "| teacher | accuracy | errors | mean entropy (nats) | top-k mass | ECE | mean confidence |",
-              "|---|---|---|---|---|---|---|"]
-    by_id = {s.teacher: s for s in stats.teachers}
-    for tid, s in st.get("teachers", {}).items():
-        d = by_id.get(tid)
-        lines.append(f"| {tid} | {_pct(s.get('accuracy'))} | "
-                     f"{s.get('errors') if s.get('errors') is not None else '-'} | "
-                     f"{s.get('mean_entropy_nats', float('nan')):.4f} | "
-                     f"{format(s['topk_mass_mean'], '.4f') if s.get('topk_mass_mean') is not None else '-'} | "
-                     f"{format(d.ece, '.4f') if d and d.ece is not None else '-'} | "
-                     f"{format(d.mean_confidence, '.4f') if d else '-'} |")
-    if st.get("ensemble"):
-        lines += ["", f"Ensemble ({st['ensemble'].get('combine', 'mean-prob')}): accuracy "
-                      f"{_pct(st['ensemble'].get('accuracy'))}."]
-    temps = _fidelity_temps(m)
-    if tk:
-        lines += ["", "## Top-k fidelity", "",
-                  "Mean KL(exact soft targets ‖ soft targets rebuilt from the stored "
-                  f"top-{tk['k']}, {tk['tail']} tail), "
-                  "in nats, per temperature (docs/format.md, \"The tail model\"). Smaller is better; "
-                  "\"inf\" means the rebuilt targets give zero probability somewhere (the drop tail).", ""]
-        if temps:
-            lines += ["| teacher | " + " | ".join(f"T = {float(t):g}" for t in temps) + " |",
-                      "|---|" + "---|" * len(temps)]
-            for tid, s in st.get("teachers", {}).items():
-                fid = s.get("topk_fidelity_kl") or {}
-                lines.append(f"| {tid} | " + " | ".join(_num(fid.get(t)) if t in fid else "-" for t in temps) + " |")
-        else:
-            lines.append("Not measured: this version was made from a top-k without full logits.")
-    names = class_names(m)
-    pairs = stats.similar_pairs(names)
-    if pairs:
-        lines += ["", f"## Most similar classes at T = {stats.temperature:g}", "",
-                  f"Mean probability that teacher {stats.similarity_teacher} gives the second class on rows of the "
-                  f"first (rows grouped by {stats.grouped_by}).", "", "| class | similar class | mean probability |",
-                  "|---|---|---|"]
-        lines += [f"| {a} | {b} | {p:.4f} |" for a, b, p in pairs]
-    captions = {
-        "confidence": "Teacher confidence (max probability at T = 1).",
-        "reliability": "Reliability diagram: accuracy against confidence per bin; the diagonal is perfect calibration.",
-        "similarity": f"Class similarity: mean soft targets at T = {stats.temperature:g}, one row per class.",
-        "topk_mass": f"Probability mass in the top-k per row ({stats.topk_source}).",
-    }
-    lines += ["", "## Plots", ""]
-    for key in plots:
-        lines += [f"![{key}]({PLOTS[key]})", "", captions[key], ""]
-    return "\n".join(lines).rstrip() + "\n"

@@ -67,6 +67,53 @@ def _check_same_transfer(va: Version, vb: Version) -> None:
                                  f"{vb.num_rows} x {vb.num_classes}; expected the same shape")
 
 
+@dataclass
+class _Sums:
+    """Running sums of a row-by-row comparison."""
+
+    c: int
+    agree: float = 0.0
+    kl_sum: float = 0.0
+    kl_max: float = 0.0
+    kl_inf: int = 0
+    correct_a: int = 0
+    correct_b: int = 0
+    rows_per: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    agree_per: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    prob_a: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    prob_b: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+
+    def __post_init__(self) -> None:
+        self.rows_per, self.agree_per = np.zeros(self.c, np.int64), np.zeros(self.c, np.int64)
+        self.prob_a, self.prob_b = torch.zeros(self.c, dtype=torch.float64), torch.zeros(self.c, dtype=torch.float64)
+
+    def add(self, lpa: torch.Tensor, lpb: torch.Tensor, y: np.ndarray | None) -> None:
+        """Add a block of rows: A's and B's (N, C) log soft targets, and the true labels if any."""
+        arg_a, arg_b = lpa.argmax(1).numpy(), lpb.argmax(1).numpy()
+        same = arg_a == arg_b
+        self.agree += float(same.sum())
+        kl = targets.kl_divergence(lpa, lpb).clamp(min=0.0).double()
+        finite = torch.isfinite(kl)
+        self.kl_inf += int((~finite).sum())
+        self.kl_sum += float(kl[finite].sum())
+        if bool(finite.any()):
+            self.kl_max = max(self.kl_max, float(kl[finite].max()))
+        self.prob_a += lpa.exp().double().sum(0)
+        self.prob_b += lpb.exp().double().sum(0)
+        if y is not None:
+            self.correct_a += int((arg_a == y).sum())
+            self.correct_b += int((arg_b == y).sum())
+        ref = y if y is not None else arg_a
+        self.rows_per += np.bincount(ref, minlength=self.c)[: self.c]
+        self.agree_per += np.bincount(ref[same], minlength=self.c)[: self.c]
+
+    def per_class(self, names: list[str], n: int) -> list[ClassDiff]:
+        pa, pb = (self.prob_a / n).tolist(), (self.prob_b / n).tolist()
+        return [ClassDiff(k, names[k], int(self.rows_per[k]),
+                          float(self.agree_per[k] / self.rows_per[k]) if self.rows_per[k] else None,
+                          pa[k], pb[k], pb[k] - pa[k]) for k in range(self.c)]
+
+
 def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature: float = 1.0,
          teacher_a: str | None = None, teacher_b: str | None = None) -> DiffResult:
     """Compare teacher `teacher_a` of version `a` with `teacher_b` of version `b`, row by row.
@@ -84,56 +131,23 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
     va, vb = Version(resolve_any(a, option="")), Version(resolve_any(b, option=""))
     _check_same_transfer(va, vb)
     ta, tb = teacher_id(va, teacher_a, "teacher_a"), teacher_id(vb, teacher_b, "teacher_b")
-    c = va.num_classes
-    cols_a = columns_for(va, ta) + (["label"] if va.has_labels and va.column_for("label") else [])
-    cols_b = columns_for(vb, tb)
     label_col = va.column_for("label") if va.has_labels else None
-    agree = kl_sum = 0.0
-    kl_max = 0.0
-    kl_inf = 0
-    correct_a = correct_b = 0
-    rows_per = np.zeros(c, np.int64)
-    agree_per = np.zeros(c, np.int64)
-    prob_a = torch.zeros(c, dtype=torch.float64)
-    prob_b = torch.zeros(c, dtype=torch.float64)
+    cols_a, cols_b = columns_for(va, ta) + ([label_col] if label_col else []), columns_for(vb, tb)
+    sums = _Sums(va.num_classes)
     for i, f in enumerate(va.files):
-        start, stop = f["first_row"], f["first_row"] + f["rows"]
         block_a = va.read_file(i, cols_a)
-        block_b = vb.read_rows(start, stop, cols_b)
-        lpa, lpb = log_probs(va, block_a, ta, temperature), log_probs(vb, block_b, tb, temperature)
-        arg_a, arg_b = lpa.argmax(1).numpy(), lpb.argmax(1).numpy()
-        same = arg_a == arg_b
-        agree += float(same.sum())
-        kl = targets.kl_divergence(lpa, lpb).clamp(min=0.0).double()
-        finite = torch.isfinite(kl)
-        kl_inf += int((~finite).sum())
-        kl_sum += float(kl[finite].sum())
-        if bool(finite.any()):
-            kl_max = max(kl_max, float(kl[finite].max()))
-        prob_a += lpa.exp().double().sum(0)
-        prob_b += lpb.exp().double().sum(0)
-        if label_col:
-            y = block_a[label_col].astype(np.int64)
-            correct_a += int((arg_a == y).sum())
-            correct_b += int((arg_b == y).sum())
-            ref = y
-        else:
-            ref = arg_a
-        rows_per += np.bincount(ref, minlength=c)[:c]
-        agree_per += np.bincount(ref[same], minlength=c)[:c]
-    n = va.num_rows
-    names = class_names(va.manifest)
-    pa, pb = (prob_a / n).tolist(), (prob_b / n).tolist()
-    per_class = [ClassDiff(k, names[k], int(rows_per[k]), (float(agree_per[k] / rows_per[k]) if rows_per[k] else None),
-                           pa[k], pb[k], pb[k] - pa[k]) for k in range(c)]
+        block_b = vb.read_rows(f["first_row"], f["first_row"] + f["rows"], cols_b)
+        y = block_a[label_col].astype(np.int64) if label_col else None
+        sums.add(log_probs(va, block_a, ta, temperature), log_probs(vb, block_b, tb, temperature), y)
+    n, ts = va.num_rows, va.manifest["transfer_set"]
     return DiffResult(
         a=_shown(a, va), b=_shown(b, vb), teacher_a=ta, teacher_b=tb, temperature=float(temperature), rows=n,
-        num_classes=c, transfer_sha256=va.manifest["transfer_set"]["sha256"],
-        transfer_file=Path(va.manifest["transfer_set"]["path"]).name, agreement=agree / n,
-        disagreeing_rows=int(n - agree), kl_mean=None if kl_inf else kl_sum / n, kl_max=None if kl_inf else kl_max,
-        kl_infinite_rows=kl_inf, grouped_by="label" if label_col else "argmax of A",
-        accuracy_a=correct_a / n if label_col else None, accuracy_b=correct_b / n if label_col else None,
-        per_class=per_class,
+        num_classes=va.num_classes, transfer_sha256=ts["sha256"], transfer_file=Path(ts["path"]).name,
+        agreement=sums.agree / n, disagreeing_rows=int(n - sums.agree),
+        kl_mean=None if sums.kl_inf else sums.kl_sum / n, kl_max=None if sums.kl_inf else sums.kl_max,
+        kl_infinite_rows=sums.kl_inf, grouped_by="label" if label_col else "argmax of A",
+        accuracy_a=sums.correct_a / n if label_col else None, accuracy_b=sums.correct_b / n if label_col else None,
+        per_class=sums.per_class(class_names(va.manifest), n),
     )
 
 

@@ -172,31 +172,39 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                                time.perf_counter() - t_start)
         ts.set_sha256(transfer_sha.result())
         stats = versioning.combine_statistics([infos[i]["stats"] for i in sorted(infos)], ids, k)
-        manifest = {
-            **versioning.manifest_head(),
-            "parent": None,
-            "num_rows": ts.rows,
-            "num_classes": num_classes,
-            "class_names": next((d["class_names"] for d in [t.describe("t0", num_classes) for t in teachers]
-                                 if d["class_names"]), None),
-            "storage": versioning.storage_block(config.format, config.shard_rows, config.row_group_rows),
-            "teachers": [t.describe(i, num_classes) for t, i in zip(teachers, ids, strict=True)],
-            "transfer_set": ts.describe(),
-            "targets": versioning.targets_block(keep_logits=config.keep_logits, dtype=config.logits_dtype, k=k,
-                                                indices_dtype=versioning.index_dtype(num_classes), tail=config.tail,
-                                                labels=ts.has_labels),
-            "columns": columns,
-            "labeling": {"batch_size": config.batch_size, "device": str(device), "precision": precision,
-                         "torch_version": torch.__version__, "seconds": round(time.perf_counter() - t_start, 3),
-                         "world_size": config.num_shards},
-            "statistics": stats,
-        }
+        manifest = _manifest(config, ts, teachers, ids, num_classes, columns, stats, device, precision, t_start)
         path = writer.commit(manifest)
         if path is None:  # another job committed it first
             return LabelResult(None, {"shards_total": n_shards, "shards_done": n_shards}, len(done),
                                time.perf_counter() - t_start)
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
+
+
+def _manifest(config: LabelConfig, ts: TransferSet, teachers: list[Teacher], ids: list[str], num_classes: int,
+              columns: list[dict[str, Any]], stats: dict[str, Any], device: torch.device, precision: str,
+              t_start: float) -> dict[str, Any]:
+    """The new version's manifest (the writer adds name, version, created_at and files)."""
+    k = config.top_k
+    return {
+        **versioning.manifest_head(),
+        "parent": None,
+        "num_rows": ts.rows,
+        "num_classes": num_classes,
+        "class_names": next((d["class_names"] for d in [t.describe("t0", num_classes) for t in teachers]
+                             if d["class_names"]), None),
+        "storage": versioning.storage_block(config.format, config.shard_rows, config.row_group_rows),
+        "teachers": [t.describe(i, num_classes) for t, i in zip(teachers, ids, strict=True)],
+        "transfer_set": ts.describe(),
+        "targets": versioning.targets_block(keep_logits=config.keep_logits, dtype=config.logits_dtype, k=k,
+                                            indices_dtype=versioning.index_dtype(num_classes), tail=config.tail,
+                                            labels=ts.has_labels),
+        "columns": columns,
+        "labeling": {"batch_size": config.batch_size, "device": str(device), "precision": precision,
+                     "torch_version": torch.__version__, "seconds": round(time.perf_counter() - t_start, 3),
+                     "world_size": config.num_shards},
+        "statistics": stats,
+    }
 
 
 def _forward(teacher: Teacher, x: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kdstore.errors import ConfigError, InputError, arg
-from kdstore.store.files import sha256_file  # re-exported: the one file hasher
+from kdstore.store.files import atomic_path, sha256_file  # sha256_file re-exported: the one file hasher
 
 __all__ = [
     "METADATA_KEY",
@@ -317,14 +316,8 @@ def write_synthetic(
     metadata[METADATA_KEY] = json.dumps(info, sort_keys=True).encode()
     table = table.replace_schema_metadata(metadata)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_generator_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:

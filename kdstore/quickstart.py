@@ -17,6 +17,7 @@ import torch
 
 from kdstore.labeling import LabelConfig, LabelResult, label
 from kdstore.rundir import RunResult
+from kdstore.store.files import atomic_path
 from kdstore.teachers import load_teacher
 from kdstore.training import TrainConfig, Trainer
 from kdstore.transfer import open_transfer
@@ -92,9 +93,8 @@ def write_subset(source: Path, dest: Path, rows: int) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     table = pq.read_table(source).slice(0, rows)
-    tmp = dest.with_suffix(".tmp")
-    pq.write_table(table, tmp, row_group_size=64, compression="zstd")
-    tmp.replace(dest)
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp, row_group_size=64, compression="zstd")
     return dest
 
 

@@ -15,7 +15,6 @@ Only the main rank calls the writing methods.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from kdstore.errors import ConfigError, arg
-from kdstore.store.files import atomic_write_text
+from kdstore.store.files import atomic_path, atomic_write_text
 
 
 def run_id(loss: str, temperature: float, alpha: float, seed: int | None = None) -> str:
@@ -139,10 +138,8 @@ class RunDir:
         return torch.load(ckpt, map_location=device, weights_only=True) if ckpt.exists() else None
 
     def save_checkpoint(self, rid: str, state: dict[str, Any]) -> None:
-        ckpt = self.point(rid) / "checkpoint.pt"
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt)
+        with atomic_path(self.point(rid) / "checkpoint.pt") as tmp:
+            torch.save(state, tmp)
 
     def finish(self, rid: str, weights: dict[str, Tensor], student: dict[str, Any], result: RunResult) -> None:
         """Write the student (safetensors + how to load it), drop the checkpoint, then mark the point done."""
@@ -150,7 +147,8 @@ class RunDir:
 
         rdir = self.point(rid)
         state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-        save_file(state, str(rdir / "student.safetensors"))
+        with atomic_path(rdir / "student.safetensors") as tmp:
+            save_file(state, str(tmp))
         atomic_write_text(rdir / "student.json", json.dumps(student, indent=1))
         (rdir / "checkpoint.pt").unlink(missing_ok=True)
         atomic_write_text(rdir / "result.json", json.dumps(asdict(result), indent=1))

@@ -97,3 +97,23 @@ def batch_log_probs(batch: Mapping[str, Tensor], temperature: float, plan: Targe
 def mse_target(batch: Mapping[str, Tensor], weights: Tensor) -> Tensor:
     """The logit-regression target of a batch: the (weighted) mean of the teachers' logits, (B, C) float32."""
     return ensemble.mean_logits(batch["logits"].float(), weights)
+
+
+@torch.no_grad()
+def training_view(memory: Mapping[str, Tensor], loss: str, temperature: float, alpha: float, plan: TargetPlan,
+                  weights: Tensor, chunk: int = 65536) -> dict[str, Tensor]:
+    """An in-memory set's training view for one (T, alpha): inputs, labels if the loss reads them, and the loss's
+    targets precomputed for every row (``teacher_logp`` for kd/topk, ``mse_target`` for mse).
+
+    With T fixed for a sweep point the targets are the same every epoch, so each training step only gathers rows:
+    a KD step costs what a hard-label step does, plus the soft cross-entropy.
+    """
+    view = {"x": memory["x"], "sample_id": memory["sample_id"]}
+    if "label" in memory and (loss in ("hard", "ls") or alpha < 1):
+        view["label"] = memory["label"]
+    parts = [{k: v[a : a + chunk] for k, v in memory.items()} for a in range(0, len(memory["x"]), chunk)]
+    if loss in ("kd", "topk"):
+        view["teacher_logp"] = torch.cat([batch_log_probs(p, temperature, plan, weights) for p in parts])
+    elif loss == "mse":
+        view["mse_target"] = torch.cat([mse_target(p, weights) for p in parts])
+    return view

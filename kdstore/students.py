@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdstore.errors import StudentError
+from kdstore.errors import StudentError, arg
 
 _MLP_RE = re.compile(r"^mlp:(\d+(?:-\d+)+)$")
 _CNN_RE = re.compile(r"^cnn:(\d+)x(\d+)(?:x(\d+))?-(\d+)$")
@@ -86,6 +86,26 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
         f"model spec {spec!r} is not understood; expected 'mlp:IN-H1-...-C', 'cnn:HxW[xC]-C' "
         "or 'package.module:factory'"
     )
+
+
+def build_student(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """`build_model(spec)`, checked to map inputs of `input_shape` to `num_classes` logits.
+
+    Raises:
+        StudentError: naming the spec, what it did and what the data needs.
+    """
+    model = build_model(spec)
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:
+        raise StudentError(f"{arg('student')} {spec}: forward failed on inputs of shape {(2, *input_shape)} "
+                           f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
+                           "match its input size to the data") from None
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise StudentError(f"{arg('student')} {spec}: outputs {tuple(out.shape[1:])} classes, but the store has "
+                           f"{num_classes}; make its last size {num_classes}")
+    return model
 
 
 def is_model_spec(spec: str) -> bool:

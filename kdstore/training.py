@@ -25,13 +25,13 @@ from torch import Tensor, nn
 from kdstore import distributed, ensemble, losses, soft_targets
 from kdstore.data import memory_batches, open_training_data
 from kdstore.device import autocast, resolve_device, resolve_precision
-from kdstore.errors import StudentError, TrainingDiverged, arg
+from kdstore.errors import TrainingDiverged, arg
 from kdstore.evaluation import EvalResult, agreement_counts, evaluate, load_eval_set
 from kdstore.plan import plan_targets
 from kdstore.rundir import RunDir, RunResult, over_seeds
 from kdstore.store import open_version
 from kdstore.store.remote import resolve_any
-from kdstore.students import build_model, count_parameters
+from kdstore.students import build_student, count_parameters
 from kdstore.train_config import DATA_MODES, LOSSES, OPTIMIZERS, SCHEDULES, SweepPoint, TrainConfig
 
 __all__ = ["DATA_MODES", "LOSSES", "OPTIMIZERS", "SCHEDULES", "SweepPoint", "TrainConfig", "Trainer"]
@@ -77,7 +77,8 @@ class Trainer:
         for point in self.cfg.sweep():
             results.append(self._train_point(point, memory, progress))
             if self.dist.is_main:
-                self.rundir.write_summary(self._summary(results))
+                self.rundir.write_summary(_summary(self.cfg, self.data.version.ref, self.data.version.manifest,
+                                                   results))
         return results
 
     def _train_point(self, point: SweepPoint, memory: Batch | None, progress: Progress | None) -> RunResult:
@@ -113,7 +114,7 @@ class Trainer:
         with _join(net, self.dist.active and view is None):
             for step, (batch, n_global) in enumerate(self._batches(view, epoch, point.seed)):
                 for group in opt.param_groups:
-                    group["lr"] = self._lr_at(epoch, step, steps)
+                    group["lr"] = _lr_at(self.cfg, epoch, step, steps)
                 n_local = len(batch["x"])
                 if n_local:
                     with autocast(self.device, self.precision):
@@ -173,38 +174,14 @@ class Trainer:
         key = (point.temperature, point.alpha)
         if self._view is None or self._view[0] != key:
             self._view = None  # free the previous view before building the next
-            self._view = (key, self._training_view(memory, point.temperature, point.alpha))
+            view = soft_targets.training_view(memory, self.cfg.loss, point.temperature, point.alpha, self.plan,
+                                              self.weights)
+            self._view = (key, view)
         return self._view[1]
-
-    @torch.no_grad()
-    def _training_view(self, memory: Batch, temperature: float, alpha: float, chunk: int = 65536) -> Batch:
-        """The targets this run's loss reads, precomputed once for every row (T is fixed for a point): each step
-        then only gathers rows, so a KD step costs what a hard-label step does, plus the soft cross-entropy."""
-        view = {"x": memory["x"], "sample_id": memory["sample_id"]}
-        if "label" in memory and (self.cfg.loss in ("hard", "ls") or alpha < 1):
-            view["label"] = memory["label"]
-        parts = [{k: v[a : a + chunk] for k, v in memory.items()} for a in range(0, len(memory["x"]), chunk)]
-        if self.cfg.loss in ("kd", "topk"):
-            view["teacher_logp"] = torch.cat([soft_targets.batch_log_probs(p, temperature, self.plan, self.weights)
-                                              for p in parts])
-        elif self.cfg.loss == "mse":
-            view["mse_target"] = torch.cat([soft_targets.mse_target(p, self.weights) for p in parts])
-        return view
 
     # -- students, optimizers, measurements ----------------------------------------------------------------------
     def _build_student(self) -> nn.Module:
-        model = build_model(self.cfg.student)
-        try:
-            with torch.no_grad():
-                out = model(torch.zeros(2, *self.input_shape))
-        except Exception as e:
-            raise StudentError(f"{arg('student')} {self.cfg.student}: forward failed on inputs of shape "
-                               f"{(2, *self.input_shape)} ({type(e).__name__}: "
-                               f"{(str(e).splitlines() or [''])[0][:160]}); match its input size to the data") from None
-        if out.ndim != 2 or out.shape[1] != self.num_classes:
-            raise StudentError(f"{arg('student')} {self.cfg.student}: outputs {tuple(out.shape[1:])} classes, but the "
-                               f"store has {self.num_classes}; make its last size {self.num_classes}")
-        return model.to(self.device)
+        return build_student(self.cfg.student, self.input_shape, self.num_classes).to(self.device)
 
     def _start(self, rid: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, int, list[float]]:
         """A new student and optimizer for a point, or both restored from the point's checkpoint."""
@@ -227,12 +204,6 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def _lr_at(self, epoch: int, step: int, steps: int) -> float:
-        if self.cfg.schedule == "constant":
-            return self.cfg.lr
-        progress = (epoch + step / max(steps, 1)) / self.cfg.epochs
-        return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     def evaluate(self, model: nn.Module) -> EvalResult | None:
         """(accuracy, errors, mean NLL) on the --eval set, or None without one."""
@@ -260,7 +231,8 @@ class Trainer:
                            self.agreement(model, memory), seconds, epoch_seconds,
                            {"parameters": count_parameters(model), "world_size": self.dist.world_size}, point.seed)
         if self.dist.is_main:
-            self.rundir.finish(rid, model.state_dict(), self._student_info(result), result)
+            info = _student_info(self.cfg, self.num_classes, str(self.data.version.ref), result)
+            self.rundir.finish(rid, model.state_dict(), info, result)
         return result
 
     def _diverged(self, rid: str, what: str) -> str:
@@ -278,20 +250,32 @@ class Trainer:
         finally:
             self.dist.barrier()
 
-    def _student_info(self, result: RunResult) -> dict[str, Any]:
-        return {"student": self.cfg.student, "num_classes": self.num_classes, "loss": self.cfg.loss,
-                "temperature": result.temperature, "alpha": result.alpha, "seed": result.seed,
-                "targets": str(self.data.version.ref),
-                "load": f"kdstore.students.build_model({self.cfg.student!r}).load_state_dict("
-                        "safetensors.torch.load_file('student.safetensors'))"}
 
-    def _summary(self, results: list[RunResult]) -> dict[str, Any]:
-        stats = self.data.version.manifest["statistics"]
-        summary = {"targets": str(self.data.version.ref), "student": self.cfg.student, "teacher": stats["teachers"],
-                   "ensemble": stats.get("ensemble"), "runs": [asdict(r) for r in results]}
-        if len(self.cfg.seeds) > 1:
-            summary["over_seeds"] = over_seeds(results)
-        return summary
+
+def _lr_at(c: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """The learning rate at `step` of `steps` in `epoch`: constant, or cosine from --lr down to 0 over the run."""
+    if c.schedule == "constant":
+        return c.lr
+    progress = (epoch + step / max(steps, 1)) / c.epochs
+    return c.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _student_info(c: TrainConfig, num_classes: int, targets: str, result: RunResult) -> dict[str, Any]:
+    """student.json: what the student is and how to load it."""
+    return {"student": c.student, "num_classes": num_classes, "loss": c.loss, "temperature": result.temperature,
+            "alpha": result.alpha, "seed": result.seed, "targets": targets,
+            "load": f"kdstore.students.build_model({c.student!r}).load_state_dict("
+                    "safetensors.torch.load_file('student.safetensors'))"}
+
+
+def _summary(c: TrainConfig, ref: object, manifest: dict[str, Any], results: list[RunResult]) -> dict[str, Any]:
+    """summary.json: the teacher's statistics and every finished point (with mean and SD over seeds)."""
+    stats = manifest["statistics"]
+    summary = {"targets": str(ref), "student": c.student, "teacher": stats["teachers"],
+               "ensemble": stats.get("ensemble"), "runs": [asdict(r) for r in results]}
+    if len(c.seeds) > 1:
+        summary["over_seeds"] = over_seeds(results)
+    return summary
 
 
 def _optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:

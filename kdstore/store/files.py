@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,22 @@ def fsync_file(path: Path) -> None:
     """fsync a file written by someone else (e.g. a Parquet writer) before it is renamed into place."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: Path, tag: str = "") -> Iterator[Path]:
+    """A temporary path for a writer that needs a file name (Parquet, HDF5, torch.save): when the block ends
+    normally the file is fsynced and renamed over `path`; if it raises, the temporary file is removed.
+
+    `tag` makes the temporary name unique among writers of one process (threads, or jobs racing on one file).
+    """
+    tmp = temporary_path(path, tag)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

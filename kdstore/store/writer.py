@@ -4,7 +4,7 @@ Layout while writing::
 
     STORE/NAME/.staging-<run_key>.lock  flock held by the writing process
     STORE/NAME/.staging-<run_key>/      invisible to readers (leading dot, no manifest)
-        data/part-00000.parquet         complete shards (written to *.tmp, fsynced, renamed)
+        data/part-00000.parquet         complete shards (written to a temporary name, fsynced, renamed)
         data/part-00000.json            sidecar: rows, bytes, sha256, caller's partial statistics
 
 At commit the sidecars go, ``manifest.json`` is written **last**, and the staging directory is
@@ -33,7 +33,7 @@ import numpy as np
 
 from kdstore.errors import ConfigError, KdstoreError, StoreFormatError, arg
 from kdstore.store import manifest as mf
-from kdstore.store.files import atomic_write_json, fsync_dir, fsync_file, sha256_file
+from kdstore.store.files import atomic_path, atomic_write_json, fsync_dir, sha256_file
 from kdstore.store.formats import EXTENSIONS, FORMATS, write_shard
 from kdstore.store.layout import STAGING_PREFIX, check_name, existing_versions, version_dir_name
 
@@ -156,11 +156,9 @@ class VersionWriter:
               stats: dict[str, Any]) -> dict[str, Any]:
         """Write shard `index` (rows from `first_row`), then its sidecar; both appear atomically."""
         final = self.shard_path(index)
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # unique: jobs may race on one shard
-        write_shard(tmp, columns, self.columns, fmt=self.fmt, row_group_rows=self.row_group_rows,
-                    metadata=self.shard_metadata)
-        fsync_file(tmp)
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:  # per-process name: the jobs of a sharded run may race on one shard
+            write_shard(tmp, columns, self.columns, fmt=self.fmt, row_group_rows=self.row_group_rows,
+                        metadata=self.shard_metadata)
         rows = len(next(iter(columns.values())))
         info = {"index": index, "path": f"data/{final.name}", "rows": rows, "bytes": final.stat().st_size,
                 "sha256": sha256_file(final), "first_row": first_row, "stats": stats}
@@ -243,8 +241,7 @@ class VersionWriter:
         for side in (self.staging / "data").glob("part-*.json"):
             side.unlink()
         (self.staging / "settings.json").unlink(missing_ok=True)
-        for stale in [*self.staging.glob("*.tmp"), *self.staging.glob(".*.tmp"), *(self.staging / "data").glob("*.tmp"),
-                      *(self.staging / "data").glob(".*.tmp")]:
+        for stale in [*self.staging.glob(".*.tmp"), *(self.staging / "data").glob(".*.tmp")]:
             stale.unlink(missing_ok=True)  # left by a process killed mid-write; never part of a version
         fsync_dir(self.staging / "data")
         while True:
