@@ -33,6 +33,11 @@ def verify(ref: str) -> None:
     if report.ok:
         click.echo(f"ok {report.ref}: {report.files} file(s), {human_bytes(report.bytes)}, {report.rows} rows; "
                    "schema, sizes, sha256, row counts and columns match the manifest")
+        if len(report.environments) > 1:
+            click.echo("computed in more than one environment: float columns may differ in the last bits from a "
+                       "run on one kind of machine (docs/format.md, Reproducibility):")
+        for line in report.environments:
+            click.echo(f"  {line}")
         return
     for problem in report.problems:
         click.echo(problem)

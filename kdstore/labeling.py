@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore import targets, versioning
+from kdstore import reproducible, targets, versioning
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, InputError, ShapeMismatchError, TeacherError, arg
 from kdstore.options import LOGITS_DTYPES
@@ -146,8 +146,9 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
     sharded = config.num_shards > 1
     with VersionWriter(Path(config.out), config.name, run_key=run_key, fmt=config.format, columns=columns,
                        shard_rows=config.shard_rows, row_group_rows=config.row_group_rows,
-                       shard_metadata=shard_meta,
-                       participant=f"shard-{config.shard_index}-of-{config.num_shards}" if sharded else "") as writer:
+                       shard_metadata=shard_meta, pinned={"threads": torch.get_num_threads()},
+                       participant=f"shard-{config.shard_index}-of-{config.num_shards}" if sharded else "") as writer, \
+            reproducible.pinned_compute(int(writer.pinned["threads"]), device):
         done = writer.completed()
         n_shards = math.ceil(ts.rows / config.shard_rows)
         # The shard plan depends only on shard_rows, never on the number of jobs: job i of N takes files
@@ -163,6 +164,7 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
             stop = min(start + config.shard_rows, ts.rows)
             cols, stats = _label_shard(teachers, ids, ts, start, stop, num_classes, k, config, device,
                                        precision, progress)
+            stats["environment"] = reproducible.environment(device)
             writer.write_async(index, start, cols, stats)
         writer.flush()
         infos = writer.completed()
@@ -171,8 +173,11 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
             return LabelResult(None, {"shards_total": n_shards, "shards_done": len(infos)}, len(done),
                                time.perf_counter() - t_start)
         ts.set_sha256(transfer_sha.result())
-        stats = versioning.combine_statistics([infos[i]["stats"] for i in sorted(infos)], ids, k)
+        parts = [infos[i]["stats"] for i in sorted(infos)]
+        stats = versioning.combine_statistics(parts, ids, k)
         manifest = _manifest(config, ts, teachers, ids, num_classes, columns, stats, device, precision, t_start)
+        manifest["labeling"].update(threads=int(writer.pinned["threads"]),
+                                    environments=reproducible.group_environments([p.get("environment") for p in parts]))
         path = writer.commit(manifest)
         if path is None:  # another job committed it first
             return LabelResult(None, {"shards_total": n_shards, "shards_done": n_shards}, len(done),
@@ -208,7 +213,7 @@ def _manifest(config: LabelConfig, ts: TransferSet, teachers: list[Teacher], ids
 
 
 def _forward(teacher: Teacher, x: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:
-    xt = torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True)
+    xt = reproducible.device_input(x, device)
     try:
         with torch.inference_mode(), autocast(device, precision):
             out = teacher.module(xt)

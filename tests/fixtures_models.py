@@ -128,3 +128,23 @@ def exact_teacher(num_classes: int = NUM_CLASSES, seed: int = 7) -> nn.Module:
 def exact_teacher_b() -> nn.Module:
     """A second exact teacher (another seed), for ensembles in the golden test."""
     return exact_teacher(seed=8)
+
+
+THREADS_SEEN: list[int] = []
+
+
+class _ThreadRecorder(_Wrap):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        THREADS_SEEN.append(torch.get_num_threads())
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def thread_recording_teacher() -> nn.Module:
+    """tiny_teacher that appends torch's intra-op thread count to THREADS_SEEN at every forward."""
+    return _ThreadRecorder().eval()
+
+
+def wide_mlp(seed: int = 0) -> nn.Module:
+    """256 -> 1024 -> 1024 -> 100: the size at which a resumed label run once differed from an uninterrupted one."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 100)).eval()

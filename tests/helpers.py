@@ -26,10 +26,10 @@ def label_config(teacher: str | Path | list[str], transfer: str | Path, out: str
     return LabelConfig(teachers=teachers, transfer=str(transfer), out=str(out), name=name, **opts)
 
 
-def run_label(*args: Any, **kw: Any) -> Any:
+def run_label(*args: Any, progress: Any = None, **kw: Any) -> Any:
     from kdstore.labeling import label
 
-    return label(label_config(*args, **kw))
+    return label(label_config(*args, **kw), progress=progress)
 
 
 def cli(args: list[str], **kw: Any) -> Result:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -214,3 +215,23 @@ def test_ls_verify_and_remote_import_no_torch() -> None:
             "kdstore.cli.push; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_verify_names_the_environments_a_version_was_computed_in(shared: dict[str, Path], tmp_path: Path) -> None:
+    v = shared["pq"]
+    rep = catalog.verify(v)
+    assert len(rep.environments) == 1 and rep.environments[0].startswith("shards 0-2: cpu ")
+    dst = copy_version(v, tmp_path / "store")
+    env = {"device": "cpu", "threads": 8, "torch": "x", "cpu": "Other CPU", "cpu_capability": "AVX2"}
+
+    def two_kinds(m: dict[str, Any]) -> None:
+        m["labeling"]["environments"][0]["shards"] = [0, 2]
+        m["labeling"]["environments"].append({"environment": env, "shards": [1]})
+
+    edit_manifest(dst, two_kinds)
+    r = cli(["verify", dst])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "computed in more than one environment" in lines[1]
+    assert lines[2].startswith("  shards 0,2: cpu ")
+    assert lines[3] == "  shards 1: cpu Other CPU (AVX2), 8 threads, torch x"

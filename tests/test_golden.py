@@ -82,7 +82,7 @@ def _content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-_VOLATILE = {"created_at", "seconds", "kdstore_version", "torch_version"}
+_VOLATILE = {"created_at", "seconds", "kdstore_version", "torch_version", "threads", "environments"}  # machine facts
 
 
 def _normalise(obj: Any, root: str) -> Any:

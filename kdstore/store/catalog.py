@@ -182,6 +182,7 @@ class VerifyReport:
     files: int = 0
     bytes: int = 0
     rows: int = 0
+    environments: list[str] = field(default_factory=list)  # where the shards were computed (see reproducibility)
 
     @property
     def ok(self) -> bool:
@@ -207,7 +208,23 @@ def verify_local(ref: VersionRef) -> VerifyReport:
     for i, f in enumerate(v.files):
         if f["path"] not in bad:
             problems.extend(_column_problems(v, i))
-    return VerifyReport(str(ref), problems, len(m["files"]), sum(f["bytes"] for f in m["files"]), m["num_rows"])
+    return VerifyReport(str(ref), problems, len(m["files"]), sum(f["bytes"] for f in m["files"]), m["num_rows"],
+                        environments_text(m))
+
+
+def environments_text(m: dict[str, Any]) -> list[str]:
+    """Where a version's shards were computed, one line per environment (docs/format.md, "Reproducibility")."""
+    groups = (m.get("labeling") or {}).get("environments") or []
+    lines = []
+    for g in groups:
+        e = g["environment"]
+        where = (f"{e.get('gpu')} (CUDA {e.get('cuda')})" if e.get("device") == "cuda"
+                 else f"{e.get('cpu')} ({e.get('cpu_capability')})")
+        shards = g["shards"]
+        contiguous = len(shards) > 1 and shards == list(range(shards[0], shards[-1] + 1))
+        span = f"shards {shards[0]}-{shards[-1]}" if contiguous else "shards " + ",".join(map(str, shards))
+        lines.append(f"{span}: {e.get('device')} {where}, {e.get('threads')} threads, torch {e.get('torch')}")
+    return lines
 
 
 def _column_problems(v: Version, index: int) -> list[str]:

@@ -84,6 +84,21 @@ def atomic_write_json(path: Path, obj: Any, *, indent: int | None = None) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Create `path` with `data` only if it does not exist yet (atomically: written aside, fsynced, then hard-linked
+    into place, which fails if another process got there first). Returns whether this call created it."""
+    tmp = temporary_path(path, "excl")
+    try:
+        write_synced(tmp, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable."""
     try:

@@ -33,7 +33,7 @@ import numpy as np
 
 from kdstore.errors import ConfigError, KdstoreError, StoreFormatError, arg
 from kdstore.store import manifest as mf
-from kdstore.store.files import atomic_path, atomic_write_json, fsync_dir, sha256_file
+from kdstore.store.files import atomic_path, atomic_write_json, create_exclusive, fsync_dir, sha256_file
 from kdstore.store.formats import EXTENSIONS, FORMATS, write_shard
 from kdstore.store.layout import STAGING_PREFIX, check_name, existing_versions, version_dir_name
 
@@ -50,6 +50,9 @@ class VersionWriter:
         columns: column specs ``{"name", "role", "dtype", "shape", "teacher"?}`` in file order.
         shard_rows, row_group_rows: rows per shard file and per row group/chunk.
         shard_metadata: JSON embedded in every shard (must not vary between runs: no timestamps).
+        pinned: settings recorded when the run first starts and handed back to every later participant
+            (`self.pinned`), e.g. the intra-op thread count, so that a resumed or sharded run computes like the
+            first process did. Not part of the resume check.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class VersionWriter:
         row_group_rows: int,
         shard_metadata: dict[str, Any],
         participant: str = "",
+        pinned: dict[str, Any] | None = None,
     ) -> None:
         check_name(name)
         if fmt not in FORMATS:
@@ -75,6 +79,7 @@ class VersionWriter:
         self.store, self.name, self.fmt = Path(store), name, fmt
         self.columns, self.shard_rows, self.row_group_rows = columns, shard_rows, row_group_rows
         self.shard_metadata = shard_metadata
+        self.pinned: dict[str, Any] = dict(pinned or {})
         self.dataset_dir = self.store / name
         self.staging = self.dataset_dir / f"{STAGING_PREFIX}{run_key[:16]}"
         # One lock per participant: a single run holds ".lock"; jobs of a sharded run each hold their own
@@ -99,13 +104,15 @@ class VersionWriter:
         settings = self.staging / "settings.json"
         desc = {"format": self.fmt, "columns": self.columns, "shard_rows": self.shard_rows,
                 "row_group_rows": self.row_group_rows, "metadata": self.shard_metadata}
-        if settings.exists():
-            if json.loads(settings.read_text("utf-8")) != json.loads(json.dumps(desc)):
-                raise StoreFormatError(
-                    f"{self.staging} holds an interrupted run with other settings; delete that directory to start over"
-                )
-        else:
-            atomic_write_json(settings, desc, indent=1)
+        # The first participant records the settings (and what it pins); everyone after, a resumed run or another
+        # job of a sharded run starting at the same moment, reads them back and must agree.
+        create_exclusive(settings, json.dumps({**desc, "pinned": self.pinned}, indent=1).encode("utf-8"))
+        stored = json.loads(settings.read_text("utf-8"))
+        self.pinned = stored.pop("pinned", None) or self.pinned
+        if stored != json.loads(json.dumps(desc)):
+            raise StoreFormatError(
+                f"{self.staging} holds an interrupted run with other settings; delete that directory to start over"
+            )
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
