@@ -152,7 +152,8 @@ def compute_statistics(version: Version, *, temperature: float = 4.0, teacher: s
     for tid in version.teacher_ids:
         names += columns_for(version, tid)
         if k_stored:
-            names += [version.column_for(r, tid) or "" for r in ("topk_values", "logsumexp")]
+            names += [c for c in (version.column_for(r, tid) for r in ("topk_values", "logsumexp", "tail_logmass"))
+                      if c]
     names = list(dict.fromkeys(names))
     stats = [TeacherStats(tid) for tid in version.teacher_ids]
     sim = torch.zeros(c, c, dtype=torch.float64)
@@ -163,7 +164,10 @@ def compute_statistics(version: Version, *, temperature: float = 4.0, teacher: s
             lp = log_probs(version, block, s.teacher, 1.0)
             pred_np = s.add(lp, y)
             for k in ks:
-                if k_stored:
+                tcol = version.column_for("tail_logmass", s.teacher)
+                if k_stored and tcol:  # format 2: exactly 1 - exp(tail)
+                    s.add_mass(k, -np.expm1(np.asarray(block[tcol], np.float64)))
+                elif k_stored:
                     v = np.asarray(block[version.column_for("topk_values", s.teacher) or ""], np.float64)
                     lse = np.asarray(block[version.column_for("logsumexp", s.teacher) or ""], np.float64)
                     s.add_mass(k, np.exp(v[:, :k] - lse[:, None]).sum(1))

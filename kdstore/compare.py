@@ -14,7 +14,7 @@ from kdstore.errors import ShapeMismatchError
 from kdstore.soft_targets import columns_for, log_probs, teacher_id
 from kdstore.store import Version, VersionRef
 from kdstore.store.catalog import class_names
-from kdstore.store.remote import is_remote, parse_ref, resolve_any
+from kdstore.store.remote import resolve_any, shown_ref
 
 # --- diff -------------------------------------------------------------------------------------------------------
 
@@ -141,22 +141,14 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
         sums.add(log_probs(va, block_a, ta, temperature), log_probs(vb, block_b, tb, temperature), y)
     n, ts = va.num_rows, va.manifest["transfer_set"]
     return DiffResult(
-        a=_shown(a, va), b=_shown(b, vb), teacher_a=ta, teacher_b=tb, temperature=float(temperature), rows=n,
-        num_classes=va.num_classes, transfer_sha256=ts["sha256"], transfer_file=Path(ts["path"]).name,
+        a=shown_ref(a, va.ref), b=shown_ref(b, vb.ref), teacher_a=ta, teacher_b=tb, temperature=float(temperature),
+        rows=n, num_classes=va.num_classes, transfer_sha256=ts["sha256"], transfer_file=Path(ts["path"]).name,
         agreement=sums.agree / n, disagreeing_rows=int(n - sums.agree),
         kl_mean=None if sums.kl_inf else sums.kl_sum / n, kl_max=None if sums.kl_inf else sums.kl_max,
         kl_infinite_rows=sums.kl_inf, grouped_by="label" if label_col else "argmax of A",
         accuracy_a=sums.correct_a / n if label_col else None, accuracy_b=sums.correct_b / n if label_col else None,
         per_class=sums.per_class(class_names(va.manifest), n),
     )
-
-
-def _shown(ref: object, v: Version) -> str:
-    """How a version is named in reports: a remote one by its URL (with version), a local one by its path."""
-    if isinstance(ref, str) and is_remote(ref):
-        r = parse_ref(ref)
-        return f"{r.store}/{r.name}@v{v.ref.version}"
-    return str(v.ref)
 
 
 def format_diff(r: DiffResult, max_classes: int = 50) -> str:

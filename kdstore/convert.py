@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore import targets, versioning
+from kdstore import versioning
 from kdstore.errors import ConfigError, arg
 from kdstore.options import LOGITS_DTYPES
 from kdstore.soft_targets import tensor
 from kdstore.store import FORMATS, Version, VersionWriter, check_name
-from kdstore.store.remote import is_remote, is_url, resolve_any
+from kdstore.store.remote import is_remote, is_url, resolve_any, shown_ref
 from kdstore.versioning import TEACHER_ROLES
 
 
@@ -90,10 +90,9 @@ class ConvertResult:
 class _Plan:
     fmt: str
     k: int | None
-    dtype: str  # logits and top-k values
+    dtype: str  # precision of logits and top-k values
     keep_logits: bool
     from_logits: bool  # top-k recomputed from the full logits (else truncated from the stored top-k)
-    recompute_topk_stats: bool
     shard_rows: int
     row_group_rows: int
 
@@ -114,25 +113,20 @@ def _plan(src: Version, cfg: ConvertConfig) -> _Plan:
                           f"({arg('top_k')} 0); keep the logits or give {arg('top_k')} K")
     if k is not None and k > c:
         raise ConfigError(f"{arg('top_k')} {k}: {src.ref} has {c} classes; use 1..{c}")
-    from_logits = bool(k) and (src_k is None or k > src_k)
+    from_logits = bool(k) and (src_k is None or k > src_k or (src.has_logits and src.format_version < 2))
     if from_logits and not src.has_logits:
         raise ConfigError(f"{arg('top_k')} {k}: {src.ref} stores top-{src_k} and no full logits, so a larger top-k "
-                          "cannot be "
-                          f"made; use {arg('top_k')} {src_k} or less (or relabel with `kdstore label`)")
-    src_vdtype = (m["targets"]["top_k"] or {}).get("values_dtype")
-    recompute = bool(k) and (k != src_k or dtype != src_vdtype)
+                          f"cannot be made; use {arg('top_k')} {src_k} or less (or relabel with `kdstore label`)")
     storage = m["storage"]
-    return _Plan(cfg.to or storage["format"], k, str(dtype), keep, from_logits, recompute,
+    return _Plan(cfg.to or storage["format"], k, str(dtype), keep, from_logits,
                  cfg.shard_rows or storage["shard_rows"], cfg.row_group_rows or storage["row_group_rows"])
 
 
 def _columns(src: Version, plan: _Plan) -> list[dict[str, Any]]:
     """Column specs of the new version, in the order `kdstore label` writes them; unknown roles are kept."""
     c = src.num_classes
-    src_idx = [col["dtype"] for col in src.manifest["columns"] if col["role"] == "topk_indices"]
-    idx_dtype = src_idx[0] if (src_idx and not plan.from_logits) else versioning.index_dtype(c)
     cols = versioning.column_specs(src.teacher_ids, c, k=plan.k, keep_logits=plan.keep_logits, dtype=plan.dtype,
-                                   labels=src.column_for("label") is not None, indices_dtype=idx_dtype)
+                                   labels=src.column_for("label") is not None)
     known = {"sample_id", "label", *TEACHER_ROLES}
     cols += [dict(col) for col in src.manifest["columns"] if col["role"] not in known]
     return cols
@@ -152,90 +146,87 @@ def convert(cfg: ConvertConfig, progress: Callable[[int], None] | None = None) -
     name = cfg.name or src.ref.name
     out = Path(cfg.out) if cfg.out is not None else src.ref.store
     columns = _columns(src, plan)
-    settings = {"format": plan.fmt, "top_k": plan.k, "logits_dtype": plan.dtype, "keep_logits": plan.keep_logits,
-                "topk_from": ("logits" if plan.from_logits else "stored top-k") if plan.k else None,
-                "shard_rows": plan.shard_rows, "row_group_rows": plan.row_group_rows, "source": cfg.source}
     shard_meta = versioning.shard_metadata(name, columns, [t["sha256"] for t in src.manifest["teachers"]])
-    run_key = versioning.run_key({"source_files": [f["sha256"] for f in src.files],
+    run_key = versioning.run_key({"source_files": [f["sha256"] for f in src.files], "format": 2,
                                   "settings": {**asdict(plan), "name": name}})
-    acc: dict[str, dict[str, Any]] = {tid: {"mass": 0.0, "fid": {}} for tid in src.teacher_ids}
-    read_names = [col["name"] for col in src.manifest["columns"]]
+    tail = (src.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
     with VersionWriter(out, name, run_key=run_key, fmt=plan.fmt, columns=columns, shard_rows=plan.shard_rows,
                        row_group_rows=plan.row_group_rows, shard_metadata=shard_meta) as writer:
         done = writer.completed()
         n_shards = math.ceil(src.num_rows / plan.shard_rows)
         for index in range(n_shards):
             start, stop = index * plan.shard_rows, min((index + 1) * plan.shard_rows, src.num_rows)
-            if index in done and not plan.recompute_topk_stats:
-                if progress:
-                    progress(stop - start)
-                continue
-            block = src.read_rows(start, stop, read_names, decode=False)
-            cols, stats = _convert_block(src, block, columns, plan)
-            for tid, s in stats.items():
-                acc[tid]["mass"] += s["mass"]
-                for t, v in s["fid"].items():
-                    acc[tid]["fid"][t] = acc[tid]["fid"].get(t, 0.0) + v
             if index not in done:
-                writer.write(index, start, cols, {})
+                stats = versioning.TargetStatistics(src.teacher_ids, src.num_classes, plan.k, tail)
+                cols = _convert_rows(src, start, stop, columns, plan, stats)
+                writer.write(index, start, cols, stats.partial())
             if progress:
                 progress(stop - start)
-        manifest = _manifest(src, plan, columns, acc, settings)
-        path = writer.commit(manifest)
-    return ConvertResult(path, json.loads((path / "manifest.json").read_text("utf-8")), str(src.ref), len(done))
+        infos = writer.completed()
+        stats = versioning.TargetStatistics(src.teacher_ids, src.num_classes, plan.k, tail)
+        reference = ("stored logits" if plan.keep_logits else "stored logits of the parent" if src.has_logits
+                     else None)
+        statistics = stats.combine([infos[i]["stats"] for i in sorted(infos)], reference)
+        path = writer.commit(_manifest(src, plan, columns, statistics, shown_ref(cfg.source, src.ref)))
+    return ConvertResult(path, json.loads((path / "manifest.json").read_text("utf-8")), shown_ref(cfg.source, src.ref),
+                         len(done))
 
 
-def _convert_block(src: Version, block: dict[str, np.ndarray], columns: list[dict[str, Any]],
-                   plan: _Plan) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    out: dict[str, np.ndarray] = {}
-    stats: dict[str, Any] = {}
-    for tid in src.teacher_ids:
-        lcol = src.column_for("logits", tid)
-        z = None
-        if lcol:
-            z = torch.from_numpy(versioning.decode(block[lcol], src.columns[lcol]["dtype"]).astype(np.float32))
-        lse_name = src.column_for("logsumexp", tid) or ""
-        lse = tensor(block[lse_name])
-        if plan.keep_logits:
-            assert lcol is not None and z is not None
-            same = src.columns[lcol]["dtype"] == plan.dtype
-            out[f"{tid}_logits"] = block[lcol] if same else versioning.encode(z, plan.dtype)
-        if plan.k:
-            if plan.from_logits:
-                assert z is not None
-                v, idx = targets.top_k(z, plan.k)
-                values = versioning.encode(v, plan.dtype)
-                indices = idx.numpy()
-            else:
-                icol, vcol = src.column_for("topk_indices", tid) or "", src.column_for("topk_values", tid) or ""
-                indices = block[icol][:, : plan.k]
-                same = src.columns[vcol]["dtype"] == plan.dtype
-                kept = block[vcol][:, : plan.k]
-                values = (np.ascontiguousarray(kept) if same
-                          else versioning.encode(versioning.decode(kept, src.columns[vcol]["dtype"]), plan.dtype))
-            idx_spec = next(col for col in columns if col["name"] == f"{tid}_topk_indices")
-            out[f"{tid}_topk_indices"] = np.ascontiguousarray(indices).astype(idx_spec["dtype"])
-            out[f"{tid}_topk_values"] = values
-            if plan.recompute_topk_stats:
-                vq = torch.from_numpy(versioning.decode(values, plan.dtype).astype(np.float32))
-                iq = torch.from_numpy(out[f"{tid}_topk_indices"].astype(np.int64))
-                tail = (src.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
-                stats[tid] = {"mass": versioning.stored_topk_mass_sum(vq, lse),
-                              "fid": versioning.fidelity_sums(z, vq, iq, lse, tail) if z is not None else {}}
-    for col in columns:
-        if col["name"] not in out:
-            out[col["name"]] = block[col["name"]]  # sample_id, label, log-sum-exp, unknown roles: as stored
-    return out, stats
+def _convert_rows(src: Version, start: int, stop: int, columns: list[dict[str, Any]], plan: _Plan,
+                  stats: versioning.TargetStatistics) -> dict[str, np.ndarray]:
+    """The new version's columns for rows [start, stop), read and converted one source row group at a time (memory
+    bounded by a row group, whatever C); statistics are added to `stats` as they go."""
+    names = [col["name"] for col in src.manifest["columns"]]
+    wanted = [col["name"] for col in columns]
+    step = src.manifest["storage"]["row_group_rows"]
+    idx_dtype = versioning.index_dtype(src.num_classes)
+    parts = []
+    for a in range(start, stop, step):
+        block = src.read_rows(a, min(a + step, stop), names)
+        out: dict[str, np.ndarray] = {n: block[n] for n in wanted if n in block}  # sample_id, label, unknown roles
+        stored, refs = {}, {}
+        for tid in src.teacher_ids:
+            stored[tid], refs[tid] = _teacher_rows(src, tid, block, plan)
+            out.update(stored[tid].columns(tid, idx_dtype))
+        labels = torch.from_numpy(block["label"].astype(np.int64)) if "label" in block else None
+        stats.add(torch.from_numpy(block["sample_id"].astype(np.int64)), labels, stored, refs)
+        parts.append({n: out[n] for n in wanted})
+    return {n: np.concatenate([p[n] for p in parts]) for n in wanted}
 
 
-def _manifest(src: Version, plan: _Plan, columns: list[dict[str, Any]], acc: dict[str, Any],
-              settings: dict[str, Any]) -> dict[str, Any]:
+def _teacher_rows(src: Version, tid: str, block: dict[str, np.ndarray],
+                  plan: _Plan) -> tuple[versioning.StoredTargets, torch.Tensor | None]:
+    """One teacher's stored targets in the new version for a block of source rows, and the fidelity reference
+    (the source's full logits, when the new version does not keep them)."""
+    lcol = src.column_for("logits", tid)
+    z = tensor(block[lcol]) if lcol else None
+    lse = tensor(block[src.column_for("logsumexp", tid) or ""])
+    if plan.from_logits or not plan.k:
+        assert z is not None  # _plan: a new top-k from logits, or logits only, both need the source's logits
+        st = versioning.stored_targets(z, k=plan.k, keep_logits=plan.keep_logits, precision=plan.dtype, lse=lse)
+    else:
+        values = tensor(block[src.column_for("topk_values", tid) or ""])
+        indices = tensor(block[src.column_for("topk_indices", tid) or ""], np.int64)
+        tcol = src.column_for("tail_logmass", tid)
+        st = versioning.truncated_targets(values, indices, lse, tensor(block[tcol]) if tcol else None, k=plan.k,
+                                          precision=plan.dtype)
+        if plan.keep_logits and z is not None:
+            st.logits = versioning.stored_targets(z, k=None, keep_logits=True, precision=plan.dtype, lse=lse).logits
+    return st, (z if not plan.keep_logits else None)
+
+
+def _manifest(src: Version, plan: _Plan, columns: list[dict[str, Any]], statistics: dict[str, Any],
+              source: str) -> dict[str, Any]:
     m = copy.deepcopy(src.manifest)
     for key in ("name", "version", "created_at", "files", "derived_files"):
         m.pop(key, None)
     tail = (m["targets"]["top_k"] or {}).get("tail", "uniform")
     c = src.num_classes
     m.update(versioning.manifest_head())
+    settings = {"format": plan.fmt, "top_k": plan.k, "logits_dtype": plan.dtype, "keep_logits": plan.keep_logits,
+                "topk_from": ("logits" if plan.from_logits else "stored top-k") if plan.k else None,
+                "shard_rows": plan.shard_rows, "row_group_rows": plan.row_group_rows, "source": source,
+                "source_format_version": src.format_version}
     m["parent"] = {"name": src.manifest["name"], "version": src.manifest["version"], "relation": "convert",
                    "settings": settings}
     m["storage"] = versioning.storage_block(plan.fmt, plan.shard_rows, plan.row_group_rows)
@@ -243,17 +234,5 @@ def _manifest(src: Version, plan: _Plan, columns: list[dict[str, Any]], acc: dic
     m["targets"] = versioning.targets_block(keep_logits=plan.keep_logits, dtype=plan.dtype, k=plan.k,
                                             indices_dtype=idx_dtype, tail=tail, labels=m["targets"]["labels"])
     m["columns"] = columns
-    rows = src.num_rows
-    for tid, entry in m["statistics"].get("teachers", {}).items():
-        if not plan.k:
-            entry.pop("topk_mass_mean", None)
-            entry.pop("topk_fidelity_kl", None)
-        elif plan.recompute_topk_stats and tid in acc:
-            entry["topk_mass_mean"] = acc[tid]["mass"] / rows
-            if src.has_logits:
-                entry["topk_fidelity_kl"] = versioning.mean_fidelity([acc[tid]["fid"]], rows)
-                entry["topk_fidelity_reference"] = (f"stored {src.manifest['targets']['logits']['dtype']} "
-                                                    "logits of the parent")
-            else:
-                entry["topk_fidelity_kl"] = None  # no full logits: the error of a truncated top-k cannot be measured
+    m["statistics"] = statistics
     return m

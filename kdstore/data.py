@@ -64,7 +64,8 @@ class TrainingData:
         if "label" in self.need:
             out["label"] = ["label"]
         role_keys = {"logits": [("logits", "logits")],
-                     "topk": [("topk_values", "topk_values"), ("topk_indices", "topk_indices"), ("lse", "logsumexp")]}
+                     "topk": [("topk_values", "topk_values"), ("topk_indices", "topk_indices"), ("lse", "logsumexp")]
+                     + ([("tail", "tail_logmass")] if v.has_tail else [])}
         for need in ("logits", "topk"):
             if need in self.need:
                 for key, role in role_keys[need]:

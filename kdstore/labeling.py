@@ -164,7 +164,7 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
             stop = min(start + config.shard_rows, ts.rows)
             cols, stats = _label_shard(teachers, ids, ts, start, stop, num_classes, k, config, device,
                                        precision, progress)
-            stats["environment"] = reproducible.environment(device)
+            stats["environment"] = reproducible.environment(device)  # where this shard's floats were computed
             writer.write_async(index, start, cols, stats)
         writer.flush()
         infos = writer.completed()
@@ -174,7 +174,8 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                                time.perf_counter() - t_start)
         ts.set_sha256(transfer_sha.result())
         parts = [infos[i]["stats"] for i in sorted(infos)]
-        stats = versioning.combine_statistics(parts, ids, k)
+        reference = "stored logits" if config.keep_logits else "teacher logits at label time (float32)"
+        stats = versioning.TargetStatistics(ids, num_classes, k, config.tail).combine(parts, reference)
         manifest = _manifest(config, ts, teachers, ids, num_classes, columns, stats, device, precision, t_start)
         manifest["labeling"].update(threads=int(writer.pinned["threads"]),
                                     environments=reproducible.group_environments([p.get("environment") for p in parts]))
@@ -250,58 +251,56 @@ def _label_shard(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Run the teachers over rows [start, stop); return the shard's columns and partial statistics.
 
-    Per batch only the teachers run; everything row-wise (log-sum-exp, top-k, statistics) is computed once per
-    shard on the whole block. Few large ops instead of many small ones: on a CPU whose cores are shared, every
-    small multi-threaded op can stall for a scheduler time slice.
+    Everything is computed per batch, in chunks of rows small enough that a chunk of C-class arrays stays near
+    `versioning.CHUNK_ELEMENTS` values: memory is bounded by the batch and the chunk, never by the shard or C
+    (only the columns that are stored accumulate: full logits when kept, else k values per row).
     """
-    logits: dict[str, list[torch.Tensor]] = {tid: [] for tid in ids}
-    labels: list[np.ndarray] = []
+    stats = versioning.TargetStatistics(ids, c, k, cfg.tail)
+    parts: list[dict[str, np.ndarray]] = []
+    idx_dtype = versioning.index_dtype(c)
     for first, x, y in _prefetch(ts.iter_batches(cfg.batch_size, start, stop)):
-        if y is not None:
-            bad = np.flatnonzero((y < 0) | (y >= c))
-            if len(bad):
-                raise InputError(f"{arg('transfer')} {ts.path}: row {first + bad[0]} has label {y[bad[0]]}, outside "
-                                 "the "
-                                 f"teachers' class range 0..{c - 1}; fix the labels or pass {arg('label_column')} none")
-            labels.append(y.astype(np.int64))
-        for t, tid in zip(teachers, ids, strict=True):
-            z = _forward(t, x, device, precision)
-            if z.shape[1] != c:
-                raise ShapeMismatchError(f"{arg('teacher')} {t.source}: {z.shape[1]} classes, expected {c}")
-            logits[tid].append(z)
+        y_dev = _checked_labels(y, first, c, ts, device)
+        zs = [_checked_logits(t, _forward(t, x, device, precision), c, first, ts) for t in teachers]
+        step = versioning.rows_per_chunk(c)
+        for a in range(0, len(x), step):
+            ids_chunk = torch.arange(first + a, first + min(a + step, len(x)), device=device)
+            stored = {tid: versioning.stored_targets(z[a : a + step], k=k, keep_logits=cfg.keep_logits,
+                                                     precision=cfg.logits_dtype)
+                      for tid, z in zip(ids, zs, strict=True)}
+            refs = {tid: None if cfg.keep_logits else z[a : a + step] for tid, z in zip(ids, zs, strict=True)}
+            stats.add(ids_chunk, y_dev[a : a + step] if y_dev is not None else None, stored, refs)
+            chunk: dict[str, np.ndarray] = {"sample_id": ids_chunk.cpu().numpy()}
+            if y is not None:
+                chunk["label"] = y[a : a + step].astype(np.int64)
+            for tid, st in stored.items():
+                chunk.update(st.columns(tid, idx_dtype))
+            parts.append(chunk)
         if progress:
             progress(len(x))
-    n = stop - start
-    cols: dict[str, np.ndarray] = {"sample_id": np.arange(start, stop, dtype=np.int64)}
-    y_all = np.concatenate(labels) if labels else None
-    y_dev = torch.from_numpy(y_all).to(device) if y_all is not None else None
-    if y_all is not None:
-        cols["label"] = y_all
-    stats: dict[str, Any] = {"rows": n, "labeled": n if y_all is not None else 0, "teachers": {}}
-    probs_sum = torch.zeros(n, c, device=device)
-    for t, tid in zip(teachers, ids, strict=True):
-        z = torch.cat(logits.pop(tid))
-        finite = torch.isfinite(z).all(dim=1)
-        if not bool(finite.all()):
-            row = start + int(torch.nonzero(~finite)[0, 0])
-            raise TeacherError(f"{arg('teacher')} {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
-                               "nothing was committed; check the teacher and that input row")
-        lse = targets.logsumexp(z)
-        if cfg.keep_logits:
-            cols[f"{tid}_logits"] = versioning.encode(z, cfg.logits_dtype)
-        # statistics, from the full logits in memory (whether or not they are kept)
-        logp = torch.log_softmax(z, dim=1)
-        probs_sum += logp.exp()
-        topk = None
-        if k:
-            v, idx = targets.top_k(z, k)
-            cols[f"{tid}_topk_indices"] = idx.cpu().numpy().astype(versioning.index_dtype(c))
-            cols[f"{tid}_topk_values"] = versioning.encode(v, cfg.logits_dtype)
-            topk = (v, versioning.as_stored(v, cfg.logits_dtype), idx)  # fidelity of the values as stored
-        cols[f"{tid}_logsumexp"] = lse.cpu().numpy()
-        stats["teachers"][tid] = versioning.teacher_partial(z, logp, y_dev, lse, topk, cfg.tail)
-    stats["ensemble_correct"] = int((probs_sum.argmax(1) == y_dev).sum()) if y_dev is not None else 0
-    return cols, stats
+    cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return cols, stats.partial()
+
+
+def _checked_labels(y: np.ndarray | None, first: int, c: int, ts: TransferSet,
+                    device: torch.device) -> torch.Tensor | None:
+    if y is None:
+        return None
+    bad = np.flatnonzero((y < 0) | (y >= c))
+    if len(bad):
+        raise InputError(f"{arg('transfer')} {ts.path}: row {first + bad[0]} has label {y[bad[0]]}, outside the "
+                         f"teachers' class range 0..{c - 1}; fix the labels or pass {arg('label_column')} none")
+    return torch.from_numpy(y.astype(np.int64)).to(device)
+
+
+def _checked_logits(t: Teacher, z: torch.Tensor, c: int, first: int, ts: TransferSet) -> torch.Tensor:
+    if z.shape[1] != c:
+        raise ShapeMismatchError(f"{arg('teacher')} {t.source}: {z.shape[1]} classes, expected {c}")
+    finite = torch.isfinite(z).all(dim=1)
+    if not bool(finite.all()):
+        row = first + int(torch.nonzero(~finite)[0, 0])
+        raise TeacherError(f"{arg('teacher')} {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
+                           "nothing was committed; check the teacher and that input row")
+    return z
 
 
 def _prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:

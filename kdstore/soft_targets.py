@@ -46,7 +46,8 @@ def columns_for(version: Version, teacher: str) -> list[str]:
     names = [version.column_for(r, teacher) for r in ("topk_indices", "topk_values", "logsumexp")]
     if not all(names):
         raise ConfigError(f"{version.ref}: teacher {teacher} has neither logits nor top-k columns")
-    return [n for n in names if n]
+    tail = version.column_for("tail_logmass", teacher)
+    return [n for n in names if n] + ([tail] if tail else [])
 
 
 def log_probs(version: Version, block: Mapping[str, np.ndarray], teacher: str, temperature: float) -> Tensor:
@@ -56,8 +57,9 @@ def log_probs(version: Version, block: Mapping[str, np.ndarray], teacher: str, t
         return targets.log_soft_targets(tensor(block[logits]), temperature)
     idx, val, lse = (block[version.column_for(r, teacher) or ""] for r in ("topk_indices", "topk_values", "logsumexp"))
     tail = (version.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
+    tcol = version.column_for("tail_logmass", teacher)
     return targets.log_soft_targets_topk(tensor(val), tensor(idx, np.int64), tensor(lse), version.num_classes,
-                                         temperature, tail)
+                                         temperature, tail, tensor(block[tcol]) if tcol else None)
 
 
 # --- training batches -----------------------------------------------------------------------------------------------
@@ -73,10 +75,12 @@ def batch_logits(batch: Mapping[str, Tensor], plan: TargetPlan) -> Tensor:
         flat = z.reshape(b * m, c)
         v, i = targets.top_k(flat, plan.k)
         return targets.rebuild_logits(v, i, torch.logsumexp(flat, 1), c, plan.tail).reshape(b, m, c)
-    v, i, lse = batch["topk_values"][..., : plan.k].float(), batch["topk_indices"][..., : plan.k], batch["lse"]
+    lse = batch["lse"]
+    v, i, tail = targets.truncate_topk(batch["topk_values"].float(), batch["topk_indices"], lse, batch.get("tail"),
+                                       plan.k)
     b, m, k = v.shape
     rebuilt = targets.rebuild_logits(v.reshape(b * m, k), i.reshape(b * m, k), lse.reshape(b * m).float(),
-                                     plan.num_classes, plan.tail)
+                                     plan.num_classes, plan.tail, tail.reshape(b * m) if tail is not None else None)
     return rebuilt.reshape(b, m, plan.num_classes)
 
 

@@ -3,14 +3,16 @@
 All functions take and return tensors and compute in float32 whatever the input dtype, so targets stored
 as float16/bfloat16 are softened at full precision.
 
-The tail model (how soft targets are rebuilt from top-k storage):
-    A row stores its k largest logits ``z_i`` and the log-sum-exp ``L = log sum_j exp(z_j)`` of *all* C
-    logits (at T = 1). The probability mass outside the top-k at T = 1 is ``r = 1 - sum_i exp(z_i - L)``.
-    The ``C - k`` tail classes are each given the logit ``z_tail = L + log(r / (C - k))``, i.e. the leftover
-    mass spread evenly over them at T = 1, and the rebuilt logit vector is then tempered like any other:
-    ``q(T) = softmax(z' / T)``. This is exact for k = C, exact in the top-k probabilities and total tail
-    mass at T = 1, and its error at other temperatures is the "top-k fidelity" recorded in each manifest.
-    The ``"drop"`` tail instead renormalises over the top-k alone (Tang et al. 2020, KD-topk).
+The tail model (how soft targets are rebuilt from top-k storage; docs/format.md states it for readers):
+    A row stores its k largest logits ``v_i`` (rounded to the storage precision), ``L = logsumexp_j z_j`` over
+    *all* C logits and, in format 2, ``t = logsumexp_{j not in top-k} z_j - L``, the log of the probability mass
+    outside the top-k at T = 1 (both float32, computed from the unrounded logits; ``t = -inf`` when nothing is
+    left). The ``uniform`` tail gives each of the C - k other classes the logit ``L + t - log(C - k)``, i.e. the
+    leftover mass spread evenly at T = 1, and the rebuilt logit vector z' is tempered like any other:
+    ``q(T) = softmax(z' / T)``. It needs no clamping and is exact for k = C; its error at other temperatures is
+    the "top-k fidelity" recorded in each manifest. Format 1 stored no ``t``; its readers derive it as
+    ``log(1 - sum_i exp(v_i - L))``, clamped where rounding makes that sum reach 1. The ``"drop"`` tail instead
+    renormalises over the top-k alone (Tang et al. 2020, KD-topk).
 """
 
 from __future__ import annotations
@@ -55,6 +57,31 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.gather(x, 1, order), order
 
 
+def tail_logmass(logits: Tensor, indices: Tensor, lse: Tensor) -> Tensor:
+    """Log of the probability mass outside the top-k at T = 1, float32 (N,): ``logsumexp_{j not in top-k} z_j - L``.
+
+    Computed from the logits themselves, never as ``log(1 - sum of the top-k probabilities)``, which cancels when
+    the top-k mass is close to 1. ``-inf`` where nothing is left (k = C, or every tail logit is -inf).
+
+    Args:
+        logits: (N, C) the exact logits.
+        indices: (N, k) the top-k class indices.
+        lse: (N,) ``logsumexp`` of all C logits.
+    """
+    masked = logits.float().scatter(1, indices.long(), float("-inf"))
+    return torch.logsumexp(masked, dim=1) - lse.float()
+
+
+def truncate_topk(values: Tensor, indices: Tensor, lse: Tensor, tail_logmass: Tensor | None,
+                  k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The first `k` entries of a stored top-k (largest first), with the tail grown by the dropped entries:
+    ``t' = logaddexp(t, logsumexp(v_dropped - L))``. Format-1 top-k (no tail) is cut as is."""
+    if tail_logmass is None or k >= values.shape[-1]:
+        return values[..., :k], indices[..., :k], tail_logmass
+    dropped = torch.logsumexp(values[..., k:].float() - lse.float()[..., None], dim=-1)
+    return values[..., :k], indices[..., :k], torch.logaddexp(tail_logmass.float(), dropped)
+
+
 def logsumexp(logits: Tensor) -> Tensor:
     """Row-wise log-sum-exp of (N, C) logits, float32 (N,)."""
     return torch.logsumexp(logits.float(), dim=1)
@@ -72,7 +99,8 @@ def soft_targets(logits: Tensor, temperature: float) -> Tensor:
 
 
 def rebuild_logits(
-    values: Tensor, indices: Tensor, lse: Tensor, num_classes: int, tail: TailModel = "uniform"
+    values: Tensor, indices: Tensor, lse: Tensor, num_classes: int, tail: TailModel = "uniform",
+    tail_logmass: Tensor | None = None,
 ) -> Tensor:
     """Dense (N, C) logits rebuilt from top-k storage under the tail model (see module docstring).
 
@@ -82,6 +110,7 @@ def rebuild_logits(
         lse: (N,) log-sum-exp of the full logits at T = 1 (unused for ``tail="drop"``).
         num_classes: C.
         tail: ``"uniform"`` (leftover mass spread over the other classes) or ``"drop"`` (-inf outside top-k).
+        tail_logmass: (N,) the stored log tail mass (format 2); None derives it from the top-k (format 1).
 
     Returns:
         float32 (N, C) logits; softmax of them at T = 1 reproduces the stored top-k probabilities.
@@ -98,10 +127,14 @@ def rebuild_logits(
         if lse.shape != (n,):
             raise ShapeMismatchError(f"lse must be (N,) = ({n},), got {tuple(lse.shape)}")
         lse32 = lse.float()
-        # log of the top-k mass; log1p(-exp(.)) keeps precision when the mass is close to 1.
-        log_mass = torch.logsumexp(v - lse32[:, None], dim=1).clamp(max=0.0)
-        log_rest = torch.log1p(-torch.exp(log_mass).clamp(max=1.0 - 1e-7))
-        tail_logit = lse32 + log_rest - torch.log(torch.tensor(float(num_classes - k), device=v.device))
+        if tail_logmass is None:  # format 1: derived from the rounded top-k, clamped below 1
+            log_mass = torch.logsumexp(v - lse32[:, None], dim=1).clamp(max=0.0)
+            log_rest = torch.log1p(-torch.exp(log_mass).clamp(max=1.0 - 1e-7))
+        elif tail_logmass.shape != (n,):
+            raise ShapeMismatchError(f"tail_logmass must be (N,) = ({n},), got {tuple(tail_logmass.shape)}")
+        else:
+            log_rest = tail_logmass.float()
+        tail_logit = lse32 + log_rest - math.log(num_classes - k)
         fill = tail_logit[:, None].expand(n, num_classes)
     else:
         raise ConfigError(f"{arg('tail')} {tail!r}: expected one of {', '.join(TAIL_MODELS)}")
@@ -117,10 +150,12 @@ def log_soft_targets_topk(
     num_classes: int,
     temperature: float,
     tail: TailModel = "uniform",
+    tail_logmass: Tensor | None = None,
 ) -> Tensor:
     """Log soft targets at T rebuilt from top-k storage, float32 (N, C); -inf outside top-k for ``drop``."""
     check_temperature(temperature)
-    return torch.log_softmax(rebuild_logits(values, indices, lse, num_classes, tail) / temperature, dim=1)
+    rebuilt = rebuild_logits(values, indices, lse, num_classes, tail, tail_logmass)
+    return torch.log_softmax(rebuilt / temperature, dim=1)
 
 
 def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -139,6 +174,28 @@ def entropy(log_p: Tensor) -> Tensor:
     return -(p * torch.where(p > 0, log_p.float(), torch.zeros_like(p))).sum(dim=1)
 
 
+def topk_entropy(values: Tensor, lse: Tensor, tail_logmass: Tensor, num_classes: int,
+                 tail: TailModel = "uniform") -> Tensor:
+    """Entropy in nats of the soft targets at T = 1 rebuilt from a top-k (`rebuild_logits`), without building the
+    (N, C) vector: O(k) per row. Equals ``entropy(log_softmax(rebuild_logits(...)))``.
+
+    Args:
+        values: (N, k) stored top-k logits; lse: (N,); tail_logmass: (N,) (format 2).
+    """
+    v = values.float()
+    n, k = v.shape
+    if tail == "drop" or k == num_classes:
+        logq = torch.log_softmax(v, dim=1)
+        return -(logq.exp() * logq).sum(dim=1)
+    tail_total = lse.float() + tail_logmass.float()  # log of the tail's total (unnormalised) mass
+    norm = torch.logaddexp(torch.logsumexp(v, dim=1), tail_total)
+    logq = v - norm[:, None]
+    tail_logq = tail_total - norm  # log of the tail's total probability
+    per_class = tail_logq - math.log(num_classes - k)
+    tail_h = torch.where(torch.isfinite(tail_logq), -tail_logq.exp() * per_class, torch.zeros_like(tail_logq))
+    return -(logq.exp() * logq).sum(dim=1) + tail_h
+
+
 def topk_fidelity(
     logits: Tensor,
     values: Tensor,
@@ -146,25 +203,29 @@ def topk_fidelity(
     lse: Tensor,
     temperatures: Sequence[float],
     tail: TailModel = "uniform",
+    tail_logmass: Tensor | None = None,
 ) -> dict[float, Tensor]:
-    """Per-row KL(exact soft targets || soft targets rebuilt from top-k) at each temperature.
+    """Per-row KL(reference soft targets || soft targets rebuilt from the top-k) at each temperature.
+
+    ``KL_n(T) = sum_c p_c (log p_c - log q_c)`` with ``p = softmax(z / T)`` of the reference logits and
+    ``q = softmax(z' / T)`` of the rebuilt ones (`rebuild_logits`); terms with ``p_c = 0`` are 0.
 
     Args:
-        logits: (N, C) exact teacher logits.
-        values, indices, lse: the top-k storage as written (pass values already cast to the stored dtype).
+        logits: (N, C) reference logits (the stored full logits, or the teacher's at label time).
+        values, indices, lse, tail_logmass: the top-k storage as a reader sees it (values at stored precision).
         temperatures: the temperatures to measure at.
 
     Returns:
-        {T: (N,) float32 KL in nats}.
+        {T: (N,) float32 KL in nats}. Memory: a few (N, C) float32 arrays; callers bound N for large C.
     """
     for t in temperatures:
         check_temperature(t)
-    c = logits.shape[1]
-    # All temperatures in one batched pass: (len(T), N, C). Labeling calls this for every batch, and a few
-    # large ops cost far less than many small ones.
-    temps = torch.tensor([float(t) for t in temperatures], device=logits.device)[:, None, None]
-    exact = torch.log_softmax(logits.float()[None] / temps, dim=2)
-    rebuilt = torch.log_softmax(rebuild_logits(values, indices, lse, c, tail)[None] / temps, dim=2)
-    p = exact.exp()
-    kl = (p * torch.where(p > 0, exact - rebuilt, torch.zeros_like(p))).sum(dim=2).clamp(min=0.0)
-    return {float(t): kl[i] for i, t in enumerate(temperatures)}
+    ref = logits.float()
+    rebuilt = rebuild_logits(values, indices, lse, ref.shape[1], tail, tail_logmass)
+    out = {}
+    for t in temperatures:
+        exact = torch.log_softmax(ref / t, dim=1)
+        p = exact.exp()
+        diff = torch.where(p > 0, exact - torch.log_softmax(rebuilt / t, dim=1), torch.zeros_like(p))
+        out[float(t)] = (p * diff).sum(dim=1).clamp(min=0.0)
+    return out

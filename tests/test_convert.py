@@ -12,7 +12,7 @@ import torch
 from kdstore import targets
 from kdstore.convert import ConvertConfig, convert
 from kdstore.errors import ConfigError
-from kdstore.store import Version, decode_bfloat16
+from kdstore.store import Version
 from tests.conftest import Data
 from tests.helpers import all_bytes, assert_clean_error, cli, run_label
 from tests.sharing_helpers import label_store
@@ -90,20 +90,22 @@ def test_dtype_conversion_and_dropping_logits(shared: dict[str, Path], tmp_path:
     res = convert(ConvertConfig(str(shared["pq2"]), logits_dtype="float32", to="parquet", out=str(tmp_path)))
     v = Version(res.path)
     for n in ("t0_logits", "t0_topk_values"):
-        bits = np.concatenate([src.read_file(i, [n], decode=False)[n] for i in range(3)])
-        assert bits.dtype == np.uint16
-        assert np.array_equal(v.read_all([n])[n], decode_bfloat16(bits))  # bf16 -> fp32 is exact
-    # the stored top-k changed dtype, so its statistics were recomputed, against the parent's bf16 logits
+        assert src.columns[n]["precision"] == "bfloat16" and "precision" not in v.columns[n]
+        assert np.array_equal(v.read_all([n])[n], src.read_all([n])[n])  # bf16 -> fp32 is exact
+    # statistics are recomputed on the new version's own targets (the same values here)
     s_src, s_new = src.manifest["statistics"]["teachers"]["t0"], v.manifest["statistics"]["teachers"]["t0"]
-    assert s_new["topk_fidelity_reference"] == "stored bfloat16 logits of the parent"
+    assert s_new["topk_fidelity_reference"] == "stored logits"
     assert all(x is not None and x >= 0 for x in s_new["topk_fidelity_kl"].values())
-    assert s_new["accuracy"] == s_src["accuracy"] and s_new["mean_entropy_nats"] == s_src["mean_entropy_nats"]
+    assert s_new["accuracy"] == s_src["accuracy"]
+    assert s_new["mean_entropy_nats"] == pytest.approx(s_src["mean_entropy_nats"], rel=1e-12)
+    assert s_new["topk_fidelity_kl"] == pytest.approx(s_src["topk_fidelity_kl"], rel=1e-9)
 
     res = convert(ConvertConfig(str(shared["pq"]), keep_logits=False, top_k=1, out=str(tmp_path), name="top1"))
     v = Version(res.path)
     assert not v.has_logits and v.top_k == 1 and "t0_logits" not in v.columns
     # measured from the parent's logits
     assert v.manifest["statistics"]["teachers"]["t0"]["topk_fidelity_kl"]["1.0"] > 0
+    assert v.manifest["statistics"]["teachers"]["t0"]["topk_fidelity_reference"] == "stored logits of the parent"
 
 
 def test_top_k_only_source_truncates_without_fidelity(shared: dict[str, Path], tmp_path: Path) -> None:
@@ -114,10 +116,12 @@ def test_top_k_only_source_truncates_without_fidelity(shared: dict[str, Path], t
                           src.read_all(["t0_topk_indices"])["t0_topk_indices"][:, :1])
     s = v.manifest["statistics"]["teachers"]["t0"]
     assert s["topk_fidelity_kl"] is None  # no full logits anywhere: cannot be measured
-    lse = src.read_all(["t0_logsumexp"])["t0_logsumexp"].astype(np.float64)
-    top1 = src.read_all(["t0_topk_values"])["t0_topk_values"][:, 0].astype(np.float64)
-    # per-row mass from the stored (fp16) values, capped at 1 where rounding pushed a dominant logit past it
-    assert s["topk_mass_mean"] == pytest.approx(float(np.minimum(np.exp(top1 - lse), 1.0).mean()), rel=1e-9)
+    cols = src.read_all(["t0_logsumexp", "t0_topk_values", "t0_tail_logmass"])
+    lse, vals, tail = (cols[n].astype(np.float64) for n in ("t0_logsumexp", "t0_topk_values", "t0_tail_logmass"))
+    # the dropped second entry joins the tail: t' = logaddexp(t, v_2 - L); top-k mass = 1 - exp(t')
+    new_tail = np.logaddexp(tail, vals[:, 1] - lse)
+    np.testing.assert_allclose(v.read_all(["t0_tail_logmass"])["t0_tail_logmass"], new_tail, rtol=1e-6)
+    assert s["topk_mass_mean"] == pytest.approx(float((-np.expm1(new_tail)).mean()), rel=1e-5)
     r = cli(["inspect", res.path])
     assert "not measured (this version was made from a top-k without full logits)" in r.output
     r = cli(["convert", res.path, "--top-k", "1", "--name", "again", "--quiet"])
@@ -178,6 +182,11 @@ def test_convert_reshards_and_resumes(shared: dict[str, Path], tmp_path: Path) -
     for n in src.columns:
         want = src.read_all([n])[n]
         got = v.read_all([n])[n]
+        if n == "t0_tail_logmass":  # grown by the dropped third entry
+            want = src.read_all(["t0_topk_values", "t0_logsumexp", "t0_tail_logmass"])
+            grown = np.logaddexp(want[n], want["t0_topk_values"][:, 2] - want["t0_logsumexp"])
+            np.testing.assert_allclose(got, grown, rtol=1e-6)
+            continue
         assert np.array_equal(got, want[:, :2] if n.startswith("t0_topk") else want), n
     assert v.read_rows(25, 65, ["sample_id"])["sample_id"].tolist() == list(range(25, 65))
     clean = Version(convert(ConvertConfig(**{**cfg.__dict__, "out": str(tmp_path / "b")})).path)

@@ -22,7 +22,7 @@ def test_label_then_train(data: Data, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     version = store / "tiny" / "v1"
     manifest = json.loads((version / "manifest.json").read_text())
-    schema = json.loads((REPO_ROOT / "schemas" / "manifest.v1.json").read_text())
+    schema = json.loads((REPO_ROOT / "schemas" / "manifest.v2.json").read_text())
     jsonschema.Draft202012Validator(schema).validate(manifest)
     mf.validate(manifest)
     assert Version(store / "tiny").verify(full=True) == []

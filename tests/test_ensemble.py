@@ -158,7 +158,8 @@ def test_topk_only_ensemble_averages_rebuilt_members(ens: dict[str, Path]) -> No
     tr = trainer(ens["enstopk"], teacher_weights=(1.0, 3.0))
     assert tr.plan.source == "topk"
     b = tr.data.to_memory()
-    members = [log_soft_targets_topk(b["topk_values"][:, m], b["topk_indices"][:, m], b["lse"][:, m], 5, 2.0)
+    members = [log_soft_targets_topk(b["topk_values"][:, m], b["topk_indices"][:, m], b["lse"][:, m], 5, 2.0,
+                                     "uniform", b["tail"][:, m])
                for m in (0, 1)]
     want = torch.log(0.25 * members[0].exp() + 0.75 * members[1].exp())
     torch.testing.assert_close(_logp(tr, b, 2.0), want, rtol=1e-5, atol=1e-5)

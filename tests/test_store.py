@@ -72,7 +72,7 @@ def test_round_trip_logits_topk_lse_labels(data: Data, store: Path, fmt: str, dt
                                             for i in range(3)]
     assert v.verify(full=True) == []
 
-    names = ["sample_id", "label", "t0_logits", "t0_topk_indices", "t0_topk_values", "t0_logsumexp"]
+    names = ["sample_id", "label", "t0_logits", "t0_topk_indices", "t0_topk_values", "t0_logsumexp", "t0_tail_logmass"]
     assert [c["name"] for c in v.manifest["columns"]] == names
     cols = v.read_all(names)
     ref = teacher_logits(data.x)
@@ -93,11 +93,18 @@ def test_round_trip_logits_topk_lse_labels(data: Data, store: Path, fmt: str, dt
     np.testing.assert_allclose(cols["t0_topk_values"].astype(np.float32), top.values.numpy(), rtol=eps, atol=eps)
     np.testing.assert_allclose(cols["t0_logsumexp"], torch.logsumexp(ref, 1).numpy(), rtol=1e-6, atol=1e-6)
     assert cols["t0_logsumexp"].dtype == np.float32
+    # the exact tail: log of the mass outside the top-3 at T = 1, from the unrounded logits
+    tail = torch.logsumexp(ref.scatter(1, top.indices, float("-inf")), 1) - torch.logsumexp(ref, 1)
+    np.testing.assert_allclose(cols["t0_tail_logmass"], tail.numpy(), rtol=1e-5, atol=1e-6)
+    assert cols["t0_tail_logmass"].dtype == np.float32
+    # top-k values are float32 on disk, exactly representable in the storage precision
+    assert cols["t0_topk_values"].dtype == np.float32
+    np.testing.assert_array_equal(cols["t0_topk_values"], top.values.to(TORCH_DTYPES[dtype]).float().numpy())
 
-    if dtype == "bfloat16":  # raw bits on disk, decoded by read_file
+    if dtype == "bfloat16":  # format 2: float32 on disk holding bfloat16 values (format 1 wrote uint16 bits)
         raw = v.read_file(0, ["t0_logits"], decode=False)["t0_logits"]
-        assert raw.dtype == np.uint16
-        np.testing.assert_array_equal(decode_bfloat16(raw), cols["t0_logits"][:40])
+        assert raw.dtype == np.float32 and v.columns["t0_logits"]["precision"] == "bfloat16"
+        np.testing.assert_array_equal(raw.view(np.uint32) & 0xFFFF, 0)  # the low half of every value is zero
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
@@ -108,9 +115,9 @@ def test_round_trip_topk_only(data: Data, store: Path, fmt: str) -> None:
     assert not v.has_logits and v.column_for("logits") is None
     assert v.manifest["targets"]["logits"] is None
     assert v.manifest["targets"]["top_k"] == {"k": 2, "values_dtype": "float32", "indices_dtype": "int16",
-                                              "tail": "uniform"}
+                                              "tail": "uniform", "tail_logmass": True}
     assert [c["name"] for c in v.manifest["columns"]] == ["sample_id", "label", "t0_topk_indices", "t0_topk_values",
-                                                          "t0_logsumexp"]
+                                                          "t0_logsumexp", "t0_tail_logmass"]
     ref = teacher_logits(data.x)
     cols = v.read_all(["t0_topk_indices", "t0_topk_values", "t0_logsumexp"])
     top = torch.topk(ref, 2)
@@ -219,19 +226,20 @@ def test_read_hdf5_with_plain_h5py(versions: dict[str, Path], data: Data) -> Non
     vdir = versions["hdf5"]
     manifest = json.loads((vdir / "manifest.json").read_text())
     dtypes = {c["name"]: c["dtype"] for c in manifest["columns"]}
-    assert manifest["storage"]["format"] == "hdf5" and dtypes["t0_logits"] == "bfloat16"
+    assert manifest["storage"]["format"] == "hdf5" and dtypes["t0_logits"] == "float32"
     parts: dict[str, list[np.ndarray]] = {}
     for f in manifest["files"]:
         with h5py.File(vdir / f["path"], "r") as h:
             assert json.loads(h.attrs["kdstore"])["name"] == "h5"
-            assert h["t0_logits"].attrs["kdstore_dtype"] == "bfloat16"
+            assert h["t0_logits"].attrs["kdstore_dtype"] == "float32"
+            assert h["t0_logits"].attrs["kdstore_precision"] == "bfloat16"
+            assert list(h["t0_logits"].attrs["kdstore_shape"]) == [5]
             assert h["t0_logits"].chunks == (16, 5)
             for name in h:
                 parts.setdefault(name, []).append(h[name][()])
     cols = {k: np.concatenate(v) for k, v in parts.items()}
-    assert cols["t0_logits"].dtype == np.uint16  # bfloat16 bits: shift into the high half of a float32
-    logits = (cols["t0_logits"].astype(np.uint32) << 16).view(np.float32)
-    np.testing.assert_allclose(logits, teacher_logits(data.x).numpy(), rtol=2.0**-7, atol=2.0**-7)
+    assert cols["t0_logits"].dtype == np.float32  # bfloat16 values, read as they are
+    np.testing.assert_allclose(cols["t0_logits"], teacher_logits(data.x).numpy(), rtol=2.0**-7, atol=2.0**-7)
     np.testing.assert_array_equal(cols["sample_id"], np.arange(100))
     np.testing.assert_array_equal(cols["label"], data.y)
     assert cols["t0_topk_indices"].shape == (100, 3)
@@ -241,12 +249,12 @@ def test_read_hdf5_with_plain_h5py(versions: dict[str, Path], data: Data) -> Non
 
 
 def test_manifest_validates_against_the_schema_file(versions: dict[str, Path]) -> None:
-    schema = json.loads((REPO_ROOT / "schemas" / "manifest.v1.json").read_text())
+    schema = json.loads((REPO_ROOT / "schemas" / "manifest.v2.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     for path in versions.values():
         manifest = json.loads((path / "manifest.json").read_text())
         jsonschema.Draft202012Validator(schema).validate(manifest)
-        assert manifest["format_version"] == 1 and manifest["version"] == 1
+        assert manifest["format_version"] == 2 and manifest["version"] == 1
         assert manifest["num_rows"] == sum(f["rows"] for f in manifest["files"])
         for f in manifest["files"]:
             assert hashlib.sha256((path / f["path"]).read_bytes()).hexdigest() == f["sha256"]
@@ -267,8 +275,11 @@ def test_manifest_statistics(versions: dict[str, Path], data: Data) -> None:
     assert t0["accuracy"] == pytest.approx(correct / 100)
     assert t0["errors"] == 100 - correct
     p = torch.softmax(ref.double(), 1)
-    assert t0["mean_entropy_nats"] == pytest.approx(float(-(p * p.log()).sum(1).mean()), rel=1e-5)
+    stored = torch.softmax(ref.half().double(), 1)  # the entropy of the targets as stored (float16 logits)
+    assert t0["mean_entropy_nats"] == pytest.approx(float(-(stored * stored.log()).sum(1).mean()), rel=1e-5)
     assert t0["topk_mass_mean"] == pytest.approx(float(torch.topk(p, 3).values.sum(1).mean()), rel=1e-5)
+    assert t0["topk_fidelity_rows"] == 100 and t0["topk_fidelity_reference"] == "stored logits"
+    assert s["fidelity_stride"] == 1
     assert sorted(t0["topk_fidelity_kl"]) == ["1.0", "2.0", "20.0", "4.0", "8.0"]
     assert all(v >= 0 and np.isfinite(v) for v in t0["topk_fidelity_kl"].values())
     assert "ensemble" not in s
@@ -286,8 +297,8 @@ def test_manifest_statistics_with_drop_tail_are_strict_json(data: Data, store: P
 
 def test_manifest_newer_format_version(versions: dict[str, Path], store: Path) -> None:
     vdir = copy_version(versions["parquet"], store)
-    edit_manifest(vdir, lambda m: m.update(format_version=2))
-    with pytest.raises(UnsupportedFormatVersion, match=r"format_version 2; this kdstore reads 1; upgrade kdstore"):
+    edit_manifest(vdir, lambda m: m.update(format_version=3))
+    with pytest.raises(UnsupportedFormatVersion, match=r"format_version 3; this kdstore reads 1, 2; upgrade kdstore"):
         Version(vdir)
     with pytest.raises(ManifestError, match="upgrade kdstore"):  # UnsupportedFormatVersion is a ManifestError
         mf.load(vdir)
@@ -297,7 +308,7 @@ def test_manifest_newer_format_version(versions: dict[str, Path], store: Path) -
 def test_manifest_bad_format_version(versions: dict[str, Path], store: Path, value: Any) -> None:
     vdir = copy_version(versions["parquet"], store)
     edit_manifest(vdir, lambda m: m.update(format_version=value))
-    with pytest.raises(ManifestError, match=r"format_version is .*, expected one of \(1,\)"):
+    with pytest.raises(ManifestError, match=r"format_version is .*, expected one of \(1, 2\)"):
         Version(vdir)
 
 
@@ -322,7 +333,7 @@ def test_manifest_missing_fields(versions: dict[str, Path], store: Path, field: 
     vdir = copy_version(versions["parquet"], store)
     edit_manifest(vdir, lambda m: m.pop(field))
     with pytest.raises(ManifestError,
-                       match=rf"does not match schema manifest.v1.json: <root>: '{field}' is a required property"):
+                       match=rf"does not match schema manifest.v2.json: <root>: '{field}' is a required property"):
         Version(vdir)
 
 

@@ -152,8 +152,8 @@ def test_kd_from_topk_only_store_uses_rebuilt_targets(stores: dict[str, Path]) -
     t = Trainer(TrainConfig(targets=str(stores["nolog"]), student=STUDENT, out="unused", loss="kd", device="cpu"))
     batch = t.data.to_memory()
     got = soft_targets.batch_log_probs(batch, 2.0, t.plan, t.weights)
-    v, i, lse = batch["topk_values"][:, 0], batch["topk_indices"][:, 0], batch["lse"][:, 0]
-    torch.testing.assert_close(got, log_soft_targets_topk(v, i, lse, 5, 2.0, "uniform"))
+    v, i, lse, t = batch["topk_values"][:, 0], batch["topk_indices"][:, 0], batch["lse"][:, 0], batch["tail"][:, 0]
+    torch.testing.assert_close(got, log_soft_targets_topk(v, i, lse, 5, 2.0, "uniform", t))
     assert not Path("unused").exists()
 
 

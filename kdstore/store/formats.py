@@ -1,8 +1,16 @@
 """Read and write one shard file (Parquet or HDF5) of named, typed columns. numpy/pyarrow/h5py only.
 
 A shard holds a contiguous block of rows. Scalar columns are 1-D arrays, vector columns 2-D ``(rows, n)``.
-``bfloat16`` has no numpy, Parquet or HDF5 type: it travels as its raw bits in ``uint16`` and the column
-spec (manifest) says ``bfloat16``; `decode_bfloat16` turns it back into float32.
+
+Format 2 writes only types every engine reads (pyarrow, polars, DuckDB, Hugging Face datasets, h5py): float16,
+float32, int16/int32/int64. A column whose values are exact in a narrower float (bfloat16, or float16 top-k values)
+is written as float32 and its spec says ``"precision"``; byte-stream-split + zstd then stores the always-zero low
+mantissa bytes for almost nothing. Format 1 wrote bfloat16 as its raw bits in ``uint16`` (spec dtype
+``bfloat16``); `decode_bfloat16` still turns those back into float32.
+
+Parquet encodings (format 2; DuckDB refuses byte-stream-split on FLOAT16, so float16 is PLAIN): float32 and
+integer vectors BYTE_STREAM_SPLIT, float16 PLAIN, ``sample_id`` DELTA_BINARY_PACKED, everything else PLAIN;
+no dictionaries; zstd level 3; statistics on ``sample_id`` only.
 """
 
 from __future__ import annotations
@@ -83,7 +91,7 @@ def _write_parquet(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    arrays, fields, float_cols = [], [], []
+    arrays, fields, encodings = [], [], {}
     for spec in specs:
         a = np.ascontiguousarray(columns[spec["name"]])
         if a.ndim == 1:
@@ -91,24 +99,26 @@ def _write_parquet(
         else:
             width = int(np.prod(a.shape[1:]))
             arr = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), width)
-        field_meta = {b"kdstore_dtype": spec["dtype"].encode(), b"kdstore_shape": json.dumps(spec["shape"]).encode()}
+        field_meta = {b"kdstore_dtype": spec["dtype"].encode(), b"kdstore_shape": json.dumps(spec["shape"]).encode(),
+                      b"kdstore_role": str(spec["role"]).encode()}
+        if spec.get("precision"):
+            field_meta[b"kdstore_precision"] = spec["precision"].encode()
         fields.append(pa.field(spec["name"], arr.type, nullable=False, metadata=field_meta))
         arrays.append(arr)
-        if spec["dtype"] in ("float16", "float32", "bfloat16") and a.ndim > 1:
-            float_cols.append(spec["name"] + ".list.element")
+        encodings[spec["name"] + (".list.element" if a.ndim > 1 else "")] = _parquet_encoding(spec, a.ndim)
     schema = pa.schema(fields, metadata={b"kdstore": json.dumps(meta, sort_keys=True).encode()})
     table = pa.Table.from_arrays(arrays, schema=schema)
-    pq.write_table(
-        table,
-        path,
-        row_group_size=rg,
-        compression="zstd",
-        compression_level=1,
-        # Float logits barely compress; byte-stream-split + zstd is the one layout that helps (~1.3x).
-        use_byte_stream_split=float_cols or False,
-        use_dictionary=False,
-        write_statistics=["sample_id"],
-    )
+    pq.write_table(table, path, row_group_size=rg, compression="zstd", compression_level=3, use_dictionary=False,
+                   column_encoding=encodings, write_statistics=["sample_id"])
+
+
+def _parquet_encoding(spec: dict[str, Any], ndim: int) -> str:
+    """The Parquet encoding of a column (see the module docstring)."""
+    if spec["name"] == "sample_id":
+        return "DELTA_BINARY_PACKED"
+    if spec["dtype"] == "float32" or (ndim > 1 and spec["dtype"] in ("int16", "int32", "int64")):
+        return "BYTE_STREAM_SPLIT"
+    return "PLAIN"
 
 
 def _write_hdf5(
@@ -123,6 +133,10 @@ def _write_hdf5(
             chunks = (min(rg, len(a)),) + a.shape[1:]
             ds = f.create_dataset(spec["name"], data=a, chunks=chunks, track_times=False)
             ds.attrs["kdstore_dtype"] = spec["dtype"]
+            ds.attrs["kdstore_shape"] = np.asarray(spec["shape"], dtype=np.int64)
+            ds.attrs["kdstore_role"] = str(spec["role"])
+            if spec.get("precision"):
+                ds.attrs["kdstore_precision"] = spec["precision"]
 
 
 def shard_row_groups(path: Path, fmt: str, rows: int, row_group_rows: int) -> list[tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""The version manifest: JSON validated against schemas/manifest.v1.json, written last, read first."""
+"""The version manifest: JSON validated against schemas/manifest.v{format_version}.json, written last, read first."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from kdstore.errors import ManifestError, UnsafePathError, UnsupportedFormatVers
 from kdstore.store.files import atomic_write_text
 from kdstore.store.layout import MANIFEST_NAME
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 
 @functools.cache

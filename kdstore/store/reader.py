@@ -57,6 +57,15 @@ class Version:
         return bool(self.manifest["targets"]["labels"])
 
     @property
+    def format_version(self) -> int:
+        return int(self.manifest["format_version"])
+
+    @property
+    def has_tail(self) -> bool:
+        """Whether the top-k carries its exact tail (format 2's ``tail_logmass`` columns)."""
+        return bool((self.manifest["targets"]["top_k"] or {}).get("tail_logmass"))
+
+    @property
     def has_logits(self) -> bool:
         return self.manifest["targets"]["logits"] is not None
 

@@ -256,6 +256,15 @@ def resolve_any(ref: str | Path | VersionRef, option: str = "targets") -> Versio
     return resolve(text, option)
 
 
+def shown_ref(ref: object, local: VersionRef) -> str:
+    """How a version is named in reports and in a derived version's ``parent.settings.source``: a remote one by its
+    URL (``URL/NAME@vN``), a local one by ``STORE/NAME@vN``."""
+    if isinstance(ref, str) and is_remote(ref):
+        r = parse_ref(ref)
+        return f"{r.store}/{r.name}@v{local.version}"
+    return str(local)
+
+
 def materialize(ref: str, progress: Callable[[int], None] | None = None) -> VersionRef:
     """Download (or find in the cache) the remote version `ref`; return its local `VersionRef`.
 
