@@ -125,15 +125,19 @@ class S3Tap:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         fault = self._fault(method, path)
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        stream = environ["wsgi.input"]
+        chunked = bool(environ.get("wsgi.input_terminated"))  # werkzeug de-chunks; read to the end
+        length = int(environ.get("CONTENT_LENGTH") or environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or 0)
+        kill_at = fault.after * length if fault is not None and fault.action == "kill" else None
         body = bytearray()
-        while environ.get("wsgi.input_terminated") or len(body) < length:
-            if fault is not None and fault.action == "kill" and len(body) >= fault.after * length:
+        while True:
+            if kill_at is not None and len(body) >= kill_at:
                 os.kill(_wait_for(lambda: fault.pid), signal.SIGKILL)
                 start_response("500 Internal Server Error", [("Content-Length", "0")])
                 return [b""]
-            block = stream.read(65536 if environ.get("wsgi.input_terminated") else min(65536, length - len(body)))
+            want = 65536 if chunked else min(65536, length - len(body))
+            if kill_at is not None:
+                want = min(want, max(1, int(kill_at) - len(body)))  # stop reading exactly where the kill is due
+            block = environ["wsgi.input"].read(want) if want > 0 else b""
             if not block:
                 break
             body += block

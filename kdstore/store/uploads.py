@@ -51,6 +51,7 @@ CLAIM_PREFIX = ".push-"
 HEARTBEAT_SECONDS = 10.0
 LEASE_SECONDS = 60.0
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_HELD: set[str] = set()  # tokens of the leases this process holds: what this process knows of its own liveness
 
 
 def content_key(name: str, files: list[dict[str, Any]]) -> str:
@@ -134,9 +135,11 @@ def is_live(record: dict[str, Any], now: float | None = None) -> bool:
     if (time.time() if now is None else now) - beat > lease:
         return False
     pid = record.get("pid")
-    if record.get("machine") == machine_id() and isinstance(pid, int) and pid > 0:
-        return _process_alive(pid, record.get("pid_start"))
-    return True
+    if record.get("machine") != machine_id() or not isinstance(pid, int) or pid <= 0:
+        return True
+    if pid == os.getpid():  # this process: exactly the leases it holds now (a failed push's record may say running)
+        return record.get("token") in _HELD
+    return _process_alive(pid, record.get("pid_start"))
 
 
 def describe_holder(record: dict[str, Any], now: float | None = None) -> str:
@@ -270,6 +273,7 @@ class Lease:
         so that a rerun takes over at once instead of waiting for the lease to run out."""
         self._stop.set()
         self._thread.join()
+        _HELD.discard(self.token)
         with self._lock:
             if finished:
                 for token in [self.token, *self.inherited]:
@@ -290,12 +294,18 @@ def acquire(store: RemoteStore, name: str, key: str, record: dict[str, Any]) -> 
             return live[0]
         versions = [r["version"] for r in records.values() if isinstance(r.get("version"), int)]
         done = sorted({p for r in records.values() for p in r.get("files_done", []) if isinstance(p, str)})
-        mine = {**record, "version": max(versions, default=None), "files_done": done,
+        mine = {**record, "token": token, "version": max(versions, default=None), "files_done": done,
                 "started_at": _iso(time.time()), "heartbeat_at": _iso(time.time())}
-        write_object(store, _record_parts(name, key, token), json.dumps(mine).encode())
-        others = {t: r for t, r in read_records(store, name, key).items() if t != token}
-        if not any(is_live(r) for r in others.values()):
-            return Lease(store, name, key, token, mine, others)
+        _HELD.add(token)  # live for this process's other threads from the moment the record can be seen
+        try:
+            write_object(store, _record_parts(name, key, token), json.dumps(mine).encode())
+            others = {t: r for t, r in read_records(store, name, key).items() if t != token}
+            if not any(is_live(r) for r in others.values()):
+                return Lease(store, name, key, token, mine, others)
+        except BaseException:
+            _HELD.discard(token)
+            raise
+        _HELD.discard(token)
         remove_object(store, _record_parts(name, key, token))  # another push wrote its record at the same moment
         time.sleep(random.uniform(0.0, min(0.05 * 2 ** attempt, 1.0)))
     raise RemoteError(f"{store.url_of(name)}: could not take the upload lease of {key[:12]}... after 50 tries; "
