@@ -87,15 +87,16 @@ def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
     finished = False
     try:
         version = _version_for(store, name, key, got, str(local))
-        resumed, sent = _upload(store, name, version, v, got, progress)
+        try:
+            resumed, sent = _upload(store, name, version, v, got, progress)
+        except RemoteError as e:
+            raise RemoteError(f"{e.template}; nothing was published, the files uploaded so far are kept: rerun the "
+                              "same push to resume") from None
         manifest = {**v.manifest, "name": name, "version": version}
         manifest.pop("derived_files", None)  # derived files stay with the local copy (see docs/format.md)
         existing = not _publish_manifest(store, name, version, mf.dumps(manifest), got.token, v.files)
         uploads.remove_object(store, (name, version_dir_name(version), CLAIM_PREFIX + key))
         finished = True
-    except RemoteError as e:
-        raise RemoteError(f"{e.template}; nothing was published, the files uploaded so far are kept: rerun the same "
-                          "push to resume") from None
     finally:
         got.close(finished=finished)
     return PushResult(f"{store.url_of(name)}@v{version}", name, version, len(v.files), total, existing, resumed, sent)
