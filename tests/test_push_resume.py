@@ -9,6 +9,8 @@ counts the bytes each request sends, so a rerun is checked to upload exactly wha
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from kdstore.store import catalog, publish, uploads
-from kdstore.store.remote import RemoteStore
+from kdstore.store.remote import RemoteStore, outbox_dir
 from tests.conftest import Data
 from tests.helpers import SMALL_ARGS, assert_clean_error, cli, run_label, subprocess_env
 from tests.sharing_helpers import Fault, S3Tap, moto_s3
@@ -145,7 +147,7 @@ def test_label_out_url_killed_while_pushing_resumes(data: Data, s3: S3Tap, bucke
     s3.faults.append(fault)
     _killed_by(fault, _spawn(args, tmp_path, "label"), tmp_path, "label")
     assert catalog.list_store(bucket).entries == []
-    outbox = next(catalog.remote.outbox_dir(bucket).glob("team/v1"))
+    outbox = next(outbox_dir(bucket).glob("team/v1"))
     files = _files(outbox)
     missing = _missing(bucket, "team", 1, files)
     assert 0 < missing < sum(f["bytes"] for f in files)
@@ -189,8 +191,6 @@ def test_pushing_published_content_again_names_the_version(s3: S3Tap, bucket: st
     publish.push(versions["pq"], bucket)
     publish.push(versions["h5"], bucket)
     copy = tmp_path / "elsewhere" / "renamed-locally" / "v7"  # another local copy of the same files
-    import shutil
-
     shutil.copytree(versions["pq"], copy)
     s3.clear()
     r = cli(["push", copy, bucket, "--name", "ds"])
@@ -315,7 +315,7 @@ def test_liveness_of_records() -> None:
     dead.wait()
     assert not uploads.is_live(_record("k", **here, pid=dead.pid))  # this machine, process gone: dead at once
     assert not uploads.is_live(_record("k", **here, pid=dead.pid, pid_start=None))
-    assert not uploads.is_live(_record("k", **here, pid=subprocess.os.getpid(), token="not-held"))
+    assert not uploads.is_live(_record("k", **here, pid=os.getpid(), token="not-held"))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         start = uploads._proc_stat(sleeper.pid)
