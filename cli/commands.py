@@ -9,6 +9,7 @@ from kdstore.cli.inspect import inspect
 from kdstore.cli.label import label
 from kdstore.cli.ls import ls
 from kdstore.cli.munge import munge_command
+from kdstore.cli.prune import prune
 from kdstore.cli.push import push
 from kdstore.cli.quickstart import quickstart
 from kdstore.cli.train import train
@@ -24,5 +25,6 @@ main.add_command(verify)
 main.add_command(convert)
 main.add_command(diff)
 main.add_command(push)
+main.add_command(prune)
 
 __all__ = ["main"]

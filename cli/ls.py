@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from kdstore.cli._common import user_errors
+
+if TYPE_CHECKING:
+    from kdstore.store.catalog import Listing
 
 
 @click.command("ls", short_help="List a store's datasets and versions (local or URL).")
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (store, versions[], unfinished) for scripts instead of the table.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Also list unfinished uploads (interrupted or running pushes): size, idle time, running or not.")
 @user_errors
-def ls(store: str, as_json: bool) -> None:
+def ls(store: str, as_json: bool, show_all: bool) -> None:
     """List every dataset version in STORE: teachers, transfer set, kind, rows, stored targets, size, creation time.
 
     STORE is the --out directory of `kdstore label`, or a URL (s3://bucket/targets, gs://..., file://...,
@@ -28,16 +34,28 @@ def ls(store: str, as_json: bool) -> None:
     Teachers and the transfer set are shown by file name and the first 8 hex digits of their sha256 (two
     versions with the same transfer-set sha were labeled on the same bytes and can be compared with
     `kdstore diff`). A version whose manifest is damaged is listed with its error; check it with `kdstore verify`.
-    """
-    from kdstore.store.catalog import human_bytes, list_store
 
-    listing = list_store(store)
+    With --all, each upload a push left unfinished is listed too (it is invisible to readers): its NAME@vN, data
+    files and bytes so far, how long since it last wrote, and whether its push is still running. Rerun the push to
+    resume it, or remove old ones with `kdstore prune STORE --older-than AGE`.
+    """
+    from kdstore.store.catalog import list_store, upload_text
+
+    listing = list_store(store, with_uploads=show_all)
     if as_json:
         click.echo(json.dumps(listing.to_json(), indent=2))
         return
-    if not listing.entries:
+    if listing.entries:
+        _table(listing)
+    else:
         click.echo(f"no dataset versions in {listing.store}" + (f" ({listing.hint})" if listing.hint else ""))
-        return
+    for u in listing.uploads or []:
+        click.echo(upload_text(u))
+
+
+def _table(listing: Listing) -> None:
+    from kdstore.store.catalog import human_bytes
+
     has_parent = any(e.manifest and e.manifest.get("parent") for e in listing.entries)
     header = ["VERSION", "ROWS", "KIND", "TARGETS", "FORMAT", "SIZE", "CREATED", "TEACHERS", "TRANSFER SET"]
     if has_parent:

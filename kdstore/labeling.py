@@ -21,7 +21,8 @@ from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, InputError, ShapeMismatchError, TeacherError, arg
 from kdstore.options import LOGITS_DTYPES
 from kdstore.store import FORMATS, VersionWriter, check_name, sha256_file
-from kdstore.store.remote import is_remote, outbox_dir, push
+from kdstore.store.publish import push
+from kdstore.store.remote import is_remote, outbox_dir
 from kdstore.teachers import Teacher, load_teacher
 from kdstore.transfer import TransferSet, open_transfer
 

@@ -1,5 +1,6 @@
 """Remote stores: push / ls / inspect / verify / diff / convert against a real S3-compatible server (moto's server
-mode on 127.0.0.1, a random free port, dummy credentials), plus memory:// and file:// URLs.
+mode on 127.0.0.1, a random free port, dummy credentials; see tests/sharing_helpers.moto_s3), plus memory:// and
+file:// URLs.
 
 Nothing is patched: kdstore talks to the server over HTTP through fsspec/s3fs exactly as it would to S3; the test
 only points AWS_ENDPOINT_URL at it. The server is in-process (a thread) and stops at the end of the module.
@@ -17,36 +18,19 @@ import numpy as np
 import pytest
 
 from kdstore.errors import ConfigError, RemoteError, StoreFormatError, StoreNotFoundError, UnsafePathError
-from kdstore.store import Version, catalog, remote
+from kdstore.store import Version, catalog, publish, remote
 from tests.conftest import Data
 from tests.helpers import assert_clean_error, cli, run_label
-from tests.sharing_helpers import copy_version, flip_byte
+from tests.sharing_helpers import copy_version, flip_byte, moto_s3
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 (free port), with dummy credentials and the endpoint set for this module."""
     pytest.importorskip("s3fs", reason="s3fs is needed for s3:// stores (pip install kdstore[s3])")
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 tests")
-    import s3fs
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                     "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.delenv("AWS_SESSION_TOKEN", raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            yield endpoint
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+    pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 tests")
+    with moto_s3() as (endpoint, _):
+        yield endpoint
 
 
 @pytest.fixture
@@ -91,8 +75,8 @@ def _key(url: str) -> str:
 def test_push_then_read_everything_back(versions: dict[str, Path], bucket: str, cache: Path) -> None:
     r = cli(["push", f"{versions['pq'].parent}@v1", bucket])
     assert r.exit_code == 0, r.output
-    assert r.output.startswith(f"pushed {versions['pq'].parent}@v1 -> {bucket}/ds@v1  (3 file(s), ")
-    r2 = remote.push(versions["h5"], bucket)
+    assert r.output.startswith(f"pushed {versions['pq'].parent}@v1 -> {bucket}/ds@v1 (3 files, ")
+    r2 = publish.push(versions["h5"], bucket)
     assert (r2.url, r2.version, r2.files) == (f"{bucket}/ds@v2", 2, 3)
     keys = sorted(k.removeprefix(_key(bucket) + "/") for k in _fs().find(_key(bucket)))
     assert keys == ["ds/v1/data/part-00000.parquet", "ds/v1/data/part-00001.parquet", "ds/v1/data/part-00002.parquet",
@@ -143,8 +127,8 @@ def test_push_then_read_everything_back(versions: dict[str, Path], bucket: str, 
 
 
 def test_diff_and_convert_read_remote_versions(versions: dict[str, Path], bucket: str, tmp_path: Path) -> None:
-    remote.push(versions["pq"], bucket)
-    remote.push(versions["b"], bucket)
+    publish.push(versions["pq"], bucket)
+    publish.push(versions["b"], bucket)
     r = cli(["diff", f"{bucket}/ds@v1", f"{bucket}/other-teacher", "--json"])
     assert r.exit_code == 0, r.output
     local = cli(["diff", versions["pq"], versions["b"], "--json"])
@@ -158,7 +142,7 @@ def test_diff_and_convert_read_remote_versions(versions: dict[str, Path], bucket
     v = Version(tmp_path / "local" / "ds")
     assert v.fmt == "hdf5" and v.manifest["parent"]["settings"]["source"] == f"{bucket}/ds@v1"
     # and push the converted version back: it becomes ds@v2 on the remote
-    assert remote.push(v.path, bucket).version == 2
+    assert publish.push(v.path, bucket).version == 2
 
 
 def test_push_rename_and_version_numbering(versions: dict[str, Path], bucket: str) -> None:
@@ -166,9 +150,9 @@ def test_push_rename_and_version_numbering(versions: dict[str, Path], bucket: st
     # a crashed push left data (no manifest) in v1, and someone's claim in v2: both numbers are taken
     fs.pipe(f"{_key(bucket)}/ds/v1/data/part-00000.parquet", b"partial")
     fs.pipe(f"{_key(bucket)}/ds/v2/.push-deadbeef", b"{}")
-    res = remote.push(versions["pq"], bucket, name="ds")
+    res = publish.push(versions["pq"], bucket, name="ds")
     assert res.version == 3
-    assert remote.push(versions["pq"], bucket, name="renamed").url == f"{bucket}/renamed@v1"
+    assert publish.push(versions["pq"], bucket, name="renamed").url == f"{bucket}/renamed@v1"
     m = json.loads(fs.cat(f"{_key(bucket)}/renamed/v1/manifest.json"))
     assert m["name"] == "renamed" and m["version"] == 1
     assert catalog.list_store(bucket).entries[0].ref == f"{bucket}/ds@v3"  # v1, v2 are not versions
@@ -176,39 +160,41 @@ def test_push_rename_and_version_numbering(versions: dict[str, Path], bucket: st
 
 
 @pytest.mark.parametrize("where", ["s3", "directory"])
-def test_concurrent_pushes_never_overwrite_each_other(versions: dict[str, Path], bucket: str, tmp_path: Path,
-                                                      where: str) -> None:
+def test_concurrent_pushes_never_overwrite_or_duplicate(versions: dict[str, Path], bucket: str, tmp_path: Path,
+                                                        where: str) -> None:
+    """Three different versions, each pushed twice at once: three remote versions, never a mix, never a copy."""
     if where == "directory":
         bucket = str(tmp_path / "published")
-    n = 4
-    results: list[object] = [None] * n
-    barrier = threading.Barrier(n)
+    sources = ["pq", "h5", "b"] * 2
+    results: list[object] = [None] * len(sources)
+    barrier = threading.Barrier(len(sources))
 
     def run(i: int) -> None:
         barrier.wait()
         try:
-            results[i] = remote.push(versions["pq" if i % 2 else "h5"], bucket, name="race")
+            results[i] = publish.push(versions[sources[i]], bucket, name="race")
         except Exception as e:  # noqa: BLE001 - reported below
             results[i] = e
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sources))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, errors
-    got = sorted(r.version for r in results)  # type: ignore[union-attr]
-    assert len(set(got)) == n  # four pushes, four distinct versions
-    for r in results:
-        rep = catalog.verify(r.url)  # type: ignore[union-attr]
+    done: list[publish.PushResult] = results  # type: ignore[assignment]
+    assert sorted({r.version for r in done}) == [1, 2, 3]  # one version per content
+    for i, r in enumerate(done[:3]):
+        twin = done[i + 3]
+        assert twin.version == r.version and sorted([r.existing, twin.existing]) == [False, True]
+        rep = catalog.verify(r.url)
         assert rep.ok, rep.problems  # each version holds exactly its own files
-        fmt = Version(remote.resolve_any(r.url)).fmt  # type: ignore[union-attr]
-        assert fmt == ("parquet" if results.index(r) % 2 else "hdf5")
+        assert Version(remote.resolve_any(r.url)).manifest["files"] == Version(versions[sources[i]]).manifest["files"]
     if where == "s3":
-        assert not [k for k in _fs().find(_key(bucket)) if "/.push-" in k or ".tmp" in k]
+        assert not [k for k in _fs().find(_key(bucket)) if "/.push-" in k or ".tmp" in k or ".uploads" in k]
     else:
-        assert not list(Path(bucket).rglob(".push-*")) and not list(Path(bucket).rglob("*.tmp"))
+        assert not [p for p in Path(bucket).rglob("*") if p.name.startswith((".push-", ".uploads")) or ".tmp" in p.name]
 
 
 def test_manifest_is_published_by_exclusive_create(versions: dict[str, Path], bucket: str, tmp_path: Path) -> None:
@@ -218,9 +204,9 @@ def test_manifest_is_published_by_exclusive_create(versions: dict[str, Path], bu
         store = remote.RemoteStore(url)
         if store.local:
             (tmp_path / "dir" / "ds" / "v1").mkdir(parents=True)
-        remote._publish_manifest(store, "ds", 1, text, "aaaa")
+        publish._publish_manifest(store, "ds", 1, text, "aaaa")
         with pytest.raises(RemoteError, match=r"ds/v1/manifest.json already exists: another push took v1"):
-            remote._publish_manifest(store, "ds", 1, text.replace("ds", "xx"), "bbbb")
+            publish._publish_manifest(store, "ds", 1, text.replace("ds", "xx"), "bbbb")
         store.fs.invalidate_cache()
         assert store.fs.cat_file(store.path("ds", "v1", "manifest.json")).decode() == text
 
@@ -229,7 +215,7 @@ def test_manifest_is_published_by_exclusive_create(versions: dict[str, Path], bu
 
 
 def test_corrupted_remote_file_is_named_and_never_cached(versions: dict[str, Path], bucket: str, cache: Path) -> None:
-    remote.push(versions["pq"], bucket)
+    publish.push(versions["pq"], bucket)
     fs = _fs()
     key = f"{_key(bucket)}/ds/v1/data/part-00001.parquet"
     raw = bytearray(fs.cat(key))
@@ -254,7 +240,7 @@ def test_corrupted_remote_file_is_named_and_never_cached(versions: dict[str, Pat
 def test_remote_manifest_naming_a_path_outside_is_refused_before_download(
     versions: dict[str, Path], bucket: str, cache: Path, tmp_path: Path, path: str,
 ) -> None:
-    remote.push(versions["pq"], bucket)
+    publish.push(versions["pq"], bucket)
     fs = _fs()
     mkey = f"{_key(bucket)}/ds/v1/manifest.json"
     m = json.loads(fs.cat(mkey))
@@ -272,7 +258,7 @@ def test_remote_manifest_naming_a_path_outside_is_refused_before_download(
 
 
 def test_remote_manifest_schema_invalid(versions: dict[str, Path], bucket: str) -> None:
-    remote.push(versions["pq"], bucket)
+    publish.push(versions["pq"], bucket)
     mkey = f"{_key(bucket)}/ds/v1/manifest.json"
     _fs().pipe(mkey, b'{"format_version": 1, "name": "ds"}')
     r = cli(["verify", f"{bucket}/ds"])
@@ -306,8 +292,8 @@ def test_remote_errors_are_one_line(bucket: str) -> None:
 
 def test_memory_and_file_urls(versions: dict[str, Path], cache: Path, tmp_path: Path) -> None:
     url = f"memory://kd-{uuid.uuid4().hex[:8]}/targets"
-    assert remote.push(versions["pq"], url).version == 1
-    assert remote.push(versions["h5"], url).version == 2
+    assert publish.push(versions["pq"], url).version == 1
+    assert publish.push(versions["h5"], url).version == 2
     assert [e.version for e in catalog.list_store(url).entries] == [1, 2]
     assert catalog.verify(f"{url}/ds@v1").ok
     with pytest.raises(StoreNotFoundError, match=r"version v5 not found; ds has v1, v2"):
@@ -317,8 +303,10 @@ def test_memory_and_file_urls(versions: dict[str, Path], cache: Path, tmp_path: 
     assert remote.resolve_any(f"file://{store}/ds@v1").path == versions["pq"]
     assert cli(["verify", f"file://{store}/ds@v2"]).exit_code == 0
     dest = tmp_path / "published"
-    assert remote.push(versions["pq"], str(dest)).version == 1
-    assert remote.push(versions["pq"], f"file://{dest}").version == 2
+    assert publish.push(versions["pq"], str(dest)).version == 1
+    again = publish.push(versions["pq"], f"file://{dest}")
+    assert (again.version, again.existing, again.uploaded_bytes) == (1, True, 0)  # the same files: no second copy
+    assert publish.push(versions["h5"], f"file://{dest}").version == 2
     assert catalog.verify(dest / "ds").ok and sorted(p.name for p in (dest / "ds").iterdir()) == ["v1", "v2"]
     assert not list(dest.rglob(".push-*")) and not list(dest.rglob("*.tmp"))
     assert not (cache / "remote" / "file").exists()

@@ -9,7 +9,9 @@ fsspec alone, so a dataset can be listed, verified, read and published without t
     formats   one Parquet/HDF5 shard: write, read, row groups
     writer    a new version: staged shards (written in the background), manifest last, one rename
     reader    an open committed version: typed column access and cheap checks
-    remote    fsspec stores: materialize into a verified cache, push
+    remote    fsspec stores: URLs, listing, materialize into a verified cache
+    publish   push: resumable, idempotent (by content), manifest last
+    uploads   a push's record and lease on the remote; unfinished uploads: list, prune
     catalog   ls and full verify, local or remote
 """
 

@@ -1,7 +1,9 @@
-"""What a store holds (`kdstore ls`) and whether a version is intact (`kdstore verify`). Imports no torch.
+"""What a store holds (`kdstore ls`), whether a version is intact (`kdstore verify`), and removing what crashed
+pushes left (`kdstore prune`). Imports no torch.
 
-Both accept local stores and remote URLs. Listing a remote store reads only manifests; verifying a remote
-version downloads every file (into the cache, see `kdstore.store.remote`) and checks it exactly like a local one.
+All accept local stores and remote URLs. Listing a remote store reads only manifests (with ``all``, also the
+listing of unfinished uploads and their records); verifying a remote version downloads every file (into the
+cache, see `kdstore.store.remote`) and checks it exactly like a local one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from kdstore.errors import KdstoreError, StoreNotFoundError
 from kdstore.store import manifest as mf
-from kdstore.store import remote
+from kdstore.store import remote, uploads
 from kdstore.store.formats import numpy_dtype, read_shard
 from kdstore.store.layout import MANIFEST_NAME, VersionRef, existing_versions, staged_runs
 from kdstore.store.reader import Version
@@ -48,10 +50,15 @@ class Listing:
     entries: list[VersionEntry]
     unfinished: dict[str, int] = field(default_factory=dict)  # dataset -> staged (interrupted or running) runs
     hint: str | None = None
+    uploads: list[uploads.Unfinished] | None = None  # unfinished pushes (listed only when asked: `ls --all`)
 
     def to_json(self) -> dict[str, Any]:
-        """What `kdstore ls --json` prints: the store, every version's summary, unfinished runs per dataset."""
-        return {"store": self.store, "versions": [e.summary() for e in self.entries], "unfinished": self.unfinished}
+        """What `kdstore ls --json` prints: the store, every version's summary, unfinished runs per dataset (and
+        with `--all`, the unfinished uploads)."""
+        out = {"store": self.store, "versions": [e.summary() for e in self.entries], "unfinished": self.unfinished}
+        if self.uploads is not None:
+            out["uploads"] = [u.to_json() for u in self.uploads]
+        return out
 
 
 def class_names(manifest: dict[str, Any]) -> list[str]:
@@ -88,6 +95,25 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
+def human_seconds(s: float) -> str:
+    """'45 s', '12 min', '3.5 h', '2.0 d'."""
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} d"
+
+
+def upload_text(u: uploads.Unfinished) -> str:
+    """One line about an unfinished upload (`kdstore ls --all`, `kdstore prune`)."""
+    if u.published:
+        return f"{u.ref}: published; markers of its push are left (`kdstore prune` removes them)"
+    files = f"{u.data_files} of {u.files_total}" if u.files_total is not None else f"{u.data_files}"
+    state = f"running ({u.holder})" if u.live else "not running" + (f" (was {u.holder})" if u.holder else "")
+    return (f"{u.ref}: unfinished push, {files} data files, {human_bytes(u.bytes)}, idle "
+            f"{human_seconds(u.idle_seconds)}, {state}" + ("" if u.key else "; no kdstore record (an older kdstore?)"))
+
+
 def summarize(m: dict[str, Any]) -> dict[str, Any]:
     """The facts `ls` shows about one manifest."""
     ts = m["transfer_set"]
@@ -110,12 +136,40 @@ def summarize(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def list_store(store: str | Path) -> Listing:
-    """Every committed version in a store (local directory, file:// or remote URL), by name then version.
+def list_store(store: str | Path, *, with_uploads: bool = False) -> Listing:
+    """Every committed version in a store (local directory, file:// or remote URL), by name then version; with
+    `with_uploads`, also the unfinished uploads pushes left there (`kdstore.store.uploads`).
 
     Raises:
         StoreNotFoundError: the store does not exist.
     """
+    listing = _list(store)
+    if with_uploads:
+        listing.uploads = uploads.unfinished(_push_target(listing.store))
+    return listing
+
+
+def _push_target(store: str | Path) -> remote.RemoteStore:
+    """A store as `push` writes to it: a URL, or a local directory through fsspec. It must exist."""
+    text = str(store)
+    target = remote.RemoteStore(remote.file_url_to_path(text) if remote.is_url(text) and not remote.is_remote(text)
+                                else text)
+    if not target.exists():
+        raise StoreNotFoundError(f"store {target.url} does not exist or holds nothing; check the URL or path")
+    return target
+
+
+def prune(store: str | Path, older_than: float, *, dry_run: bool = False) -> uploads.PruneReport:
+    """Remove the unfinished uploads in `store` idle for `older_than` seconds or more (never a live one); see
+    `kdstore.store.uploads.prune`.
+
+    Raises:
+        StoreNotFoundError: the store does not exist.
+    """
+    return uploads.prune(_push_target(store), older_than, dry_run=dry_run)
+
+
+def _list(store: str | Path) -> Listing:
     text = str(store)
     if remote.is_remote(text):
         return _list_remote(text)

@@ -1,4 +1,4 @@
-"""Remote stores through fsspec (s3://, gs://, az://, memory://, ...): read by URL, publish with `push`.
+"""Remote stores through fsspec (s3://, gs://, az://, memory://, ...): URLs, the store, and reading by URL.
 
 Reading. A remote version is *materialized*: its manifest is read and validated (path escapes are refused here,
 before anything is downloaded), every data file it lists is streamed into a local cache while its sha256 and
@@ -10,11 +10,8 @@ holds only complete, verified versions and the local readers work on them unchan
 `resolve_any` is the one entry point: a local path or ``file://`` URL resolves in place; any other URL is
 materialized (a cache hit costs one manifest read).
 
-Publishing. `push` copies a verified local version to ``URL/NAME/vN`` with N = (highest vN on the remote) + 1:
-it first *claims* vN by writing ``vN/.push-<token>`` and listing ``vN/`` (another claim or file there means
-another push got it: withdraw and try N + 1), then uploads the data files, then writes ``manifest.json`` last,
-with an exclusive create where the backend has one (S3 ``If-None-Match: *``, ``os.link`` locally). See
-docs/format.md, "Remote stores", for what this does and does not guarantee.
+Publishing (`kdstore.store.publish.push`) and unfinished uploads (`kdstore.store.uploads`) use `RemoteStore`
+from here.
 
 Credentials and endpoints come from the backend's usual configuration (for S3: ``AWS_PROFILE``,
 ``AWS_ACCESS_KEY_ID``..., ``AWS_ENDPOINT_URL`` for MinIO/Ceph/moto; fsspec's own config files also apply).
@@ -23,16 +20,11 @@ This module imports no torch.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
-import socket
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,17 +48,14 @@ from kdstore.store.layout import (
     NAME_RE,
     STAGING_PREFIX,
     VersionRef,
-    check_name,
     parse_version_dir,
     pick_version,
     resolve,
     split_ref,
-    version_dir_name,
 )
 from kdstore.store.reader import Version
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-CLAIM_PREFIX = ".push-"
 _CHUNK = 1 << 20
 
 
@@ -172,6 +161,8 @@ class RemoteStore:
         from fsspec.implementations.local import LocalFileSystem
 
         self.local = isinstance(self.fs, LocalFileSystem)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.s3 = "s3" in protocols  # objects carry user metadata (the pushed file's sha256), multipart uploads
 
     def path(self, *parts: str) -> str:
         """Backend path of `parts` under the store root."""
@@ -228,6 +219,32 @@ class RemoteStore:
         except UnicodeDecodeError:
             raise ManifestError(f"{where} is not UTF-8 text; the file is corrupted") from None
         return text, mf.loads(text, where)
+
+    def find(self, *parts: str) -> dict[str, dict[str, Any]]:
+        """Every object under `parts`, recursively and fresh from the backend: {path relative to `parts`: info}
+        (info has at least ``size``; times as the backend gives them). {} if there is nothing."""
+        p = self.path(*parts).rstrip("/")
+        with _remote_errors(self.url_of(*parts)):
+            self.fs.invalidate_cache()
+            try:
+                found = self.fs.find(p, detail=True)
+            except FileNotFoundError:
+                return {}
+        out: dict[str, dict[str, Any]] = {}
+        for key, info in found.items():
+            if str(key).startswith(p + "/") and info.get("type") != "directory":
+                out[str(key)[len(p) + 1:]] = info
+        return out
+
+    def cat_many(self, paths: list[str], what: str) -> dict[str, bytes | None]:
+        """The content of each backend path (concurrent on async backends), None where it could not be read."""
+        if not paths:
+            return {}
+        with _remote_errors(what):
+            got = self.fs.cat(paths, on_error="return")
+        if not isinstance(got, dict):  # a single path comes back as bytes
+            got = {paths[0]: got}
+        return {p: (v if isinstance(v, bytes) else None) for p, v in got.items()}
 
     def exists(self, *parts: str) -> bool:
         p = self.path(*parts)
@@ -390,130 +407,6 @@ def _commit_cache(staging: Path, local: VersionRef, text: str, manifest: dict[st
     note = local.store / ".source-url"  # for people looking at the cache; kdstore never reads it
     if not note.exists():
         note.write_text(url + "\n", encoding="utf-8")
-
-
-# --- publishing: push -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PushResult:
-    url: str  # URL/NAME@vN
-    name: str
-    version: int
-    files: int
-    bytes: int
-
-
-def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
-         progress: Callable[[int], None] | None = None) -> PushResult:
-    """Publish a version to the store at `url` as ``NAME/vN``, N = highest existing + 1; data first, manifest last.
-
-    The source is verified in full first (a damaged version is never published). Two concurrent pushes of the
-    same dataset get two different version numbers (see module docstring); neither overwrites the other.
-
-    Args:
-        source: local or remote version reference.
-        url: the destination store (``s3://bucket/targets``, ``memory://x``, a local directory...).
-        name: dataset name on the remote (default: the source's dataset directory name).
-    """
-    local = resolve_any(source, option="")
-    v = Version(local)
-    problems = v.verify(full=True)
-    if problems:
-        raise StoreFormatError(f"{local}: {problems[0]}"
-                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                               + "; refusing to publish a damaged version (run `kdstore verify` on it)")
-    name = name or local.name
-    check_name(name)
-    if is_url(url) and not is_remote(url):
-        url = file_url_to_path(url)
-    store = RemoteStore(url)
-    token = uuid.uuid4().hex
-    version, claim = _claim(store, name, token, str(local))
-    uploaded: list[str] = []
-    ok = False
-    try:
-        for f, p in zip(v.files, v.file_paths, strict=True):
-            dst = store.path(name, f"v{version}", f["path"])
-            with _remote_errors(store.url_of(name, f"v{version}", f["path"])):
-                if store.local:
-                    store.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-                store.fs.put_file(str(p), dst)
-            uploaded.append(dst)
-            if progress:
-                progress(f["bytes"])
-        manifest = {**v.manifest, "name": name, "version": version}
-        manifest.pop("derived_files", None)  # derived files stay with the local copy (see docs/format.md)
-        _publish_manifest(store, name, version, mf.dumps(manifest), token)
-        ok = True
-    finally:
-        _remove(store, claim)
-        if not ok:  # leave no orphan data in a version number we held
-            for p in uploaded:
-                _remove(store, p)
-    return PushResult(store.url_of(name) + f"@v{version}", name, version, len(v.files),
-                      sum(f["bytes"] for f in v.files))
-
-
-def _claim(store: RemoteStore, name: str, token: str, source: str) -> tuple[int, str]:
-    """Claim the first free version number from (highest existing vN) + 1: write a claim, then list."""
-    taken = [v for v in map(parse_version_dir, store.ls(name)) if v is not None]
-    n = max(taken, default=0) + 1
-    info = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(), "source": source,
-                       "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}).encode()
-    collisions = 0
-    while collisions < 50:
-        vdir = version_dir_name(n)
-        if store.ls(name, vdir):  # a committed version, or another push's claim or data: take the next number
-            n += 1
-            continue
-        claim = store.path(name, vdir, CLAIM_PREFIX + token)
-        with _remote_errors(store.url_of(name, vdir)):
-            if store.local:
-                store.fs.makedirs(store.path(name, vdir), exist_ok=True)
-            store.fs.pipe_file(claim, info)
-        others = [x for x in store.ls(name, vdir) if x != CLAIM_PREFIX + token]
-        if not others:
-            return n, claim
-        # Another push wrote a claim in vN at the same moment: withdraw, wait a random, growing while (both may
-        # withdraw), and look at vN again; whoever then finds it empty takes it, the others move on.
-        _remove(store, claim)
-        collisions += 1
-        time.sleep(random.uniform(0.0, min(0.02 * 2 ** min(collisions, 6), 1.0)))
-    raise RemoteError(f"{store.url_of(name)}: could not claim a version number after {collisions} collisions; "
-                      "many pushes are running at once: retry later")
-
-
-def _publish_manifest(store: RemoteStore, name: str, version: int, text: str, token: str) -> None:
-    where = store.url_of(name, f"v{version}", MANIFEST_NAME)
-    if store.exists(name, f"v{version}", MANIFEST_NAME):
-        raise RemoteError(f"{where} already exists: another push took v{version} despite the claim (a store "
-                          "without read-after-write listing?); nothing of ours was published: push again")
-    dst = store.path(name, f"v{version}", MANIFEST_NAME)
-    data = text.encode("utf-8")
-    if store.local:
-        tmp = Path(dst).with_name(f".{MANIFEST_NAME}.{token}.tmp")
-        try:
-            write_synced(tmp, data)
-            try:
-                os.link(tmp, dst)  # atomic, and fails if the manifest exists: an exclusive create
-            except FileExistsError:
-                raise RemoteError(f"{where} was written by another push a moment ago; push again") from None
-            fsync_dir(Path(dst).parent)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return
-    with _remote_errors(where):
-        try:
-            # S3: PUT with If-None-Match: * (atomic exclusive create); other backends: exists-check + PUT.
-            store.fs.pipe_file(dst, data, mode="create")
-        except FileExistsError:
-            raise RemoteError(f"{where} was written by another push a moment ago; push again") from None
-
-
-def _remove(store: RemoteStore, path: str) -> None:
-    with contextlib.suppress(Exception):  # best effort: a leftover claim or orphan file is invisible to readers
-        store.fs.rm_file(path)
 
 
 def read_remote_manifest(ref: str) -> tuple[str, dict[str, Any]]:
