@@ -19,14 +19,16 @@ def test_format_md_manifest_example_is_valid() -> None:
     assert blocks, "docs/format.md has no ```json example"
     for block in blocks:
         example = json.loads(block)
-        jsonschema.validate(example, manifest.schema(1))
+        jsonschema.validate(example, manifest.schema(example["format_version"]))
         manifest.validate(example, "docs/format.md example")
+        assert example["format_version"] == manifest.FORMAT_VERSION  # the page shows the current format
 
 
-def test_schema_file_is_the_packaged_schema() -> None:
-    repo_schema = json.loads((DOCS.parent / "schemas" / "manifest.v1.json").read_text("utf-8"))
-    assert repo_schema == manifest.schema(1)
-    jsonschema.Draft202012Validator.check_schema(repo_schema)
+def test_schema_files_are_the_packaged_schemas() -> None:
+    for version in manifest.SUPPORTED_FORMAT_VERSIONS:
+        repo_schema = json.loads((DOCS.parent / "schemas" / f"manifest.v{version}.json").read_text("utf-8"))
+        assert repo_schema == manifest.schema(version)
+        jsonschema.Draft202012Validator.check_schema(repo_schema)
 
 
 def test_cli_md_is_current(capsys) -> None:  # type: ignore[no-untyped-def]
