@@ -28,6 +28,7 @@ from kdstore.store import Version
 from kdstore.store.catalog import class_names
 from kdstore.store.files import atomic_write_bytes
 from kdstore.targets import check_temperature
+from kdstore.versioning import rows_per_chunk
 
 CARD_DIR = "card"
 CONF_BINS = 20
@@ -158,7 +159,7 @@ def compute_statistics(version: Version, *, temperature: float = 4.0, teacher: s
     stats = [TeacherStats(tid) for tid in version.teacher_ids]
     sim = torch.zeros(c, c, dtype=torch.float64)
     group_rows = np.zeros(c, np.int64)
-    for block in version.iter_files(names):
+    for block in version.iter_blocks(names, rows_per_chunk(c)):  # memory bounded by a chunk, whatever C
         y = block[label_col].astype(np.int64) if label_col else None
         for s in stats:
             lp = log_probs(version, block, s.teacher, 1.0)

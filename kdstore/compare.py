@@ -15,6 +15,7 @@ from kdstore.soft_targets import columns_for, log_probs, teacher_id
 from kdstore.store import Version, VersionRef
 from kdstore.store.catalog import class_names
 from kdstore.store.remote import resolve_any, shown_ref
+from kdstore.versioning import rows_per_chunk
 
 # --- diff -------------------------------------------------------------------------------------------------------
 
@@ -134,9 +135,11 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
     label_col = va.column_for("label") if va.has_labels else None
     cols_a, cols_b = columns_for(va, ta) + ([label_col] if label_col else []), columns_for(vb, tb)
     sums = _Sums(va.num_classes)
-    for i, f in enumerate(va.files):
-        block_a = va.read_file(i, cols_a)
-        block_b = vb.read_rows(f["first_row"], f["first_row"] + f["rows"], cols_b)
+    first = 0
+    for block_a in va.iter_blocks(cols_a + ["sample_id"], rows_per_chunk(va.num_classes)):  # bounded by a chunk
+        n = len(block_a["sample_id"])
+        block_b = vb.read_rows(first, first + n, cols_b)
+        first += n
         y = block_a[label_col].astype(np.int64) if label_col else None
         sums.add(log_probs(va, block_a, ta, temperature), log_probs(vb, block_b, tb, temperature), y)
     n, ts = va.num_rows, va.manifest["transfer_set"]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore import versioning
+from kdstore import memory, versioning
 from kdstore.errors import ConfigError, arg
 from kdstore.options import LOGITS_DTYPES
 from kdstore.soft_targets import tensor
@@ -140,6 +140,7 @@ def convert(cfg: ConvertConfig, progress: Callable[[int], None] | None = None) -
     if cfg.out is not None and is_url(cfg.out):
         raise ConfigError(f"{arg('out')} {cfg.out}: convert writes to a local store directory; write there, then "
                           "`kdstore push` the new version to the URL")
+    memory.keep_large_blocks_mapped()
     ref = resolve_any(cfg.source, option="")
     src = Version(ref)
     plan = _plan(src, cfg)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore import reproducible, targets, versioning
+from kdstore import memory, reproducible, targets, versioning
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, InputError, ShapeMismatchError, TeacherError, arg
 from kdstore.options import LOGITS_DTYPES
@@ -109,6 +109,7 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None) ->
             result.pushed = push(result.path, config.out, name=config.name).url
         return result
     t_start = time.perf_counter()
+    memory.keep_large_blocks_mapped()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     ts = open_transfer(config.transfer, input_columns=config.input_columns or None, label_column=config.label_column)
@@ -276,6 +277,7 @@ def _label_shard(
             for tid, st in stored.items():
                 chunk.update(st.columns(tid, idx_dtype))
             parts.append(chunk)
+        del zs, stored, refs  # before the next batch's logits exist: at most one batch x C array per teacher
         if progress:
             progress(len(x))
     cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -148,3 +148,11 @@ def wide_mlp(seed: int = 0) -> nn.Module:
     """256 -> 1024 -> 1024 -> 100: the size at which a resumed label run once differed from an uninterrupted one."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 100)).eval()
+
+
+WIDE_CLASSES = 151_936  # an LLM-sized output (Qwen2's vocabulary)
+
+
+def wide_teacher() -> nn.Module:
+    """8 -> 151,936 classes: a teacher whose full logits of a shard would not fit in memory."""
+    return _seeded(nn.Linear(IN_FEATURES, WIDE_CLASSES), seed=5)

@@ -128,6 +128,17 @@ class Version:
             raise StoreFormatError(f"{self.ref}: no file holds rows [{start}, {stop})")
         return {n: np.concatenate([p[n] for p in parts]) if len(parts) > 1 else parts[0][n] for n in names}
 
+    def iter_blocks(self, names: Sequence[str], max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield `names` in row order one row group (HDF5 chunk) at a time, cut into blocks of at most `max_rows`
+        rows: memory is bounded by a row group, whatever the shard size."""
+        for i in range(len(self.files)):
+            for g in range(len(self.row_groups(i))):
+                group = self.read_file(i, names, [g])
+                n = len(next(iter(group.values())))
+                step = max_rows or n
+                for a in range(0, n, step):
+                    yield {k: v[a : a + step] for k, v in group.items()}
+
     def iter_files(self, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         """Yield each data file's columns in row order."""
         for i in range(len(self.files)):
