@@ -42,3 +42,36 @@ def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def interleaved(cases: dict[str, Callable[[], float | None]], rounds: int = 3,
+                warmup: bool = True) -> dict[str, list[float]]:
+    """Run every case once per round, in turn (a b c, a b c, ...), after one untimed warm-up round: a machine shared
+    with other jobs slows all cases alike within a round. A case returns its own time in seconds, or None to be
+    timed from outside. Returns each case's times."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(rounds + (1 if warmup else 0)):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            inner = fn()
+            elapsed = inner if inner is not None else time.perf_counter() - t
+            if r > 0 or not warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def median_spread(values: list[float]) -> str:
+    """'median (min-max)' of a list of measurements."""
+    v = sorted(values)
+    mid = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return f"{mid:.3g} ({v[0]:.3g}-{v[-1]:.3g})"
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def ratios(a: list[float], b: list[float]) -> list[float]:
+    """Per-round ratios a[i] / b[i] (rounds interleaved, so each ratio compares like with like)."""
+    return [x / y for x, y in zip(a, b, strict=True)]

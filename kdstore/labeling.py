@@ -247,6 +247,7 @@ def _probe_classes(teachers: list[Teacher], ts: TransferSet, device: torch.devic
     return int(c)
 
 
+@torch.inference_mode()
 def _label_shard(
     teachers: list[Teacher], ids: list[str], ts: TransferSet, start: int, stop: int, c: int, k: int | None,
     cfg: LabelConfig, device: torch.device, precision: str, progress: Callable[[int], None] | None,
@@ -259,17 +260,24 @@ def _label_shard(
     """
     stats = versioning.TargetStatistics(ids, c, k, cfg.tail)
     parts: list[dict[str, np.ndarray]] = []
+    scratch: torch.Tensor | None = None
     idx_dtype = versioning.index_dtype(c)
     for first, x, y in _prefetch(ts.iter_batches(cfg.batch_size, start, stop)):
         y_dev = _checked_labels(y, first, c, ts, device)
         zs = [_checked_logits(t, _forward(t, x, device, precision), c, first, ts) for t in teachers]
         step = versioning.rows_per_chunk(c)
+        if scratch is None:  # one buffer for every chunk of the shard: no (rows x C) allocation per chunk
+            scratch = torch.empty(min(step, cfg.batch_size), c, device=device)
         for a in range(0, len(x), step):
             ids_chunk = torch.arange(first + a, first + min(a + step, len(x)), device=device)
+            fid = stats.fidelity_rows(ids_chunk)  # copied before the chunk's logits are consumed
+            refs = {tid: None if cfg.keep_logits else z[a : a + step][fid].clone()
+                    for tid, z in zip(ids, zs, strict=True)}
             stored = {tid: versioning.stored_targets(z[a : a + step], k=k, keep_logits=cfg.keep_logits,
-                                                     precision=cfg.logits_dtype)
+                                                     precision=cfg.logits_dtype, consume=True,
+                                                     scratch=scratch[: len(z[a : a + step])])
                       for tid, z in zip(ids, zs, strict=True)}
-            refs = {tid: None if cfg.keep_logits else z[a : a + step] for tid, z in zip(ids, zs, strict=True)}
+            _check_finite(stored, teachers, ids, first + a, ts)
             stats.add(ids_chunk, y_dev[a : a + step] if y_dev is not None else None, stored, refs)
             chunk: dict[str, np.ndarray] = {"sample_id": ids_chunk.cpu().numpy()}
             if y is not None:
@@ -298,12 +306,19 @@ def _checked_labels(y: np.ndarray | None, first: int, c: int, ts: TransferSet,
 def _checked_logits(t: Teacher, z: torch.Tensor, c: int, first: int, ts: TransferSet) -> torch.Tensor:
     if z.shape[1] != c:
         raise ShapeMismatchError(f"{arg('teacher')} {t.source}: {z.shape[1]} classes, expected {c}")
-    finite = torch.isfinite(z).all(dim=1)
-    if not bool(finite.all()):
-        row = first + int(torch.nonzero(~finite)[0, 0])
-        raise TeacherError(f"{arg('teacher')} {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
-                           "nothing was committed; check the teacher and that input row")
     return z
+
+
+def _check_finite(stored: dict[str, versioning.StoredTargets], teachers: list[Teacher], ids: list[str], first: int,
+                  ts: TransferSet) -> None:
+    """A NaN or +inf logit makes its row's log-sum-exp NaN or +inf, as does a row of only -inf: one check per row
+    instead of one per logit (a -inf logit among finite ones is a class of probability 0, and fine)."""
+    for t, tid in zip(teachers, ids, strict=True):
+        finite = torch.isfinite(stored[tid].lse)
+        if not bool(finite.all()):
+            row = first + int(torch.nonzero(~finite)[0, 0])
+            raise TeacherError(f"{arg('teacher')} {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
+                               "nothing was committed; check the teacher and that input row")
 
 
 def _prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:

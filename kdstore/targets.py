@@ -68,19 +68,34 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.gather(vals, 1, order), torch.gather(idx, 1, order)
 
 
-def tail_logmass(logits: Tensor, indices: Tensor, lse: Tensor) -> Tensor:
+def logsumexp_into(logits: Tensor, scratch: Tensor) -> Tensor:
+    """``logsumexp(logits, dim=1)`` of (N, C) float32 logits, computed in `scratch` (N, C) instead of temporaries:
+    the same operations in the same order as `torch.logsumexp` (max, subtract, exp, sum, log, add), so the same
+    bits, without allocating two (N, C) arrays per call (at LLM-sized C those allocations cost more than the math)."""
+    m = logits.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows of only +-inf: no inf - inf
+    torch.sub(logits, m, out=scratch)
+    return scratch.exp_().sum(dim=1).log_().add_(m.squeeze(1))
+
+
+def tail_logmass(logits: Tensor, indices: Tensor, lse: Tensor, *, inplace: bool = False,
+                 scratch: Tensor | None = None) -> Tensor:
     """Log of the probability mass outside the top-k at T = 1, float32 (N,): ``logsumexp_{j not in top-k} z_j - L``.
 
     Computed from the logits themselves, never as ``log(1 - sum of the top-k probabilities)``, which cancels when
     the top-k mass is close to 1. ``-inf`` where nothing is left (k = C, or every tail logit is -inf).
 
     Args:
-        logits: (N, C) the exact logits.
+        logits: (N, C) the exact logits (float32; overwritten if `inplace`).
         indices: (N, k) the top-k class indices.
         lse: (N,) ``logsumexp`` of all C logits.
     """
-    masked = logits.float().scatter(1, indices.long(), float("-inf"))
-    return torch.logsumexp(masked, dim=1) - lse.float()
+    if inplace and logits.dtype == torch.float32:
+        masked = logits.scatter_(1, indices.long(), float("-inf"))
+    else:
+        masked = logits.float().scatter(1, indices.long(), float("-inf"))
+    tail = logsumexp_into(masked, scratch) if scratch is not None else torch.logsumexp(masked, dim=1)
+    return tail - lse.float()
 
 
 def truncate_topk(values: Tensor, indices: Tensor, lse: Tensor, tail_logmass: Tensor | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -62,13 +63,16 @@ def load_teacher(spec: str, option: str = "teacher") -> Teacher:
         raise TeacherError(f"{arg(option)} {spec!r}: a built-in spec needs trained weights: "
                            f"{model_spec}@weights.safetensors")
     try:
-        module = build_model(model_spec)
+        # a built-in model whose weights come from a file is built without memory or random init (the meta device)
+        # and takes the loaded tensors as they are: a 150k-class head would otherwise be initialised for nothing
+        with torch.device("meta") if kind == "builtin" else contextlib.nullcontext():
+            module = build_model(model_spec)
     except StudentError as e:
         raise TeacherError(f"{arg(option)}: {e}") from None
     if weights is not None:
         state = load_state_dict(Path(weights), option)
         try:
-            module.load_state_dict(state, strict=True)
+            module.load_state_dict(state, strict=True, assign=kind == "builtin")
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise TeacherError(
