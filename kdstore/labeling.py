@@ -270,11 +270,10 @@ def _label_shard(
             scratch = torch.empty(min(step, cfg.batch_size), c, device=device)
         for a in range(0, len(x), step):
             ids_chunk = torch.arange(first + a, first + min(a + step, len(x)), device=device)
-            fid = stats.fidelity_rows(ids_chunk)  # copied before the chunk's logits are consumed
-            refs = {tid: None if cfg.keep_logits else z[a : a + step][fid].clone()
-                    for tid, z in zip(ids, zs, strict=True)}
+            fid = stats.fidelity_rows(ids_chunk)
+            refs = {tid: None if cfg.keep_logits else z[a : a + step][fid] for tid, z in zip(ids, zs, strict=True)}
             stored = {tid: versioning.stored_targets(z[a : a + step], k=k, keep_logits=cfg.keep_logits,
-                                                     precision=cfg.logits_dtype, consume=True,
+                                                     precision=cfg.logits_dtype,
                                                      scratch=scratch[: len(z[a : a + step])])
                       for tid, z in zip(ids, zs, strict=True)}
             _check_finite(stored, teachers, ids, first + a, ts)

@@ -78,6 +78,28 @@ def logsumexp_into(logits: Tensor, scratch: Tensor) -> Tensor:
     return scratch.exp_().sum(dim=1).log_().add_(m.squeeze(1))
 
 
+def logsumexp_and_tail(logits: Tensor, indices: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """`logsumexp` and `tail_logmass` of (N, C) float32 logits in one exponential pass over `scratch` (N, C).
+
+    ``s = exp(z - max z)`` is summed whole (``L = log sum s + max z``, the same operations and bits as
+    `torch.logsumexp`) and again with the top-k zeroed (``t = log sum_tail s - log sum s``). Where the tail
+    underflows against the top-1 (a tail sum below 2^-100, the exponent range of float32 running out), the tail of
+    those rows is recomputed with its own shift, as `tail_logmass` does.
+    """
+    m = logits.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows of only +-inf: no inf - inf
+    torch.sub(logits, m, out=scratch)
+    scratch.exp_()
+    s_all = scratch.sum(dim=1)
+    s_tail = scratch.scatter_(1, indices.long(), 0.0).sum(dim=1)
+    lse = s_all.log().add_(m.squeeze(1))
+    tail = s_tail.log() - s_all.log()
+    low = torch.nonzero((s_tail < 2.0**-100) & (indices.shape[1] < logits.shape[1])).flatten()
+    if len(low):
+        tail[low] = tail_logmass(logits[low], indices[low], lse[low])
+    return lse, tail
+
+
 def tail_logmass(logits: Tensor, indices: Tensor, lse: Tensor, *, inplace: bool = False,
                  scratch: Tensor | None = None) -> Tensor:
     """Log of the probability mass outside the top-k at T = 1, float32 (N,): ``logsumexp_{j not in top-k} z_j - L``.

@@ -96,30 +96,31 @@ class StoredTargets:
 
 
 def stored_targets(z: Tensor, *, k: int | None, keep_logits: bool, precision: str,
-                   lse: Tensor | None = None, consume: bool = False, scratch: Tensor | None = None) -> StoredTargets:
+                   lse: Tensor | None = None, scratch: Tensor | None = None) -> StoredTargets:
     """What a version stores of the (N, C) float32 logits `z`: the logits at their storage dtype, the top-k
     (values rounded to `precision`, largest first), and the log-sum-exp and log tail mass of the unrounded logits.
 
     Args:
         lse: overrides the log-sum-exp (`convert` keeps the one computed at label time from the unrounded logits).
-        consume: `z` may be overwritten (the tail is then summed in place: no (N, C) copy, a third less time at
-            LLM-sized C); `z` is garbage afterwards.
-        scratch: an (N, C) float32 buffer for the log-sum-exps, reused across calls (no per-call allocations).
+        scratch: an (N, C) float32 buffer reused across calls: the log-sum-exp and the tail then take one
+            exponential pass and no allocation (`targets.logsumexp_and_tail`).
     """
     z = z.float()
-    if lse is None:
-        lse = targets.logsumexp_into(z, scratch) if scratch is not None else targets.logsumexp(z)
-    lse = lse.float()
     logits = None
     if keep_logits:
         logits = (as_stored(z, precision) if precision == "bfloat16"
                   else z.to(_TORCH_DTYPES[logits_storage(precision)], copy=True))
-    stored = StoredTargets(logits, None, None, lse, None)
-    if k:
-        v, idx = targets.top_k(z, k)
-        stored.values, stored.indices = as_stored(v, precision), idx
-        stored.tail = targets.tail_logmass(z, idx, lse, inplace=consume, scratch=scratch)
-    return stored
+    if not k:
+        lse = (targets.logsumexp_into(z, scratch) if scratch is not None else targets.logsumexp(z)) if lse is None \
+            else lse
+        return StoredTargets(logits, None, None, lse.float(), None)
+    v, idx = targets.top_k(z, k)
+    if lse is None and scratch is not None:  # labeling: one exponential pass for both
+        lse, tail = targets.logsumexp_and_tail(z, idx, scratch)
+    else:
+        lse = targets.logsumexp(z) if lse is None else lse.float()
+        tail = targets.tail_logmass(z, idx, lse)
+    return StoredTargets(logits, as_stored(v, precision), idx, lse, tail)
 
 
 def truncated_targets(values: Tensor, indices: Tensor, lse: Tensor, tail: Tensor | None, *, k: int,
