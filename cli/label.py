@@ -46,13 +46,26 @@ from kdstore.options import FORMATS, LOGITS_DTYPES, PRECISIONS, TAIL_MODELS
               help="Label only job I's share (files I, I+N, ...) of an N-job run, e.g. a Slurm array "
                    "(--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT). The job that finishes the last file "
                    "commits the version. Under torchrun, RANK/WORLD_SIZE are used automatically.")
+@click.option("--views", type=int, default=1, show_default=True, metavar="N",
+              help="Label N augmented views of every row (FKD): each view's parameters and the teacher's targets for "
+                   "it are stored, and `kdstore train` replays one view per row per epoch, teacher-free. Needs "
+                   "--augment.")
+@click.option("--augment", default=None, metavar="SPEC",
+              help="The views' augmentation, applied in order: shift:P (integer shift by up to P pixels), "
+                   "crop:S0-S1[:R0-R1] (random resized crop: area fraction, aspect ratio), flip (horizontal), "
+                   "noise:STD (Gaussian, also for vector inputs). E.g. shift:2 or crop:0.35-1,flip.")
+@click.option("--augment-seed", type=int, default=0, show_default=True,
+              help="Seed of the views' parameters (each drawn from seed, row and view: resume and --shard give the "
+                   "same views).")
+@click.option("--identity-view/--no-identity-view", default=True, show_default=True,
+              help="Make view 0 of every row the unaugmented input.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors(aliases={"format": "--format", "shard_index": "--shard", "num_shards": "--shard",
                       "keep_logits": "--logits/--no-logits"})
 def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str, top_k: int, keep_logits: bool,
           logits_dtype: str, batch_size: int, device: str, precision: str, input_columns: tuple[str, ...],
           label_column: str | None, shard_rows: int, row_group_rows: int, tail: str, shard: str | None,
-          quiet: bool) -> None:
+          views: int, augment: str | None, augment_seed: int, identity_view: bool, quiet: bool) -> None:
     """Run one or more teachers ONCE over a transfer set; write logits and top-k targets as a new version.
 
     \b
@@ -73,7 +86,8 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
                       top_k=top_k or None, keep_logits=keep_logits, logits_dtype=logits_dtype,
                       batch_size=batch_size, device=device, precision=precision, input_columns=input_columns,
                       label_column=label_column, shard_rows=shard_rows, row_group_rows=row_group_rows,
-                      tail=tail, shard_index=shard_index, num_shards=num_shards)
+                      tail=tail, shard_index=shard_index, num_shards=num_shards, views=views, augment=augment,
+                      augment_seed=augment_seed, identity_view=identity_view)
     ts = open_transfer(transfer, input_columns=input_columns or None, label_column=label_column)
     rows = ts.rows
     ts.close()  # only the row count is needed here; label() opens it again
@@ -97,6 +111,9 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
         fid_txt = (" top-k KL@T=1/4/20: " + "/".join("inf" if fid[t] is None else f"{fid[t]:.2g}"
                                                        for t in ("1.0", "4.0", "20.0"))) if fid else ""
         click.echo(f"  {tid}: {acc}, mean entropy {s['mean_entropy_nats']:.3f} nats{fid_txt}")
+        if s.get("accuracy_identity_views") is not None:
+            click.echo(f"  {tid} on views: unaugmented {s['accuracy_identity_views']:.4f}, augmented "
+                       f"{s['accuracy_augmented_views']:.4f}")
     if result.pushed:
         click.echo(f"pushed -> {result.pushed}")
     if "ensemble" in m["statistics"]:

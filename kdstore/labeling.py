@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kdstore import memory, reproducible, targets, versioning
+from kdstore.augment import parse_augment
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, InputError, ShapeMismatchError, TeacherError, arg
 from kdstore.options import LOGITS_DTYPES
@@ -25,6 +26,7 @@ from kdstore.store.publish import push
 from kdstore.store.remote import is_remote, outbox_dir
 from kdstore.teachers import Teacher, load_teacher
 from kdstore.transfer import TransferSet, open_transfer
+from kdstore.views import ViewPlan
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class LabelConfig:
     tail: str = "uniform"
     shard_index: int = 0
     num_shards: int = 1
+    views: int = 1
+    augment: str | None = None
+    augment_seed: int = 0
+    identity_view: bool = True
 
     def __post_init__(self) -> None:
         errors = []
@@ -73,6 +79,13 @@ class LabelConfig:
                           "must be >= 1")
         if self.tail not in targets.TAIL_MODELS:
             errors.append(f"{arg('tail')} {self.tail!r}: expected one of {', '.join(targets.TAIL_MODELS)}")
+        if self.views < 1:
+            errors.append(f"{arg('views')} {self.views}: must be >= 1")
+        elif self.views > 1 and self.augment is None:
+            errors.append(f"{arg('views')} {self.views} needs {arg('augment')} SPEC: the views of a sample differ by "
+                          "their augmentation (e.g. shift:2,flip)")
+        if self.augment_seed < 0:
+            errors.append(f"{arg('augment_seed')} {self.augment_seed}: must be >= 0")
         if errors:
             raise ConfigError("; ".join(errors))
 
@@ -130,8 +143,11 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                           f"1..{num_classes}")
     k = config.top_k
     ids = [f"t{i}" for i in range(len(teachers))]
+    plan = _view_plan(config, ts)
     columns = versioning.column_specs(ids, num_classes, k=k, keep_logits=config.keep_logits,
                                       dtype=config.logits_dtype, labels=ts.has_labels)
+    if plan is not None:
+        columns[1:1] = plan.columns()  # after sample_id
     shard_meta = versioning.shard_metadata(config.name, columns, [t.sha256 for t in teachers])
     # The transfer set's sha256 is computed on a thread while the teachers run (hashing a large file first
     # would add its whole read time to the run); the resume key uses its identity (path, size, mtime) instead.
@@ -142,32 +158,36 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
     key_material = {"meta": shard_meta, "transfer": [str(ts.path.resolve()), st.st_size, st.st_mtime_ns],
                     "batch_size": config.batch_size, "device": device.type,
                     "precision": precision, "tail": config.tail, "k": k, "inputs": ts.input_columns,
-                    "labels": ts.label_column, "shard_rows": config.shard_rows, "rg": config.row_group_rows}
+                    "labels": ts.label_column, "shard_rows": config.shard_rows, "rg": config.row_group_rows,
+                    "views": plan.describe() if plan else None}
     run_key = versioning.run_key(key_material)
+    # shards and row groups hold whole samples: counted in samples here, in rows (samples x views) on disk
+    views = plan.count if plan else 1
+    shard_samples, rg_rows = max(1, config.shard_rows // views), max(1, config.row_group_rows // views) * views
 
     sharded = config.num_shards > 1
     with VersionWriter(Path(config.out), config.name, run_key=run_key, fmt=config.format, columns=columns,
-                       shard_rows=config.shard_rows, row_group_rows=config.row_group_rows,
+                       shard_rows=shard_samples * views, row_group_rows=rg_rows,
                        shard_metadata=shard_meta, pinned={"threads": torch.get_num_threads()},
                        participant=f"shard-{config.shard_index}-of-{config.num_shards}" if sharded else "") as writer, \
             reproducible.pinned_compute(int(writer.pinned["threads"]), device):
         done = writer.completed()
-        n_shards = math.ceil(ts.rows / config.shard_rows)
+        n_shards = math.ceil(ts.rows / shard_samples)
         # The shard plan depends only on shard_rows, never on the number of jobs: job i of N takes files
         # i, i+N, i+2N, ...; any N (including 1) can finish what any other N started.
         mine = [i for i in range(n_shards) if i % config.num_shards == config.shard_index]
         if progress:
-            progress(sum(done[i]["rows"] for i in mine if i in done))
+            progress(sum(done[i]["rows"] for i in mine if i in done) // views)
         # Writing (encode + compress + fsync + sha256) runs on the writer's thread, overlapping the next shard.
         for index in mine:
             if index in done:
                 continue
-            start = index * config.shard_rows
-            stop = min(start + config.shard_rows, ts.rows)
+            start = index * shard_samples
+            stop = min(start + shard_samples, ts.rows)
             cols, stats = _label_shard(teachers, ids, ts, start, stop, num_classes, k, config, device,
-                                       precision, progress)
+                                       precision, progress, plan)
             stats["environment"] = reproducible.environment(device)  # where this shard's floats were computed
-            writer.write_async(index, start, cols, stats)
+            writer.write_async(index, start * views, cols, stats)
         writer.flush()
         infos = writer.completed()
         if len(infos) < n_shards:
@@ -179,6 +199,10 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
         reference = "stored logits" if config.keep_logits else "teacher logits at label time (float32)"
         stats = versioning.TargetStatistics(ids, num_classes, k, config.tail).combine(parts, reference)
         manifest = _manifest(config, ts, teachers, ids, num_classes, columns, stats, device, precision, t_start)
+        manifest["num_rows"] = ts.rows * views
+        if plan is not None:
+            manifest["views"] = plan.describe()
+        manifest["storage"].update(shard_rows=shard_samples * views, row_group_rows=rg_rows)
         manifest["labeling"].update(threads=int(writer.pinned["threads"]),
                                     environments=reproducible.group_environments([p.get("environment") for p in parts]))
         path = writer.commit(manifest)
@@ -187,6 +211,14 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                                time.perf_counter() - t_start)
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
+
+
+def _view_plan(config: LabelConfig, ts: TransferSet) -> ViewPlan | None:
+    if config.augment is None:
+        return None
+    spec = parse_augment(config.augment)
+    return ViewPlan(config.views, spec, config.augment_seed, config.identity_view,
+                    tuple(ts.input_shape))
 
 
 def _manifest(config: LabelConfig, ts: TransferSet, teachers: list[Teacher], ids: list[str], num_classes: int,
@@ -251,8 +283,10 @@ def _probe_classes(teachers: list[Teacher], ts: TransferSet, device: torch.devic
 def _label_shard(
     teachers: list[Teacher], ids: list[str], ts: TransferSet, start: int, stop: int, c: int, k: int | None,
     cfg: LabelConfig, device: torch.device, precision: str, progress: Callable[[int], None] | None,
+    plan: ViewPlan | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run the teachers over rows [start, stop); return the shard's columns and partial statistics.
+    """Run the teachers over samples [start, stop) (each as its `plan` views, if any); return the shard's columns
+    and partial statistics.
 
     Everything is computed per batch, in chunks of rows small enough that a chunk of C-class arrays stays near
     `versioning.CHUNK_ELEMENTS` values: memory is bounded by the batch and the chunk, never by the shard or C
@@ -262,23 +296,36 @@ def _label_shard(
     parts: list[dict[str, np.ndarray]] = []
     scratch: torch.Tensor | None = None
     idx_dtype = versioning.index_dtype(c)
-    for first, x, y in _prefetch(ts.iter_batches(cfg.batch_size, start, stop)):
+    views = plan.count if plan else 1
+    for first, x, y in _prefetch(ts.iter_batches(plan.samples_per(cfg.batch_size) if plan else cfg.batch_size,
+                                                 start, stop)):
         y_dev = _checked_labels(y, first, c, ts, device)
+        samples, rows = np.arange(first, first + len(x)), None
+        view_cols: dict[str, np.ndarray] = {}
+        if plan is not None:
+            x, samples, view_idx, view_cols = plan.expand(x, first)
+            view_cols = {"view": view_idx.astype(np.int16), **view_cols}
+            y = np.repeat(y, views) if y is not None else None
+            y_dev = y_dev.repeat_interleave(views) if y_dev is not None else None
+        rows = torch.arange(first * views, first * views + len(x), device=device)  # version rows
         zs = [_checked_logits(t, _forward(t, x, device, precision), c, first, ts) for t in teachers]
         step = versioning.rows_per_chunk(c)
         if scratch is None:  # one buffer for every chunk of the shard: no (rows x C) allocation per chunk
             scratch = torch.empty(min(step, cfg.batch_size), c, device=device)
         for a in range(0, len(x), step):
-            ids_chunk = torch.arange(first + a, first + min(a + step, len(x)), device=device)
+            ids_chunk = rows[a : a + step]
             fid = stats.fidelity_rows(ids_chunk)
             refs = {tid: None if cfg.keep_logits else z[a : a + step][fid] for tid, z in zip(ids, zs, strict=True)}
             stored = {tid: versioning.stored_targets(z[a : a + step], k=k, keep_logits=cfg.keep_logits,
                                                      precision=cfg.logits_dtype,
                                                      scratch=scratch[: len(z[a : a + step])])
                       for tid, z in zip(ids, zs, strict=True)}
-            _check_finite(stored, teachers, ids, first + a, ts)
-            stats.add(ids_chunk, y_dev[a : a + step] if y_dev is not None else None, stored, refs)
-            chunk: dict[str, np.ndarray] = {"sample_id": ids_chunk.cpu().numpy()}
+            _check_finite(stored, teachers, ids, int(samples[a]), ts, views)
+            identity = (view_cols["view"][a : a + step] == 0) if plan and plan.identity_first else None
+            stats.add(ids_chunk, y_dev[a : a + step] if y_dev is not None else None, stored, refs,
+                      torch.from_numpy(identity).to(device) if identity is not None else None)
+            chunk: dict[str, np.ndarray] = {"sample_id": np.asarray(samples[a : a + step], dtype=np.int64),
+                                            **{n: v[a : a + step] for n, v in view_cols.items()}}
             if y is not None:
                 chunk["label"] = y[a : a + step].astype(np.int64)
             for tid, st in stored.items():
@@ -286,7 +333,7 @@ def _label_shard(
             parts.append(chunk)
         del zs, stored, refs  # before the next batch's logits exist: at most one batch x C array per teacher
         if progress:
-            progress(len(x))
+            progress(len(x) // views)
     cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     return cols, stats.partial()
 
@@ -309,13 +356,13 @@ def _checked_logits(t: Teacher, z: torch.Tensor, c: int, first: int, ts: Transfe
 
 
 def _check_finite(stored: dict[str, versioning.StoredTargets], teachers: list[Teacher], ids: list[str], first: int,
-                  ts: TransferSet) -> None:
+                  ts: TransferSet, views: int = 1) -> None:
     """A NaN or +inf logit makes its row's log-sum-exp NaN or +inf, as does a row of only -inf: one check per row
     instead of one per logit (a -inf logit among finite ones is a class of probability 0, and fine)."""
     for t, tid in zip(teachers, ids, strict=True):
         finite = torch.isfinite(stored[tid].lse)
         if not bool(finite.all()):
-            row = first + int(torch.nonzero(~finite)[0, 0])
+            row = first + int(torch.nonzero(~finite)[0, 0]) // views
             raise TeacherError(f"{arg('teacher')} {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
                                "nothing was committed; check the teacher and that input row")
 

@@ -214,17 +214,19 @@ class TargetStatistics:
         self.stride = fidelity_stride(num_classes)
         self.sums: dict[str, Any] = {"rows": 0, "labeled": 0, "ensemble_correct": 0, "teachers": {
             tid: {"correct": 0, "entropy_sum": 0.0, "topk_mass_sum": 0.0, "fidelity_rows": 0,
-                  "fidelity_sum": {str(t): 0.0 for t in FIDELITY_TEMPERATURES}} for tid in self.ids}}
+                  "fidelity_sum": {str(t): 0.0 for t in FIDELITY_TEMPERATURES}, "identity_correct": 0,
+                  "identity_labeled": 0} for tid in self.ids}}
 
     def fidelity_rows(self, sample_ids: Tensor) -> Tensor:
         """Positions (in a chunk of rows) of the rows the top-k fidelity is measured on: ``sample_id % stride == 0``."""
         return torch.nonzero(sample_ids % self.stride == 0).flatten()
 
     def add(self, sample_ids: Tensor, labels: Tensor | None, stored: Mapping[str, StoredTargets],
-            reference: Mapping[str, Tensor | None]) -> None:
+            reference: Mapping[str, Tensor | None], identity: Tensor | None = None) -> None:
         """Add a chunk of rows: every teacher's stored targets, and the logits of the chunk's `fidelity_rows` to
         measure the top-k against when no full logits are stored (the teacher's exact logits at label time, or the
-        parent's stored ones; None: not measurable)."""
+        parent's stored ones; None: not measurable). `identity` marks rows that are unaugmented views, whose
+        accuracy is also counted apart (teacher accuracy on views against originals)."""
         n = len(sample_ids)
         self.sums["rows"] += n
         self.sums["labeled"] += n if labels is not None else 0
@@ -242,6 +244,9 @@ class TargetStatistics:
             if labels is not None:
                 top1 = logp.argmax(1) if logp is not None else st.indices[:, 0]  # type: ignore[index]
                 s["correct"] += int((top1 == labels).sum())
+                if identity is not None:
+                    s["identity_correct"] += int(((top1 == labels) & identity).sum())
+                    s["identity_labeled"] += int(identity.sum())
                 if logp is not None and len(self.ids) > 1:
                     probs_sum = logp.exp() if probs_sum is None else probs_sum + logp.exp()
             if st.tail is not None:
@@ -281,6 +286,12 @@ class TargetStatistics:
             entry: dict[str, Any] = {"accuracy": (correct / labeled) if labeled else None,
                                      "errors": (labeled - correct) if labeled else None,
                                      "mean_entropy_nats": sum(s["entropy_sum"] for s in tp) / rows}
+            id_labeled = sum(s.get("identity_labeled", 0) for s in tp)
+            if id_labeled:  # views: the teacher on unaugmented views against augmented ones
+                id_correct = sum(s["identity_correct"] for s in tp)
+                entry["accuracy_identity_views"] = id_correct / id_labeled
+                entry["accuracy_augmented_views"] = ((correct - id_correct) / (labeled - id_labeled)
+                                                     if labeled > id_labeled else None)
             if self.k:
                 entry["topk_mass_mean"] = sum(s["topk_mass_sum"] for s in tp) / rows
                 fid_rows = sum(s["fidelity_rows"] for s in tp)

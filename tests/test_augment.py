@@ -97,3 +97,116 @@ def test_noise_is_regenerated_from_its_key() -> None:
     assert (out[2] == 0).all()  # -1: the identity view
     big = augment.apply(spec, torch.zeros(1, 20000), {"aug0_noise": torch.tensor([5])})
     assert abs(float(big.std()) - 0.5) < 0.02 and abs(float(big.mean())) < 0.02
+
+
+# --- labeling views ---------------------------------------------------------------------------------------------------
+
+
+def _image_transfer(tmp_path):  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdstore.quickstart import dataset_file
+
+    t = pq.read_table(dataset_file("digits_train.parquet")).slice(0, 60)
+    path = tmp_path / "digits60.parquet"
+    pq.write_table(t.replace_schema_metadata(pq.read_schema(dataset_file("digits_train.parquet")).metadata), path,
+                   row_group_size=25)
+    assert pa.types.is_fixed_size_list(t.schema.field("image").type)
+    return path
+
+
+def _label_views(transfer, out, **kw):  # type: ignore[no-untyped-def]
+    from kdstore.labeling import LabelConfig, label
+    from kdstore.quickstart import teacher_spec
+
+    opts = {"top_k": 3, "views": 3, "augment": "shift:1,crop:0.6-1,flip", "shard_rows": 60, "row_group_rows": 9,
+            "batch_size": 20, "device": "cpu", **kw}
+    return label(LabelConfig(teachers=(teacher_spec(),), transfer=str(transfer), out=str(out), name="v", **opts))
+
+
+def test_labeled_views_store_the_view_the_teacher_saw(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kdstore.quickstart import teacher_spec
+    from kdstore.store import Version
+    from kdstore.teachers import load_teacher
+    from kdstore.transfer import open_transfer
+
+    res = _label_views(_image_transfer(tmp_path), tmp_path / "s")
+    v = Version(res.path)
+    m = v.manifest
+    assert m["num_rows"] == 180 and m["transfer_set"]["rows"] == 60 and m["storage"]["row_group_rows"] == 9
+    assert m["storage"]["shard_rows"] == 60 and [f["rows"] for f in m["files"]] == [60, 60, 60]
+    assert m["views"] == {"count": 3, "augment": "shift:1,crop:0.6-1.0,flip", "seed": 0, "identity_first": True,
+                          "input_shape": [8, 8], "params": ["aug0_shift", "aug1_crop", "aug2_flip"]}
+    cols = v.read_all(["sample_id", "view", "aug0_shift", "aug1_crop", "aug2_flip", "t0_logits"])
+    np.testing.assert_array_equal(cols["sample_id"], np.repeat(np.arange(60), 3))
+    np.testing.assert_array_equal(cols["view"], np.tile(np.arange(3), 60))
+    assert (cols["aug0_shift"][cols["view"] == 0] == 0).all()  # view 0 is the input itself
+    # replay: the stored parameters, applied to the transfer rows, give the inputs whose logits were stored
+    ts = open_transfer(_image_transfer(tmp_path))
+    x, _ = ts.read_rows(0, 60)
+    params = {n: torch.from_numpy(cols[n]) for n in ("aug0_shift", "aug1_crop", "aug2_flip")}
+    replayed = augment.apply(augment.parse_augment(m["views"]["augment"]),
+                             torch.from_numpy(x[cols["sample_id"]]), params)
+    teacher = load_teacher(teacher_spec()).module
+    with torch.no_grad():
+        z = teacher(replayed).numpy()
+    np.testing.assert_allclose(cols["t0_logits"].astype(np.float32), z, rtol=2e-3, atol=2e-3)
+    s = m["statistics"]["teachers"]["t0"]
+    assert s["accuracy_identity_views"] > s["accuracy_augmented_views"]
+
+
+def test_views_resume_and_shards_give_the_same_bytes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import data_bytes
+
+    transfer = _image_transfer(tmp_path)
+    whole = _label_views(transfer, tmp_path / "a").path
+    for i in (1, 0):  # two jobs of a sharded run, in either order
+        _label_views(transfer, tmp_path / "b", shard_index=i, num_shards=2)
+    assert data_bytes(tmp_path / "b" / "v" / "v1") == data_bytes(whole)
+    with pytest.raises(KeyboardInterrupt):
+        _interrupted(transfer, tmp_path)
+    resumed = _label_views(transfer, tmp_path / "c")
+    assert resumed.resumed_shards == 1 and data_bytes(resumed.path) == data_bytes(whole)
+
+
+def _interrupted(transfer, tmp_path):  # type: ignore[no-untyped-def]
+    from kdstore.labeling import LabelConfig, label
+    from kdstore.quickstart import teacher_spec
+
+    seen = [0]
+
+    def interrupt(n: int) -> None:
+        seen[0] += n
+        if seen[0] > 25:  # samples: inside the second shard (20 samples = 60 rows each)
+            raise KeyboardInterrupt
+
+    cfg = LabelConfig(teachers=(teacher_spec(),), transfer=str(transfer), out=str(tmp_path / "c"), name="v", top_k=3,
+                      views=3, augment="shift:1,crop:0.6-1,flip", shard_rows=60, row_group_rows=9, batch_size=20,
+                      device="cpu")
+    label(cfg, progress=interrupt)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"views": 0}, r"views 0: must be >= 1"),
+    ({"augment": None}, r"views 3 needs augment SPEC"),
+    ({"augment": "shift:1,twist"}, r"augment 'shift:1,twist': cannot parse 'twist'"),
+    ({"views": 1}, r"views 1 with the identity view first leaves no augmented view"),
+])
+def test_view_options_errors(tmp_path, kw, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match=match):
+        _label_views(_image_transfer(tmp_path), tmp_path / "s", **kw)
+    assert not (tmp_path / "s" / "v").exists() or not list((tmp_path / "s" / "v").glob("v*"))
+
+
+def test_views_on_vectors_take_noise_only(data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import assert_clean_error, cli
+
+    r = cli(["label", "--teacher", data.teacher_pt, "--transfer", data.parquet, "--out", tmp_path / "s", "--name",
+             "n", "--views", "2", "--augment", "shift:2", "--top-k", "3", "--quiet", "--device", "cpu"])
+    assert_clean_error(r, r"--augment shift:2: shift, crop and flip need image inputs")
+    assert not (tmp_path / "s" / "n").exists()
+    r = cli(["label", "--teacher", data.teacher_pt, "--transfer", data.parquet, "--out", tmp_path / "s", "--name",
+             "n", "--views", "2", "--augment", "noise:0.1", "--top-k", "3", "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "t0 on views: unaugmented" in r.output
