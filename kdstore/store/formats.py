@@ -94,18 +94,16 @@ def _write_parquet(
     arrays, fields, encodings = [], [], {}
     for spec in specs:
         a = np.ascontiguousarray(columns[spec["name"]])
-        if a.ndim == 1:
-            arr = pa.array(a)
-        else:
-            width = int(np.prod(a.shape[1:]))
-            arr = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), width)
+        arr = pa.array(a.reshape(-1))
+        for width in reversed(a.shape[1:]):  # (rows, L, k) -> fixed_size_list<fixed_size_list<T>[k]>[L]
+            arr = pa.FixedSizeListArray.from_arrays(arr, width)
         field_meta = {b"kdstore_dtype": spec["dtype"].encode(), b"kdstore_shape": json.dumps(spec["shape"]).encode(),
                       b"kdstore_role": str(spec["role"]).encode()}
         if spec.get("precision"):
             field_meta[b"kdstore_precision"] = spec["precision"].encode()
         fields.append(pa.field(spec["name"], arr.type, nullable=False, metadata=field_meta))
         arrays.append(arr)
-        encodings[spec["name"] + (".list.element" if a.ndim > 1 else "")] = _parquet_encoding(spec, a.ndim)
+        encodings[spec["name"] + ".list.element" * (a.ndim - 1)] = _parquet_encoding(spec, a.ndim)
     schema = pa.schema(fields, metadata={b"kdstore": json.dumps(meta, sort_keys=True).encode()})
     table = pa.Table.from_arrays(arrays, schema=schema)
     pq.write_table(table, path, row_group_size=rg, compression="zstd", compression_level=3, use_dictionary=False,
@@ -180,11 +178,11 @@ def _read_parquet(path: Path, names: Sequence[str], row_groups: Sequence[int] | 
     out: dict[str, np.ndarray] = {}
     for name in names:
         col = table.column(name).combine_chunks()
-        if hasattr(col.type, "list_size"):
-            width = col.type.list_size
-            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
-        else:
-            out[name] = col.to_numpy(zero_copy_only=False)
+        shape = [len(col)]
+        while hasattr(col.type, "list_size"):  # nested fixed-size lists: one more axis each
+            shape.append(col.type.list_size)
+            col = col.flatten()
+        out[name] = col.to_numpy(zero_copy_only=False).reshape(shape)
     return out
 
 
