@@ -279,6 +279,19 @@ def _probe_classes(teachers: list[Teacher], ts: TransferSet, device: torch.devic
     return int(c)
 
 
+@dataclass
+class _Piece:
+    """Rows of a shard waiting to be turned into stored targets: each teacher's logits and the rows' metadata."""
+
+    zs: list[torch.Tensor]  # per teacher (n, C)
+    rows: torch.Tensor  # (n,) version row ids
+    meta: dict[str, np.ndarray]  # sample_id, label, view columns: (n, ...)
+    labels: torch.Tensor | None  # (n,) on the device
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 @torch.inference_mode()
 def _label_shard(
     teachers: list[Teacher], ids: list[str], ts: TransferSet, start: int, stop: int, c: int, k: int | None,
@@ -288,54 +301,86 @@ def _label_shard(
     """Run the teachers over samples [start, stop) (each as its `plan` views, if any); return the shard's columns
     and partial statistics.
 
-    Everything is computed per batch, in chunks of rows small enough that a chunk of C-class arrays stays near
-    `versioning.CHUNK_ELEMENTS` values: memory is bounded by the batch and the chunk, never by the shard or C
-    (only the columns that are stored accumulate: full logits when kept, else k values per row).
+    Logits are turned into stored targets a chunk of rows at a time, a chunk holding about
+    `versioning.CHUNK_ELEMENTS` logits: many batches at small C (a few large operations: on a CPU shared with other
+    jobs every small multi-threaded operation can stall for a scheduler time slice), part of one batch at an
+    LLM-sized C (memory bounded by the batch and the chunk, never by the shard or C; only the stored columns
+    accumulate: full logits when kept, else k values per row).
     """
     stats = versioning.TargetStatistics(ids, c, k, cfg.tail)
+    step = versioning.rows_per_chunk(c)
+    scratch = torch.empty(min(step, (stop - start) * (plan.count if plan else 1)), c, device=device)
     parts: list[dict[str, np.ndarray]] = []
-    scratch: torch.Tensor | None = None
-    idx_dtype = versioning.index_dtype(c)
-    views = plan.count if plan else 1
-    for first, x, y in _prefetch(ts.iter_batches(plan.samples_per(cfg.batch_size) if plan else cfg.batch_size,
-                                                 start, stop)):
-        y_dev = _checked_labels(y, first, c, ts, device)
-        samples, rows = np.arange(first, first + len(x)), None
-        view_cols: dict[str, np.ndarray] = {}
-        if plan is not None:
-            x, samples, view_idx, view_cols = plan.expand(x, first)
-            view_cols = {"view": view_idx.astype(np.int16), **view_cols}
-            y = np.repeat(y, views) if y is not None else None
-            y_dev = y_dev.repeat_interleave(views) if y_dev is not None else None
-        rows = torch.arange(first * views, first * views + len(x), device=device)  # version rows
-        zs = [_checked_logits(t, _forward(t, x, device, precision), c, first, ts) for t in teachers]
-        step = versioning.rows_per_chunk(c)
-        if scratch is None:  # one buffer for every chunk of the shard: no (rows x C) allocation per chunk
-            scratch = torch.empty(min(step, cfg.batch_size), c, device=device)
-        for a in range(0, len(x), step):
-            ids_chunk = rows[a : a + step]
-            fid = stats.fidelity_rows(ids_chunk)
-            refs = {tid: None if cfg.keep_logits else z[a : a + step][fid] for tid, z in zip(ids, zs, strict=True)}
-            stored = {tid: versioning.stored_targets(z[a : a + step], k=k, keep_logits=cfg.keep_logits,
-                                                     precision=cfg.logits_dtype,
-                                                     scratch=scratch[: len(z[a : a + step])])
-                      for tid, z in zip(ids, zs, strict=True)}
-            _check_finite(stored, teachers, ids, int(samples[a]), ts, views)
-            identity = (view_cols["view"][a : a + step] == 0) if plan and plan.identity_first else None
-            stats.add(ids_chunk, y_dev[a : a + step] if y_dev is not None else None, stored, refs,
-                      torch.from_numpy(identity).to(device) if identity is not None else None)
-            chunk: dict[str, np.ndarray] = {"sample_id": np.asarray(samples[a : a + step], dtype=np.int64),
-                                            **{n: v[a : a + step] for n, v in view_cols.items()}}
-            if y is not None:
-                chunk["label"] = y[a : a + step].astype(np.int64)
-            for tid, st in stored.items():
-                chunk.update(st.columns(tid, idx_dtype))
-            parts.append(chunk)
-        del zs, stored, refs  # before the next batch's logits exist: at most one batch x C array per teacher
+    pending: list[_Piece] = []
+    batch = plan.samples_per(cfg.batch_size) if plan else cfg.batch_size
+    for first, x, y in _prefetch(ts.iter_batches(batch, start, stop)):
+        piece = _piece(teachers, x, y, first, c, ts, device, precision, plan)
+        pending.append(piece)
+        while sum(map(len, pending)) >= step:
+            head, pending = _take(pending, step)
+            parts.append(_store_chunk(head, teachers, ids, stats, scratch, c, k, cfg, ts, plan))
+        del piece
         if progress:
-            progress(len(x) // views)
+            progress(len(x))
+    if pending:
+        parts.append(_store_chunk(_take(pending, step)[0], teachers, ids, stats, scratch, c, k, cfg, ts, plan))
     cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     return cols, stats.partial()
+
+
+def _piece(teachers: list[Teacher], x: np.ndarray, y: np.ndarray | None, first: int, c: int, ts: TransferSet,
+           device: torch.device, precision: str, plan: ViewPlan | None) -> _Piece:
+    """One batch of samples through the teachers (as its views, if any)."""
+    labels = _checked_labels(y, first, c, ts, device)
+    meta: dict[str, np.ndarray] = {"sample_id": np.arange(first, first + len(x), dtype=np.int64)}
+    views = plan.count if plan else 1
+    if plan is not None:
+        x, samples, view_idx, params = plan.expand(x, first)
+        meta = {"sample_id": samples, "view": view_idx.astype(np.int16), **params}
+        labels = labels.repeat_interleave(views) if labels is not None else None
+    if y is not None:
+        meta["label"] = np.repeat(y.astype(np.int64), views)
+    rows = torch.arange(first * views, first * views + len(x), device=device)  # version rows
+    zs = [_checked_logits(t, _forward(t, x, device, precision), c, first, ts) for t in teachers]
+    return _Piece(zs, rows, meta, labels)
+
+
+def _take(pieces: list[_Piece], n: int) -> tuple[_Piece, list[_Piece]]:
+    """The first `n` rows of `pieces` as one piece, and what is left."""
+    head: list[_Piece] = []
+    while pieces and sum(map(len, head)) < n:
+        need = n - sum(map(len, head))
+        p = pieces.pop(0)
+        if len(p) > need:
+            rest = _Piece([z[need:] for z in p.zs], p.rows[need:], {k: v[need:] for k, v in p.meta.items()},
+                          p.labels[need:] if p.labels is not None else None)
+            p = _Piece([z[:need] for z in p.zs], p.rows[:need], {k: v[:need] for k, v in p.meta.items()},
+                       p.labels[:need] if p.labels is not None else None)
+            pieces.insert(0, rest)
+        head.append(p)
+    if len(head) == 1:
+        return head[0], pieces
+    zs = [torch.cat([p.zs[i] for p in head]) for i in range(len(head[0].zs))]
+    meta = {k: np.concatenate([p.meta[k] for p in head]) for k in head[0].meta}
+    labels = torch.cat([p.labels for p in head if p.labels is not None]) if head[0].labels is not None else None
+    return _Piece(zs, torch.cat([p.rows for p in head]), meta, labels), pieces
+
+
+def _store_chunk(p: _Piece, teachers: list[Teacher], ids: list[str], stats: versioning.TargetStatistics,
+                 scratch: torch.Tensor, c: int, k: int | None, cfg: LabelConfig, ts: TransferSet,
+                 plan: ViewPlan | None) -> dict[str, np.ndarray]:
+    """A chunk's stored columns (and its statistics added to `stats`)."""
+    fid = stats.fidelity_rows(p.rows)
+    refs = {tid: None if cfg.keep_logits else z[fid] for tid, z in zip(ids, p.zs, strict=True)}
+    stored = {tid: versioning.stored_targets(z, k=k, keep_logits=cfg.keep_logits, precision=cfg.logits_dtype,
+                                             scratch=scratch[: len(z)]) for tid, z in zip(ids, p.zs, strict=True)}
+    _check_finite(stored, teachers, ids, p.meta["sample_id"], ts)
+    identity = torch.from_numpy(p.meta["view"] == 0).to(p.rows.device) if plan and plan.identity_first else None
+    stats.add(p.rows, p.labels, stored, refs, identity)
+    chunk = dict(p.meta)
+    for tid, st in stored.items():
+        chunk.update(st.columns(tid, versioning.index_dtype(c)))
+    return chunk
 
 
 def _checked_labels(y: np.ndarray | None, first: int, c: int, ts: TransferSet,
@@ -355,14 +400,14 @@ def _checked_logits(t: Teacher, z: torch.Tensor, c: int, first: int, ts: Transfe
     return z
 
 
-def _check_finite(stored: dict[str, versioning.StoredTargets], teachers: list[Teacher], ids: list[str], first: int,
-                  ts: TransferSet, views: int = 1) -> None:
+def _check_finite(stored: dict[str, versioning.StoredTargets], teachers: list[Teacher], ids: list[str],
+                  samples: np.ndarray, ts: TransferSet) -> None:
     """A NaN or +inf logit makes its row's log-sum-exp NaN or +inf, as does a row of only -inf: one check per row
     instead of one per logit (a -inf logit among finite ones is a class of probability 0, and fine)."""
     for t, tid in zip(teachers, ids, strict=True):
         finite = torch.isfinite(stored[tid].lse)
         if not bool(finite.all()):
-            row = first + int(torch.nonzero(~finite)[0, 0]) // views
+            row = int(samples[int(torch.nonzero(~finite)[0, 0])])
             raise TeacherError(f"{arg('teacher')} {t.source}: NaN or Inf logits for row {row} of {ts.path}; "
                                "nothing was committed; check the teacher and that input row")
 
