@@ -268,7 +268,7 @@ def test_progress_counts_every_row_including_resumed(data: Data, store: Path, mo
     labeling.label(label_config(data.teacher_pt, data.parquet, store), progress=seen.append)
     assert sum(seen) == 100 and seen[0] == 0
 
-    real = labeling._label_shard
+    real = labeling.label_shard
     calls: list[int] = []
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -278,7 +278,7 @@ def test_progress_counts_every_row_including_resumed(data: Data, store: Path, mo
         return real(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(labeling, "_label_shard", flaky)
+        m.setattr(labeling, "label_shard", flaky)
         with pytest.raises(KeyboardInterrupt):
             labeling.label(label_config(data.teacher_pt, data.parquet, store, "again"))
     seen.clear()

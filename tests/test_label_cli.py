@@ -185,7 +185,7 @@ def test_format_choice_error(data: Data, store: Path) -> None:
 def test_keyboard_interrupt_is_one_line_and_resumable(data: Data, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kdstore import labeling
 
-    real = labeling._label_shard
+    real = labeling.label_shard
     calls: list[int] = []
 
     def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -195,7 +195,7 @@ def test_keyboard_interrupt_is_one_line_and_resumable(data: Data, store: Path, m
         return real(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(labeling, "_label_shard", flaky)
+        m.setattr(labeling, "label_shard", flaky)
         assert_clean_error(cli(label_args(data.teacher_pt, data.parquet, store)),
                            r"^Error: interrupted; completed work is kept, rerun the same command to resume$")
     assert versions_of(store / "ds") == []

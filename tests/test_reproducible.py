@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kdstore import reproducible
-from kdstore.labeling import _forward
+from kdstore.label_rows import forward as _forward
 from kdstore.store import VersionWriter
 from kdstore.teachers import Teacher
 from tests import fixtures_models as fm

@@ -488,7 +488,7 @@ def test_staging_and_incomplete_dirs_are_invisible(data: Data, store: Path) -> N
 
 
 def _interrupt_after_two_shards(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = labeling._label_shard
+    real = labeling.label_shard
     calls = []
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -497,7 +497,7 @@ def _interrupt_after_two_shards(monkeypatch: pytest.MonkeyPatch) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(labeling, "_label_shard", flaky)
+    monkeypatch.setattr(labeling, "label_shard", flaky)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
