@@ -91,22 +91,31 @@ class LMTeacher:
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ConfigError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids "
                               f"{tuple(input_ids.shape)}")
-        b, n = input_ids.shape
+        n = input_ids.shape[1]
         if self.max_context is not None and n > self.max_context:
             raise ConfigError(f"{n} positions per row: the teacher's context is {self.max_context}; use shorter rows")
         ids = input_ids.to(torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ConfigError(f"token ids in [{int(ids.min())}, {int(ids.max())}]: the teacher's vocabulary is "
                               f"0..{self.vocab_size - 1}; tokenise with the teacher's tokenizer")
+        return self._chunks(ids, attention_mask, positions_per_chunk)  # checked now, not at the first next()
+
+    def _chunks(self, ids: torch.Tensor, mask: torch.Tensor | None, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        # inference_mode is entered around each computation, never across a yield (it would leak into the caller)
         with torch.inference_mode():
             if self.chunked_head:
-                hidden = self._body(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-                for s in range(0, n, positions_per_chunk):
-                    yield s, self._head(hidden[:, s:s + positions_per_chunk]).float()
+                whole = self._body(input_ids=ids, attention_mask=mask).last_hidden_state
+            elif hasattr(self.module, "config"):  # a transformers model that cannot be split
+                whole = _logits_of(self.module(input_ids=ids, attention_mask=mask))
+            else:  # a factory module maps ids to logits; right padding needs no mask
+                whole = _logits_of(self.module(ids))
+        for s in range(0, ids.shape[1], step):
+            if self.chunked_head:
+                with torch.inference_mode():
+                    z = self._head(whole[:, s:s + step]).float()
             else:
-                out = _logits_of(self.module(ids) if attention_mask is None else self.module(ids, attention_mask))
-                for s in range(0, n, positions_per_chunk):
-                    yield s, out[:, s:s + positions_per_chunk].float()
+                z = whole[:, s:s + step].float()
+            yield s, z
 
 
 def load_lm_teacher(spec: str, *, tokenizer: str | None = None, cache: bool = False,
