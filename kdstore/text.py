@@ -142,14 +142,16 @@ def tokenize_corpus(path: str | Path, tokenizer: Any, *, seq_len: int, field: st
     sep: int | None = None
     if source == "text":
         prefix, sep = _added_prefix(tokenizer), getattr(tokenizer, "eos_token_id", None)
-        docs = _encode_texts(tokenizer, [x for _, x in nonempty], sep)
+        with _quiet():  # "sequence longer than model_max_length" is logged per long document; rows are cut below
+            docs = _encode_texts(tokenizer, [x for _, x in nonempty], sep)
         masks = [np.ones(len(d), np.uint8) for d in docs]
     elif source == "chat":
         docs, masks = [], []
-        for where, messages in nonempty:
-            d, m = _encode_chat(tokenizer, messages, f"{p} {where}")
-            docs.append(d)
-            masks.append(m)
+        with _quiet():
+            for where, messages in nonempty:
+                d, m = _encode_chat(tokenizer, messages, f"{p} {where}")
+                docs.append(d)
+                masks.append(m)
     else:
         limit = vocab_size if vocab_size is not None else len(tokenizer)
         docs = []
@@ -170,6 +172,18 @@ def tokenize_corpus(path: str | Path, tokenizer: Any, *, seq_len: int, field: st
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
+def _quiet() -> Any:
+    """transformers' logs silenced (the library never prints), if transformers is what tokenises."""
+    import contextlib
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return contextlib.nullcontext()
+    from kdstore.lm_files import quiet
+
+    return quiet()
+
+
 def _pad_id(tok: Any) -> int:
     for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
         v = getattr(tok, name, None)

@@ -62,6 +62,15 @@ def test_txt_concat_packing(tmp_path: Path, tok: Any) -> None:
     json.dumps(d)
 
 
+def test_long_documents_are_cut_silently(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    short = PreTrainedTokenizerFast(tokenizer_object=lf.tokenizer().backend_tokenizer, eos_token="<|im_end|>",
+                                    model_max_length=8)
+    c = tokenize_corpus(write_lines(tmp_path / "d.txt", DOCS), short, seq_len=8)
+    assert c.rows > len(DOCS) and capfd.readouterr().err == ""  # no "longer than model_max_length" log
+
+
 def test_txt_document_packing(tmp_path: Path, tok: Any) -> None:
     p = write_lines(tmp_path / "docs.txt", DOCS)
     c = tokenize_corpus(p, tok, seq_len=32, packing="document")
