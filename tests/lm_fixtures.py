@@ -207,6 +207,30 @@ def _llama_200k() -> nn.Module:
     return llama(200_000, max_context=64)
 
 
+class SoftCapped(nn.Module):
+    """A transformers-shaped model (config, base_model, output head) that transforms logits after the head, as
+    Gemma 2 does: head(body(x)) is not its output, so it must not be run in chunks of the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = llama(len(tokenizer()), seed=3)
+        self.config = self.inner.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.inner.model
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.inner.lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return 3.0 * torch.tanh(self.inner(input_ids=input_ids, attention_mask=attention_mask).logits / 3.0)
+
+
+def soft_capped() -> tuple[nn.Module, Any]:
+    return SoftCapped(), tokenizer()
+
+
 def too_small_vocab() -> tuple[nn.Module, Any]:
     """Factory whose model has fewer logits than the tokenizer has ids."""
     return Bigram(16), tokenizer()

@@ -146,6 +146,14 @@ def test_factory_teachers() -> None:
     assert load_lm_teacher("tests.lm_fixtures:bigram_only", tokenizer=str(lf.gguf_file())).vocab_size == 500
 
 
+def test_a_model_that_changes_logits_after_its_head_runs_whole() -> None:
+    t = load_lm_teacher("tests.lm_fixtures:soft_capped")
+    assert not t.chunked_head and t.max_context == 128
+    x = ids_of()
+    with torch.inference_mode():
+        assert torch.equal(chunked(t, x, 4), t.module(x))
+
+
 def _without(src: Path, dst: Path, *names: str) -> Path:
     shutil.copytree(src, dst)
     for n in names:
