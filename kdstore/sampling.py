@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdstore.errors import ConfigError, ShapeMismatchError, arg
+from kdstore.errors import ConfigError, ShapeMismatchError, TeacherError, arg
 
 _GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
 BLOCK = 64  # ids per block of the two-level inverse CDF; part of the draws' definition (changing it moves draws)
@@ -132,6 +132,10 @@ def sample_tokens(logits: torch.Tensor, *, seed: int, rows: Sequence[int] | torc
         mass = torch.cat([mass, p[:, full:].sum(-1, keepdim=True)], -1)
     mass = mass.double()
     cum = mass.cumsum(-1)  # (n, nb)
+    bad = ~(cum[:, -1] > 0)  # NaN logits give NaN masses; all -inf gives 0
+    if bool(bad.any()):
+        raise TeacherError(f"teacher logits with no finite probability distribution at {int(bad.sum())} of {n} "
+                           "positions (NaN, or all -inf)")
     t = u * cum[:, -1:]
     # right=True: the first block (then id) whose running mass exceeds the target; zero mass never qualifies.
     blk = torch.searchsorted(cum, t, right=True).clamp_(max=nb - 1)  # (n, N), non-decreasing as u is sorted

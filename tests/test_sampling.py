@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdstore.errors import ConfigError, ShapeMismatchError
+from kdstore.errors import ConfigError, ShapeMismatchError, TeacherError
 from kdstore.sampling import (
     SampledTokens,
     draw_weights,
@@ -153,6 +153,10 @@ def test_weights_and_padding() -> None:
         (lambda: sample_tokens(torch.zeros(1, 3, V), seed=0, rows=[0], draws=0), ConfigError, r"draws 0: must be >= 1"),
         (lambda: sample_tokens(torch.zeros(1, 3, V), seed=0, rows=[-2], draws=1), ConfigError,
          r"row ids and positions must be >= 0"),
+        (lambda: sample_tokens(torch.full((1, 3, V), float("nan")), seed=0, rows=[0], draws=1), TeacherError,
+         r"teacher logits with no finite probability distribution at 3 of 3 positions"),
+        (lambda: sample_tokens(torch.full((1, 2, V), float("-inf")), seed=0, rows=[0], draws=1), TeacherError,
+         r"at 2 of 2 positions \(NaN, or all -inf\)"),
         (lambda: draw_weights(torch.ones(2, 3), torch.zeros(2, 3), 0.0), ConfigError, r"temperature 0.0: must be > 0"),
         (lambda: draw_weights(torch.ones(2, 3), torch.zeros(2, 4)), ShapeMismatchError, r"counts \(2, 3\) and "),
         (lambda: sampled_cross_entropy(torch.zeros(2, V), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2),
