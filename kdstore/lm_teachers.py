@@ -111,8 +111,8 @@ class LMTeacher:
                 whole = _logits_of(self.module(ids))
         for s in range(0, ids.shape[1], step):
             if self.chunked_head:
-                with torch.inference_mode():
-                    z = self._head(whole[:, s:s + step]).float()
+                with torch.inference_mode():  # a contiguous slice: the head's matmul is ~30% slower on a strided one
+                    z = self._head(whole[:, s:s + step].contiguous()).float()
             else:
                 z = whole[:, s:s + step].float()
             yield s, z
