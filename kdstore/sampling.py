@@ -110,6 +110,7 @@ def sample_tokens(logits: torch.Tensor, *, seed: int, rows: Sequence[int] | torc
 
     Raises:
         ShapeMismatchError: logits not (R, L, V) or `rows` of the wrong length. ConfigError: bad seed or draws.
+        TeacherError: a position whose logits are NaN or all -inf.
     """
     if logits.ndim != 3:
         raise ShapeMismatchError(f"logits of shape {tuple(logits.shape)}: expected (rows, positions, vocabulary)")
@@ -136,7 +137,8 @@ def sample_tokens(logits: torch.Tensor, *, seed: int, rows: Sequence[int] | torc
     if bool(bad.any()):
         raise TeacherError(f"teacher logits with no finite probability distribution at {int(bad.sum())} of {n} "
                            "positions (NaN, or all -inf)")
-    t = u * cum[:, -1:]
+    total = cum[:, -1:]
+    t = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total even after rounding
     # right=True: the first block (then id) whose running mass exceeds the target; zero mass never qualifies.
     blk = torch.searchsorted(cum, t, right=True).clamp_(max=nb - 1)  # (n, N), non-decreasing as u is sorted
     before = torch.where(blk > 0, cum.gather(1, (blk - 1).clamp(min=0)), 0.0)
