@@ -186,6 +186,6 @@ def _choice_lines(best: dict, groups: list) -> list[str]:  # type: ignore[type-a
         return out
     gain = hard["val_errors_mean"] - best["val_errors_mean"]
     pct = 100 * gain / max(hard["val_errors_mean"], 1e-9)
-    out.append(f"  vs hard labels {hard['val_errors_mean']:.1f} validation errors: {gain:+.1f} ({pct:+.1f}%) fewer "
-               "with distillation")
+    out.append(f"  hard labels: {hard['val_errors_mean']:.1f} validation errors; the chosen run makes {gain:.1f} "
+               f"({pct:.1f}%) fewer")
     return out
