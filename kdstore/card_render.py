@@ -108,8 +108,7 @@ def advice_text(advice: list[Advice], ref: str, labeled: bool) -> list[str]:
             mark = "  <- default T" if p.temperature == a.default_t else ""
             out.append(f"  {p.temperature:5g}  {p.entropy:8.3g} {p.max_prob:6.3f} {p.second_prob:8.3g}   "
                        f"{'':>13} {s.entropy:8.3g} {s.max_prob:6.3f} {s.second_prob:8.3g}{mark}")
-        out += [f"  {a.verdict}: {a.words[0]}", *(f"  {w}" for w in a.words[1:]),
-                f"  try: {a.command(ref, labeled)}"]
+        out += [*(f"  {w}" for w in a.words), f"  try: {a.command(ref, labeled)}"]
     return out
 
 
