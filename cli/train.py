@@ -24,8 +24,9 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
               metavar="[on|off|off,on]",
               help="Logit standardisation (Sun et al. 2024): z-score each row of the teacher's and the student's "
                    "logits before the temperature, so the teacher's logit scale no longer matters (for kd and "
-                   "topk; for mse: L2 between z-scored rows). Alone it means on; off,on sweeps both. Suits teachers "
-                   "with huge logits (near one-hot targets), with T about 1-2.")
+                   "topk; for mse: L2 between z-scored rows). Alone it means on; off,on sweeps both. Measured best "
+                   "with --alpha 1 and T 0.5-2 (docs/benchmarks.md); the student then learns which class, not how "
+                   "sure: its raw probabilities are not calibrated.")
 @click.option("--temperature", "-T", "temperatures", type=FLOATS, default="4", show_default=True, metavar="T[,T...]",
               help="Softmax temperature(s); a list runs a sweep, one student each.")
 @click.option("--alpha", "alphas", type=FLOATS, default="0.9", show_default=True, metavar="A[,A...]",
