@@ -91,9 +91,10 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
     adds the mean and SD over seeds to the table, summary.json and the plot.
 
     \b
-    Did distillation help? Hard labels, plain and standardised KD side by side, chosen on held-out rows:
+    Did distillation help? Hard labels beside standardised KD, chosen on held-out rows (what `kdstore label`
+    advises; a list of losses, standardize values, temperatures and alphas is one sweep):
       kdstore train --targets ./targets/mnist-t1200 --student mlp:784-300-300-10 --loss hard,kd \\
-          --standardize off,on -T 1,2,4 --val-fraction 0.1 --seed 0,1,2 --eval test.parquet --out runs/check
+          --standardize on -T 0.5,1,2 --alpha 1 --val-fraction 0.1 --seed 0,1,2 --eval test.parquet --out runs/check
 
     Writes RUN/config.json, RUN/metrics.jsonl (per epoch), RUN/summary.json, RUN/runs/<id>/student.safetensors
     and, for sweeps, RUN/sweep.png; prints one results table.

@@ -56,7 +56,7 @@ class Trainer:
                                          alphas=[p.alpha for p in config.sweep() if p.loss == loss],
                                          ensemble=config.ensemble, where=str(version.ref))
                       for loss in config.losses}
-        self.plan = self.plans[config.losses[0]]
+        self.plan = self.plans[config.losses[0]]  # the teachers, and how agreement with them is measured
         self.weights = ensemble.normalise_weights(config.teacher_weights or None, len(self.plan.teachers))
         self.holdout = check_holdout(version, config.val_fraction, config.val_seed)
         need = set().union(*(p.need for p in self.plans.values())) | ({"label"} if self.holdout else set())
@@ -67,11 +67,7 @@ class Trainer:
         self.eval_set = None if not config.eval else load_eval_set(
             config.eval, input_columns=config.eval_input_columns, label_column=config.eval_label_column,
             input_shape=self.input_shape, num_classes=self.num_classes)
-        label = version.manifest["transfer_set"]["label_column"]  # a --val file has the transfer set's columns
-        self.val_set = None if not config.val else load_eval_set(
-            config.val, input_columns=_stored_inputs(version.manifest), argument="val",
-            label_column=None if label in (None, "label", "y") else label, input_shape=self.input_shape,
-            num_classes=self.num_classes)
+        self.val_set = None if not config.val else self._val_file(version.manifest, config.val)
         self.train_rows = self.data.num_rows - (self.holdout.rows if self.holdout else 0)
         self._build_student()  # fail on a bad --student now, before --out is created
         mode = config.data_mode
@@ -236,6 +232,13 @@ class Trainer:
             return evaluate(model, self._val_memory["x"], self._val_memory["label"], self.device, self.precision)
         stream = self.data.stream(4096, shuffle=False, holdout=self.holdout, part="val")
         return evaluate_batches(model, ((b["x"], b["label"]) for b in stream), self.device, self.precision)
+
+    def _val_file(self, manifest: dict[str, Any], path: str) -> tuple[Tensor, Tensor]:
+        """A --val file, read with the transfer set's input columns and its label column (or label / y)."""
+        label = manifest["transfer_set"]["label_column"]
+        return load_eval_set(path, input_columns=_stored_inputs(manifest), argument="val",
+                             label_column=None if label in (None, "label", "y") else label,
+                             input_shape=self.input_shape, num_classes=self.num_classes)
 
     def validation_info(self) -> dict[str, Any] | None:
         """Where the validation rows come from and how many there are (summary.json), or None."""

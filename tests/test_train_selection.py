@@ -215,3 +215,24 @@ def test_bad_lists_are_usage_errors(stores: dict[str, Path], tmp_path: Path, ext
     r = train(stores["pq"], tmp_path / "run", *extra)
     assert r.exit_code == 2 and "Traceback" not in r.output and match in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_standardised_targets_are_the_same_in_memory_and_streamed(stores: dict[str, Path]) -> None:
+    for loss in ("kd", "topk"):  # exact logits; rebuilt from the stored top-k
+        t = Trainer(TrainConfig(targets=str(stores["pq"]), student=STUDENT, out="unused", losses=loss, device="cpu"))
+        view = soft_targets.training_view(t.data.to_memory(), loss, 2.0, 1.0, t.plan, t.weights, standardize=True)
+        for batch in t.data.stream(16, seed=1):
+            got = soft_targets.batch_log_probs(batch, 2.0, t.plan, t.weights, standardize=True)
+            torch.testing.assert_close(got, view["teacher_logp"][batch["sample_id"]])
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_every_soft_loss_trains_standardised(stores: dict[str, Path], tmp_path: Path, mode: str) -> None:
+    out = tmp_path / mode
+    ok(train(stores["pq"], out, "--loss", "kd,topk,mse", "--standardize", "-T", "2", "--alpha", "1", "--data", mode,
+             epochs=1))
+    runs = summary(out)["runs"]
+    assert [r["run"] for r in runs] == ["kd-std-T2-a1", "topk-std-T2-a1", "mse-std"]
+    assert all(r["standardize"] and 0 <= r["teacher_agreement"] <= 1 for r in runs)
+    losses = [json.loads(ln)["train_loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(losses)) and losses[2] <= 2 * 5  # z-scored rows: 0.5 * |Z(s) - Z(t)|^2 <= 2C
