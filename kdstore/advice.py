@@ -35,8 +35,9 @@ UNIFORM_ENTROPY = 0.9  # mean entropy above this share of log C: near uniform (t
 #                        0.96, was its worst temperature: 9% more errors than hard labels)
 WEAK_ACCURACY = 0.95  # a teacher right on fewer labeled transfer rows has little to give (the undertrained one, 88%,
 #                       lost to hard labels at every setting; the 92% teacher tied at best)
-SUGGESTED_T = (0.5, 1.0, 2.0)  # standardised KD from the soft targets alone (alpha 1): the best setting for both
-SUGGESTED_ALPHA = 1.0  # good teachers, and for the Hinton 800-800 student
+SUGGESTED_T = (0.5, 1.0, 2.0)  # standardised KD from the soft targets alone (alpha 1): 39-44% fewer errors than
+SUGGESTED_ALPHA = 1.0  # hard labels for both good teachers (T 0.5 chosen on validation); a tie with plain KD on
+#                        Hinton's 800-800 student
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
     ax.set_xlabel("temperature T")
     ax.set_ylabel(("test" if metric == "eval_accuracy" else "validation") + " accuracy (%)"
                   + (f", mean of {n} seeds" if n > 1 else ""))
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
