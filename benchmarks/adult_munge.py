@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with timer.phase(phase):
                 for seed in range(args.seeds):
                     out = work / "runs" / f"h{h}-{key}-{what.replace(' ', '_').replace('=', '')}-s{seed}"
-                    cfg = TrainConfig(targets=store, student=spec, out=str(out), loss=loss,
+                    cfg = TrainConfig(targets=store, student=spec, out=str(out), losses=loss,
                                       temperatures=(args.temperature,), alphas=(alpha if loss == "kd" else 0.9,),
                                       epochs=epochs, batch_size=args.batch_size, lr=args.lr, seeds=(seed,),
                                       device="cpu", eval=str(work / "test.parquet"), ensemble="mean-prob")

@@ -34,7 +34,7 @@ from kdstore.training import TrainConfig, Trainer
 
 def trainer_epoch(store: str, loss: str, mode: str, out: Path, device: str, epochs: int = 2) -> float:
     """Best training-loop time per epoch (eval and checkpointing excluded) of `kdstore train`."""
-    cfg = TrainConfig(targets=store, student="mlp:784-800-800-10", out=str(out), loss=loss, temperatures=(4.0,),
+    cfg = TrainConfig(targets=store, student="mlp:784-800-800-10", out=str(out), losses=loss, temperatures=(4.0,),
                       alphas=(0.9,), epochs=epochs, batch_size=128, data_mode=mode, device=device, lr=1e-3)
     r = Trainer(cfg).run()[0]
     return min(r.epoch_seconds)
@@ -146,7 +146,7 @@ def streaming_memory(tmp: Path, gb: float, device: str) -> dict[str, object]:
     before = rss_mb()
     th.start()
     cfg = TrainConfig(targets=str(tmp / "big" / "wide"), student=f"mlp:{width}-64-{c}", out=str(tmp / "run-big"),
-                      loss="kd", temperatures=(4.0,), alphas=(0.9,), epochs=1, batch_size=512, data_mode="stream",
+                      losses="kd", temperatures=(4.0,), alphas=(0.9,), epochs=1, batch_size=512, data_mode="stream",
                       device=device)
     r = Trainer(cfg).run()[0]
     stop.set()

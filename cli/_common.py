@@ -79,8 +79,35 @@ class CommaList(click.ParamType):
         return values
 
 
+class ChoiceList(CommaList):
+    """A comma-separated list of `choices` (``hard,kd``) as a tuple."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        super().__init__(str, "choices", ",".join(choices[:2]))
+        self.choices = choices
+        self.name = "choice[,choice...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
+        values = super().convert(value, param, ctx)
+        bad = [v for v in values if v not in self.choices]
+        if bad:
+            self.fail(f"{bad[0]!r} is not one of {', '.join(self.choices)}", param, ctx)
+        return values
+
+
+_SWITCH = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
+
+
+def _switch(text: str) -> bool:
+    try:
+        return _SWITCH[text.strip().lower()]
+    except KeyError:
+        raise ValueError(text) from None
+
+
 FLOATS = CommaList(float, "numbers", "1,2,5")
 INTS = CommaList(int, "integers", "0,1,2")
+SWITCHES = CommaList(_switch, "on/off values", "off,on")
 
 
 def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any:

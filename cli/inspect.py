@@ -30,9 +30,13 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
     """Show a version's dataset card: provenance (teachers, transfer set, settings), stored targets, label-time
     statistics and the top-k fidelity table (how well the stored top-k rebuilds the exact soft targets per T).
 
+    It ends with advice from the data: per temperature, how informative the soft targets are (mean entropy,
+    largest and second probability, plain and standardised), whether the default T gives near one-hot or near
+    uniform targets, and a `kdstore train` sweep to try; this reads a sample of at most 8,192 rows.
+
     The version is STORE/NAME (latest), STORE/NAME@vN, or the same under a URL (s3://bucket/targets/NAME@v2).
-    Without --card only the manifest is read (for a remote version nothing else is downloaded); with --card a
-    remote version is downloaded to the local cache and its card written there (or to --card-dir).
+    Without --card a remote version's manifest alone is read (nothing else is downloaded, so no advice); with
+    --card a remote version is downloaded to the local cache and its card written there (or to --card-dir).
 
     \b
     Examples:
@@ -49,28 +53,34 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
         raise click.UsageError("--card-dir and --teacher only apply with --card")
     if not card and remote.is_remote(ref):
         where, manifest = remote.read_remote_manifest(ref)
-        _show(manifest, where, None, as_json)
+        _show(manifest, where, None, None, as_json)
+        if not as_json:
+            click.echo("\n(advice per temperature reads the data: run with --card to download it)")
         return
+    from kdstore.advice import advise
+
     v = Version(remote.resolve_any(ref, option=""))
     if not card:
-        _show(v.manifest, str(v.path), None, as_json)
+        _show(v.manifest, str(v.path), None, advise(v), as_json)
         return
     out_dir = prepare_card_dir(v, Path(card_dir) if card_dir else None)
     stats = compute_statistics(v, temperature=temperature, teacher=teacher)
     files = write_card(v, stats, out_dir)
-    _show(v.manifest, str(v.path), stats, as_json)
+    _show(v.manifest, str(v.path), stats, stats.advice, as_json)
     if not as_json:
         click.echo(f"\nwrote card {files[-1]} (+ {len(files) - 1} plot(s))")
 
 
-def _show(manifest: dict, where: str, stats: object, as_json: bool) -> None:  # type: ignore[type-arg]
+def _show(manifest: dict, where: str, stats: object, advice: list | None, as_json: bool) -> None:  # type: ignore[type-arg]
     from kdstore.card import CardStatistics
     from kdstore.card_render import card_text
 
     if not as_json:
-        click.echo(card_text(manifest, where, stats if isinstance(stats, CardStatistics) else None))
+        click.echo(card_text(manifest, where, stats if isinstance(stats, CardStatistics) else None, advice))
         return
     out: dict = {"path": where, "manifest": manifest}  # type: ignore[type-arg]
     if isinstance(stats, CardStatistics):
         out["card_statistics"] = stats.to_json()
+    if advice is not None:
+        out["advice"] = [a.to_json() for a in advice]
     click.echo(json.dumps(out, indent=2))

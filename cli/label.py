@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from kdstore.cli._common import parse_shard, progress_bar, user_errors
 from kdstore.options import FORMATS, LOGITS_DTYPES, PRECISIONS, TAIL_MODELS
+
+if TYPE_CHECKING:
+    from kdstore.labeling import LabelResult
 
 
 @click.command("label")
@@ -76,6 +81,10 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
     The version appears as STORE/NAME/vN only when complete (manifest.json is written last). If the run is
     interrupted (Ctrl-C, kill), rerun the same command: it resumes from the last completed shard and ends with
     the same bytes as an uninterrupted run.
+
+    The summary ends with advice from the data: per temperature, how informative the soft targets are (mean
+    entropy, largest and second probability, plain and standardised), whether the default T gives near one-hot
+    or near uniform targets, and a `kdstore train` sweep to try.
     """
     from kdstore.labeling import LabelConfig
     from kdstore.labeling import label as run_label
@@ -98,6 +107,16 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
         click.echo(f"shard {shard_index}/{num_shards} done: {info['shards_done']} of {info['shards_total']} files "
                    "complete; the job that completes the last file commits the version")
         return
+    _report(result, num_shards)
+
+
+def _report(result: LabelResult, num_shards: int) -> None:
+    """The summary of a committed version: where, how big, the teachers' statistics, and the advice."""
+    from kdstore.advice import advise
+    from kdstore.card_render import advice_text
+    from kdstore.store import Version
+
+    assert result.path is not None  # the caller returns early for a shard job that commits nothing
     m = result.manifest
     resumed = ""
     if result.resumed_shards:
@@ -118,3 +137,5 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
         click.echo(f"pushed -> {result.pushed}")
     if "ensemble" in m["statistics"]:
         click.echo(f"  ensemble (mean-prob): accuracy {m['statistics']['ensemble']['accuracy']:.4f}")
+    ref = result.pushed or f"{result.path.parent}@v{m['version']}"
+    click.echo("\n".join(advice_text(advise(Version(result.path)), ref, bool(m["targets"]["labels"]))))

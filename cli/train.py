@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kdstore.cli._common import FLOATS, INTS, progress_bar, user_errors
+from kdstore.cli._common import FLOATS, INTS, SWITCHES, ChoiceList, progress_bar, user_errors
 from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 
 
@@ -15,9 +15,18 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
               help="Stored targets: STORE/NAME (latest version) or STORE/NAME@vN.")
 @click.option("--student", required=True, metavar="SPEC",
               help="mlp:IN-H-...-C, cnn:HxW[xC]-C, or package.module:factory returning an nn.Module.")
-@click.option("--loss", type=click.Choice(LOSSES), default="kd", show_default=True,
+@click.option("--loss", "losses", type=ChoiceList(LOSSES), default="kd", show_default=True, metavar="LOSS[,LOSS...]",
               help="kd: Hinton 2015 alpha*T^2*CE(soft)+(1-alpha)*CE(hard); topk: KD on the stored top-k "
-                   "(Tang 2020); mse: L2 on logits (Ba & Caruana 2014); hard: labels only; ls: label smoothing.")
+                   "(Tang 2020); mse: L2 on logits (Ba & Caruana 2014); hard: labels only; ls: label smoothing. "
+                   "A list (hard,kd) joins the sweep: with --val-fraction one command shows whether distillation "
+                   "beats the labels.")
+@click.option("--standardize", type=SWITCHES, default="off", is_flag=False, flag_value="on", show_default=True,
+              metavar="[on|off|off,on]",
+              help="Logit standardisation (Sun et al. 2024): z-score each row of the teacher's and the student's "
+                   "logits before the temperature, so the teacher's logit scale no longer matters (for kd and "
+                   "topk; for mse: L2 between z-scored rows). Alone it means on; off,on sweeps both. Measured best "
+                   "with --alpha 1 and T 0.5-2 (docs/benchmarks.md); the student then learns which class, not how "
+                   "sure: its raw probabilities are not calibrated.")
 @click.option("--temperature", "-T", "temperatures", type=FLOATS, default="4", show_default=True, metavar="T[,T...]",
               help="Softmax temperature(s); a list runs a sweep, one student each.")
 @click.option("--alpha", "alphas", type=FLOATS, default="0.9", show_default=True, metavar="A[,A...]",
@@ -38,6 +47,13 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
 @click.option("--eval", "eval_path", metavar="PATH", help="Labeled evaluation set (.parquet/.npz/.h5).")
 @click.option("--eval-input-column", "eval_input_columns", multiple=True, help="Input column(s) of --eval.")
 @click.option("--eval-label-column", default=None, help="Label column of --eval (default: label / y).")
+@click.option("--val-fraction", type=float, default=None, metavar="F",
+              help="Hold out this share of the labeled transfer set (chosen by a hash of sample_id, the same rows "
+                   "for every sweep point and data path) to measure each run's validation error; the table, "
+                   "summary.json and the plot mark the best run by it, not by --eval.")
+@click.option("--val", "val", metavar="PATH",
+              help="Or: a labeled validation file with the transfer set's columns (train on every transfer row).")
+@click.option("--val-seed", type=int, default=0, show_default=True, help="Which rows --val-fraction holds out.")
 @click.option("--transfer", metavar="PATH", help="The transfer set, if it moved since labeling (fingerprint-checked).")
 @click.option("--top-k", type=int, default=None, help="For --loss topk: use the K largest (<= stored k).")
 @click.option("--tail", type=click.Choice(TAIL_MODELS), default=None,
@@ -55,14 +71,14 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
 @click.option("--out", required=True, metavar="RUN", help="Run directory (config, metrics, checkpoints, plot).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same options).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@user_errors
-def train(targets: str, student: str, loss: str, temperatures: tuple[float, ...], alphas: tuple[float, ...],
-          epochs: int, batch_size: int, lr: float, optimizer: str, momentum: float, weight_decay: float,
-          schedule: str, seeds: tuple[int, ...], device: str, precision: str, eval_path: str | None,
-          eval_input_columns: tuple[str, ...], eval_label_column: str | None, transfer: str | None,
-          top_k: int | None, tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None,
-          smoothing: float, zero_mean: bool, data_mode: str, num_workers: int, out: str, resume: bool,
-          quiet: bool) -> None:
+@user_errors(aliases={"loss": "--loss"})
+def train(targets: str, student: str, losses: tuple[str, ...], standardize: tuple[bool, ...],
+          temperatures: tuple[float, ...], alphas: tuple[float, ...], epochs: int, batch_size: int, lr: float,
+          optimizer: str, momentum: float, weight_decay: float, schedule: str, seeds: tuple[int, ...], device: str,
+          precision: str, eval_path: str | None, eval_input_columns: tuple[str, ...], eval_label_column: str | None,
+          val_fraction: float | None, val: str | None, val_seed: int, transfer: str | None, top_k: int | None,
+          tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None, smoothing: float,
+          zero_mean: bool, data_mode: str, num_workers: int, out: str, resume: bool, quiet: bool) -> None:
     """Train students on stored teacher targets: no teacher runs, so a temperature sweep costs one
     student run per temperature.
 
@@ -74,6 +90,12 @@ def train(targets: str, student: str, loss: str, temperatures: tuple[float, ...]
     Single runs differ by a few test errors from seed to seed; --seed 0,1,2 trains every point three times and
     adds the mean and SD over seeds to the table, summary.json and the plot.
 
+    \b
+    Did distillation help? Hard labels beside standardised KD, chosen on held-out rows (what `kdstore label`
+    advises; a list of losses, standardize values, temperatures and alphas is one sweep):
+      kdstore train --targets ./targets/mnist-t1200 --student mlp:784-300-300-10 --loss hard,kd \\
+          --standardize on -T 0.5,1,2 --alpha 1 --val-fraction 0.1 --seed 0,1,2 --eval test.parquet --out runs/check
+
     Writes RUN/config.json, RUN/metrics.jsonl (per epoch), RUN/summary.json, RUN/runs/<id>/student.safetensors
     and, for sweeps, RUN/sweep.png; prints one results table.
     """
@@ -81,16 +103,18 @@ def train(targets: str, student: str, loss: str, temperatures: tuple[float, ...]
     from kdstore.training import TrainConfig, Trainer
 
     cfg = TrainConfig(
-        targets=targets, student=student, out=out, loss=loss, temperatures=temperatures, alphas=alphas,
+        targets=targets, student=student, out=out, losses=losses, standardize=standardize,
+        temperatures=temperatures, alphas=alphas,
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, seeds=seeds, device=device, precision=precision,
         eval=eval_path, eval_input_columns=eval_input_columns, eval_label_column=eval_label_column,
         transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble, teacher_weights=teacher_weights or (),
-        smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers,
+        smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers, val=val,
+        val_fraction=val_fraction, val_seed=val_seed,
     )
     trainer = Trainer(cfg)
     quiet = quiet or not trainer.dist.is_main  # under torchrun, rank 0 alone reports
-    total = len(cfg.sweep()) * cfg.epochs * trainer.data.num_rows
+    total = len(cfg.sweep()) * cfg.epochs * trainer.train_rows
     try:
         with progress_bar(total, "train", "rows", disable=quiet) as bar:
             results = trainer.run(progress=lambda rid, epoch, n: bar.update(n), resume=resume)
@@ -106,35 +130,64 @@ def train(targets: str, student: str, loss: str, temperatures: tuple[float, ...]
 
 
 def format_results(trainer: object, results: list) -> str:  # type: ignore[type-arg]
-    """One table: T, alpha, accuracy, errors, NLL, agreement with the teacher; then, when several seeds were
-    swept, the mean +- SD over seeds of each (T, alpha)."""
-    from kdstore.rundir import over_seeds, run_id
+    """One table: T, alpha, validation errors, accuracy, errors, NLL, agreement with the teacher (the best run by
+    validation starred); then, when several seeds were swept, the mean +- SD over seeds of each point; then which
+    point validation chose and whether it beat the hard-label runs."""
+    from kdstore.rundir import best_by_validation, over_seeds
     from kdstore.training import Trainer
 
     assert isinstance(trainer, Trainer)
     stats = trainer.data.version.manifest["statistics"]
-    lines = [f"{'run':<22} {'T':>5} {'alpha':>5} {'acc%':>7} {'errors':>6} {'NLL':>7} {'agree%':>7} {'s/epoch':>7}"]
+    best = best_by_validation(results)
+    key = None if best is None else (best["loss"], best["standardize"], best["temperature"], best["alpha"])
+    val = best is not None
+    lines = [f"{'run':<24} {'T':>5} {'alpha':>5}" + (f" {'val err':>7}" if val else "")
+             + f" {'acc%':>7} {'errors':>6} {'NLL':>7} {'agree%':>7} {'s/epoch':>7}"]
     for r in results:
         acc = f"{100 * r.eval_accuracy:7.2f}" if r.eval_accuracy is not None else f"{'-':>7}"
         err = f"{r.eval_errors:6d}" if r.eval_errors is not None else f"{'-':>6}"
         nll = f"{r.eval_nll:7.4f}" if r.eval_nll is not None else f"{'-':>7}"
         per = sum(r.epoch_seconds) / max(len(r.epoch_seconds), 1)
-        lines.append(f"{r.run:<22} {r.temperature:5g} {r.alpha:5g} {acc} {err} {nll} "
-                     f"{100 * r.teacher_agreement:7.2f} {per:7.2f}")
+        name = ("*" if (r.loss, r.standardize, r.temperature, r.alpha) == key else "") + r.run
+        lines.append(f"{name:<24} {r.temperature:5g} {r.alpha:5g}" + (f" {r.val_errors:7d}" if val else "")
+                     + f" {acc} {err} {nll} {100 * r.teacher_agreement:7.2f} {per:7.2f}")
     if len(trainer.cfg.seeds) > 1:
         lines.append("mean +- SD over seeds:")
-        for g in over_seeds(results):
-            name = run_id(g["loss"], g["temperature"], g["alpha"])
-            seeds = ",".join(map(str, g["seeds"]))
-            if "eval_accuracy_mean" in g:
-                lines.append(f"  {name:<20} seeds {seeds}: acc {100 * g['eval_accuracy_mean']:.2f} +- "
-                             f"{100 * g['eval_accuracy_sd']:.2f}%, errors {g['eval_errors_mean']:.1f} +- "
-                             f"{g['eval_errors_sd']:.1f}, agree {100 * g['teacher_agreement_mean']:.2f}%")
-            else:
-                lines.append(f"  {name:<20} seeds {seeds}: agree {100 * g['teacher_agreement_mean']:.2f} +- "
-                             f"{100 * g['teacher_agreement_sd']:.2f}% (no --eval set)")
+        lines += [_seed_line(g) for g in over_seeds(results)]
+    if best is not None:
+        lines += _choice_lines(best, over_seeds(results))
     teachers = ", ".join(f"{t}: {100 * s['accuracy']:.2f}% on the transfer set" for t, s in stats["teachers"].items()
                          if s.get("accuracy") is not None)
     if teachers:
         lines.append(f"teacher {teachers}")
     return "\n".join(lines)
+
+
+def _seed_line(g: dict) -> str:  # type: ignore[type-arg]
+    seeds = ",".join(map(str, g["seeds"]))
+    val = f"val errors {g['val_errors_mean']:.1f} +- {g['val_errors_sd']:.1f}, " if "val_errors_mean" in g else ""
+    if "eval_accuracy_mean" in g:
+        return (f"  {g['run']:<22} seeds {seeds}: {val}acc {100 * g['eval_accuracy_mean']:.2f} +- "
+                f"{100 * g['eval_accuracy_sd']:.2f}%, errors {g['eval_errors_mean']:.1f} +- "
+                f"{g['eval_errors_sd']:.1f}, agree {100 * g['teacher_agreement_mean']:.2f}%")
+    return (f"  {g['run']:<22} seeds {seeds}: {val}agree {100 * g['teacher_agreement_mean']:.2f} +- "
+            f"{100 * g['teacher_agreement_sd']:.2f}% (no --eval set)")
+
+
+def _choice_lines(best: dict, groups: list) -> list[str]:  # type: ignore[type-arg]
+    """The best point by validation (*), and how it compares with the hard-label runs of the same sweep."""
+    n = len(best["seeds"])
+    over = f" (mean of {n} seeds)" if n > 1 else ""
+    test = f"; its test errors {best['eval_errors_mean']:.1f}" if "eval_errors_mean" in best else ""
+    out = [f"* best by validation: {best['run']}, {best['val_errors_mean']:.1f} validation errors{over}{test}"]
+    hard = next((g for g in groups if g["loss"] == "hard"), None)
+    if hard is None or hard is best:
+        if hard is best:
+            out.append("  no distilled run beat the hard labels on validation: this teacher has little to give "
+                       "this student here (try --standardize, other temperatures, or a stronger teacher)")
+        return out
+    gain = hard["val_errors_mean"] - best["val_errors_mean"]
+    pct = 100 * gain / max(hard["val_errors_mean"], 1e-9)
+    out.append(f"  hard labels: {hard['val_errors_mean']:.1f} validation errors; the chosen run makes {gain:.1f} "
+               f"({pct:.1f}%) fewer")
+    return out

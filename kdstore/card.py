@@ -4,7 +4,8 @@ The terminal card (`kdstore.card_render`) is made from the manifest alone (prove
 statistics, top-k fidelity). `compute_statistics` reads the data once, streaming file by file, for what the manifest
 does not hold: confidence histogram, reliability diagram and expected calibration error (where labels exist),
 per-row top-k probability mass, and the class-similarity matrix (mean soft targets at a chosen temperature, rows
-grouped by true class, or by argmax where there are no labels: the "dark knowledge" structure KD transfers at high T).
+grouped by true class, or by argmax where there are no labels: the "dark knowledge" structure KD transfers at high T),
+and the advice of `kdstore.advice` (soft targets per temperature, from a sample of rows).
 
 Card files are *derived*: they are written to ``vN/card/`` (each file atomically, README.md last), are not listed
 in the manifest and do not change it, so a version's checksummed content never changes (docs/format.md).
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdstore.advice import Advice, advise
 from kdstore.card_render import ECE_BINS, PLOTS, card_markdown
 from kdstore.errors import ConfigError, arg
 from kdstore.soft_targets import columns_for, log_probs, teacher_id
@@ -114,6 +116,7 @@ class CardStatistics:
     topk_ks: list[int]
     topk_source: str  # "stored top-k" or "full logits"
     teachers: list[TeacherStats]
+    advice: list[Advice] = field(default_factory=list)  # soft targets per temperature (kdstore.advice)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able statistics (what `kdstore inspect --card --json` prints as ``card_statistics``)."""
@@ -124,6 +127,7 @@ class CardStatistics:
                                      "mean_entropy_nats": s.mean_entropy,
                                      "topk_mass_mean": {str(k): s.mass_mean(k) for k in self.topk_ks}}
                          for s in self.teachers},
+            "advice": [a.to_json() for a in self.advice],
         }
 
     def similar_pairs(self, names: list[str], n: int = 5) -> list[tuple[str, str, float]]:
@@ -181,7 +185,7 @@ def compute_statistics(version: Version, *, temperature: float = 4.0, teacher: s
                 group_rows += np.bincount(ref.numpy(), minlength=c)[:c]
     mean_sim = (sim / torch.from_numpy(np.maximum(group_rows, 1)).double()[:, None]).numpy()
     return CardStatistics(float(temperature), sim_t, "label" if label_col else "argmax", mean_sim, group_rows, ks,
-                          "stored top-k" if k_stored else "full logits", stats)
+                          "stored top-k" if k_stored else "full logits", stats, advise(version))
 
 
 # --- the card files ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from kdstore import __version__
 from kdstore.store.catalog import class_names, human_bytes, short_source, targets_text
 
 if TYPE_CHECKING:
+    from kdstore.advice import Advice
     from kdstore.card import CardStatistics
 
 ECE_BINS = 15
@@ -67,9 +69,10 @@ def _labeling_text(lab: dict[str, Any], seconds: bool) -> str:
 # --- the terminal card -----------------------------------------------------------------------------------------------
 
 
-def card_text(m: dict[str, Any], where: str, stats: CardStatistics | None = None) -> str:
+def card_text(m: dict[str, Any], where: str, stats: CardStatistics | None = None,
+              advice: list[Advice] | None = None) -> str:
     """The terminal dataset card of manifest `m` (found at `where`): provenance, stored targets, statistics,
-    top-k fidelity, and the data statistics if computed."""
+    top-k fidelity, the data statistics if computed, and the advice (`kdstore.advice`) if measured."""
     size = sum(f["bytes"] for f in m["files"])
     out = [f"{m['name']}@v{m['version']}   {where}",
            f"  {m['num_rows']} rows x {m['num_classes']} classes; {m['storage']['format']}, {len(m['files'])} file(s), "
@@ -85,7 +88,45 @@ def card_text(m: dict[str, Any], where: str, stats: CardStatistics | None = None
         out += ["", f"most similar classes at T={stats.temperature:g} ({stats.similarity_teacher}, rows grouped by "
                     f"{stats.grouped_by}): mean probability of the second class on rows of the first"]
         out += [f"  {a} -> {b}: {p:.4f}" for a, b, p in pairs]
+    if advice:
+        vdir = Path(where)
+        ref = f"{vdir.parent}@v{m['version']}" if vdir.name == f"v{m['version']}" else f"{m['name']}@v{m['version']}"
+        out += ["", *advice_text(advice, ref, bool(m["targets"]["labels"]))]
     return "\n".join(out)
+
+
+def advice_text(advice: list[Advice], ref: str, labeled: bool) -> list[str]:
+    """The advice as terminal lines: per teacher a table of T x (mean entropy, max p, 2nd p), plain and
+    standardised, then the advice in words and the suggested `kdstore train` sweep."""
+    out: list[str] = []
+    for a in advice:
+        out += [f"soft targets of {a.teacher} per temperature ({a.rows} sampled rows; entropy in nats, at most "
+                f"{math.log(a.num_classes):.2f})",
+                f"  {'T':>5}  {'entropy':>8} {'max p':>6} {'2nd p':>8}   standardised: {'entropy':>8} {'max p':>6} "
+                f"{'2nd p':>8}"]
+        for p, s in zip(a.plain, a.standardized, strict=True):
+            mark = "  <- default T" if p.temperature == a.default_t else ""
+            out.append(f"  {p.temperature:5g}  {p.entropy:8.3g} {p.max_prob:6.3f} {p.second_prob:8.3g}   "
+                       f"{'':>13} {s.entropy:8.3g} {s.max_prob:6.3f} {s.second_prob:8.3g}{mark}")
+        out += [*(f"  {w}" for w in a.words), f"  try: {a.command(ref, labeled)}"]
+    return out
+
+
+def _advice_markdown(advice: list[Advice], ref: str, labeled: bool) -> list[str]:
+    lines = ["", "## Soft targets per temperature", "",
+             "Measured on a sample of the stored rows (`kdstore.advice`; the rule is explained in "
+             "docs/benchmarks.md, \"Teachers of different confidence\"). Entropy in nats; max p and 2nd p are the "
+             "mean largest and second-largest probability; *standardised*: z-scored logits (`--standardize`)."]
+    for a in advice:
+        lines += ["", f"**{a.teacher}** ({a.rows} rows): {a.verdict}.", "",
+                  "| T | entropy | max p | 2nd p | standardised entropy | max p | 2nd p |",
+                  "|---|---|---|---|---|---|---|"]
+        for p, s in zip(a.plain, a.standardized, strict=True):
+            t = f"**{p.temperature:g}** (default)" if p.temperature == a.default_t else f"{p.temperature:g}"
+            lines.append(f"| {t} | {p.entropy:.3g} | {p.max_prob:.3f} | {p.second_prob:.3g} | {s.entropy:.3g} | "
+                         f"{s.max_prob:.3f} | {s.second_prob:.3g} |")
+        lines += ["", *a.words, "", f"`{a.command(ref, labeled)}`"]
+    return lines
 
 
 def _provenance_text(m: dict[str, Any]) -> list[str]:
@@ -164,6 +205,8 @@ def card_markdown(m: dict[str, Any], stats: CardStatistics, plots: list[str]) ->
     lines += _provenance_markdown(m)
     lines += _statistics_markdown(m, stats)
     lines += _fidelity_markdown(m)
+    if stats.advice:
+        lines += _advice_markdown(stats.advice, f"{m['name']}@v{m['version']}", bool(tg["labels"]))
     pairs = stats.similar_pairs(class_names(m))
     if pairs:
         lines += ["", f"## Most similar classes at T = {stats.temperature:g}", "",

@@ -13,6 +13,10 @@ Public API for users with their own training loop (plain PyTorch, Lightning)::
 `StreamingTargets` shuffles by permuting row groups each epoch (seeded, epoch-dependent) and mixing them in a
 buffer, splits row groups across DataLoader workers (and torch.distributed ranks) without duplicating or dropping
 a sample, and opens files lazily inside each worker. `TrainingData.to_memory` is the fast path for sets that fit.
+
+A `Holdout` sets rows aside for validation by a hash of their `sample_id`, so the in-memory path
+(`split_memory`) and the streamed one (``stream(..., holdout=h)`` for training rows, ``part="val"`` for the
+held-out ones) hold out the same rows, whatever the batch size, order or sweep point.
 """
 
 from __future__ import annotations
@@ -32,7 +36,64 @@ from kdstore.store.remote import resolve_any
 from kdstore.transfer import TransferSet, open_transfer
 
 NEEDS = ("logits", "topk", "label")
-__all__ = ["NEEDS", "StreamingTargets", "TrainingData", "describe_need", "memory_batches", "open_training_data"]
+__all__ = ["NEEDS", "Holdout", "StreamingTargets", "TrainingData", "check_holdout", "describe_need", "memory_batches",
+           "open_training_data", "split_memory"]
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_M64 = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Rows held out for validation: row i is held out when ``hash(sample_id_i, seed) < fraction`` (splitmix64 of
+    the id, as a number in [0, 1)). Membership depends on the row alone, so every path and sweep point agrees.
+
+    Attributes:
+        fraction: the share of rows to hold out, in (0, 1).
+        seed: changes which rows are held out.
+        rows: how many rows of the version are held out (counted by `check_holdout`).
+    """
+
+    fraction: float
+    seed: int = 0
+    rows: int = 0
+
+    def mask(self, sample_ids: np.ndarray) -> np.ndarray:
+        """(N,) bool: True for the held-out rows among `sample_ids`."""
+        x = np.asarray(sample_ids).astype(np.uint64) + np.uint64((self.seed * _GOLDEN + _GOLDEN) & _M64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+        return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < self.fraction
+
+
+def check_holdout(version: Version, fraction: float | None, seed: int = 0) -> Holdout | None:
+    """The validation split `fraction` makes of `version`, checked: labeled data, at least one row on each side.
+
+    Raises:
+        ConfigError: the version has no labels, or the split leaves no validation or no training rows.
+    """
+    if fraction is None:
+        return None
+    where = f"{arg('val_fraction')} {fraction:g}"
+    if not version.has_labels:
+        raise ConfigError(f"{where}: {version.ref} is unlabeled, so held-out rows cannot be scored; pass "
+                          f"{arg('val')} PATH (a labeled file like the transfer set) instead")
+    ids = version.read_all(["sample_id"])["sample_id"]
+    rows = int(Holdout(fraction, seed).mask(ids).sum())
+    if rows == 0:
+        raise ConfigError(f"{where}: holds out 0 of {len(ids)} rows; use a larger fraction or {arg('val')} PATH")
+    if rows == len(ids):
+        raise ConfigError(f"{where}: holds out all {len(ids)} rows and leaves none to train on; use a smaller "
+                          "fraction")
+    return Holdout(fraction, seed, rows)
+
+
+def split_memory(memory: dict[str, torch.Tensor], holdout: Holdout) -> tuple[dict[str, torch.Tensor],
+                                                                               dict[str, torch.Tensor]]:
+    """An in-memory set (`TrainingData.to_memory`) as (training rows, held-out rows)."""
+    held = torch.from_numpy(holdout.mask(memory["sample_id"].cpu().numpy())).to(memory["sample_id"].device)
+    return {k: v[~held] for k, v in memory.items()}, {k: v[held] for k, v in memory.items()}
 
 
 @dataclass
@@ -97,10 +158,12 @@ class TrainingData:
         return {k: v.to(device) for k, v in batch.items()}
 
     def stream(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, buffer_row_groups: int = 8,
-               rank: int = 0, world_size: int = 1) -> StreamingTargets:
-        """An IterableDataset of batches read from disk (use with DataLoader(batch_size=None))."""
+               rank: int = 0, world_size: int = 1, holdout: Holdout | None = None,
+               part: str = "train") -> StreamingTargets:
+        """An IterableDataset of batches read from disk (use with DataLoader(batch_size=None)); with `holdout`, only
+        its training rows (`part` "train") or only the held-out ones ("val")."""
         return StreamingTargets(self, batch_size, shuffle=shuffle, seed=seed, buffer_row_groups=buffer_row_groups,
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size, holdout=holdout, part=part)
 
 
 def open_training_data(
@@ -188,20 +251,25 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
     Each epoch the (file, row group) blocks are permuted with a generator seeded by (seed, epoch); blocks are
     dealt round-robin to the global workers (rank x DataLoader worker) so every row is read exactly once per
     epoch; each worker concatenates `buffer_row_groups` blocks at a time, shuffles those rows and cuts batches.
-    The last batch of a worker may be short (no row is dropped).
+    The last batch of a worker may be short (no row is dropped). With a `holdout` each block keeps only its
+    training rows (`part` "train") or only its held-out rows ("val").
     """
 
     def __init__(self, data: TrainingData, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 buffer_row_groups: int = 8, rank: int = 0, world_size: int = 1) -> None:
+                 buffer_row_groups: int = 8, rank: int = 0, world_size: int = 1, holdout: Holdout | None = None,
+                 part: str = "train") -> None:
         super().__init__()
         if batch_size < 1 or buffer_row_groups < 1:
             raise ConfigError(f"batch_size {batch_size} and buffer_row_groups {buffer_row_groups} must be >= 1")
+        if part not in ("train", "val"):
+            raise ConfigError(f"part {part!r}: expected 'train' or 'val'")
         if seed < 0:
             raise ConfigError(f"seed {seed}: must be >= 0")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} must be in [0, {world_size})")
         self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
         self.buffer_row_groups, self.rank, self.world_size = buffer_row_groups, rank, world_size
+        self.holdout, self.part = holdout, part
         self.epoch = 0
         v = data.version
         self.blocks: list[tuple[int, int, int, int]] = []  # (file, row group, first global row, rows)
@@ -240,7 +308,7 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
                     batch = _assemble(raw, cols)
                     x, _ = ts.read_rows(first, first + n)
                     batch["x"] = torch.from_numpy(x)
-                    parts.append(batch)
+                    parts.append(self._keep(batch))
                 if carry is not None:
                     parts.insert(0, carry)
                 buf = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -256,6 +324,14 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
                 yield carry
         finally:
             ts.close()
+
+    def _keep(self, block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rows of a block this stream serves (all of them without a holdout)."""
+        if self.holdout is None:
+            return block
+        held = torch.from_numpy(self.holdout.mask(block["sample_id"].numpy()))
+        keep = held if self.part == "val" else ~held
+        return {k: v[keep] for k, v in block.items()}
 
 
 def memory_batches(memory: dict[str, torch.Tensor], batch_size: int, *, seed: int, epoch: int, rank: int = 0,

@@ -28,8 +28,8 @@ def load_eval_set(path: str, *, input_columns: tuple[str, ...], label_column: st
     ts = open_transfer(path, input_columns=input_columns or None, label_column=label_column, option=argument)
     try:
         if not ts.has_labels:
-            raise InputError(f"{arg(argument)} {path}: no label column found; an evaluation set needs labels "
-                             f"({arg(argument + '_label_column')} NAME)")
+            hint = f" ({arg(argument + '_label_column')} NAME)" if argument == "eval" else " in 'label' or 'y'"
+            raise InputError(f"{arg(argument)} {path}: no label column found; an evaluation set needs labels{hint}")
         x, y = ts.read_rows(0, ts.rows)
     finally:
         ts.close()
@@ -42,22 +42,30 @@ def load_eval_set(path: str, *, input_columns: tuple[str, ...], label_column: st
     return torch.from_numpy(x.reshape(len(x), *input_shape)), torch.from_numpy(y)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, precision: str,
              chunk: int = 4096) -> EvalResult:
     """Accuracy, errors and mean NLL of `model` on (x, y), in chunks of `chunk` rows."""
+    return evaluate_batches(model, ((x[a : a + chunk], y[a : a + chunk]) for a in range(0, len(x), chunk)), device,
+                            precision)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                     precision: str) -> EvalResult:
+    """Accuracy, errors and mean NLL of `model` over (inputs, labels) batches (in memory or streamed)."""
     was_training = model.training
     model.eval()
-    correct, nll = 0, 0.0
-    for a in range(0, len(x), chunk):
-        xb, yb = x[a : a + chunk].to(device), y[a : a + chunk].to(device)
+    correct, nll, rows = 0, 0.0, 0
+    for xb, yb in batches:
+        xb, yb = xb.to(device), yb.to(device)
         with autocast(device, precision):
             out = model(xb)
         logp = torch.log_softmax(out.float(), dim=1)
         correct += int((logp.argmax(1) == yb).sum())
         nll += float(-logp.gather(1, yb[:, None]).sum())
+        rows += len(yb)
     model.train(was_training)
-    return EvalResult(correct / len(x), len(x) - correct, nll / len(x))
+    return EvalResult(correct / max(rows, 1), rows - correct, nll / max(rows, 1))
 
 
 @torch.no_grad()

@@ -85,21 +85,30 @@ def label_shard(
     """
     stats = versioning.TargetStatistics(ids, c, k, cfg.tail)
     step = versioning.rows_per_chunk(c)
-    scratch = torch.empty(min(step, (stop - start) * (plan.count if plan else 1)), c, device=device)
+    views = plan.count if plan else 1
+    # narrow outputs gather up to step + a batch of rows into one chunk; wide ones cut a batch into chunks of step
+    scratch = torch.empty(min(step + cfg.batch_size, (stop - start) * views), c, device=device)
     parts: list[dict[str, np.ndarray]] = []
     pending: list[_Piece] = []
     batch = plan.samples_per(cfg.batch_size) if plan else cfg.batch_size
     for first, x, y in _prefetch(ts.iter_batches(batch, start, stop)):
         piece = _piece(teachers, x, y, first, c, ts, device, precision, plan)
-        pending.append(piece)
-        while sum(map(len, pending)) >= step:
-            head, pending = _take(pending, step)
-            parts.append(_store_chunk(head, teachers, ids, stats, scratch, c, k, cfg, ts, plan))
+        if len(piece) >= step:  # wide outputs: chunks of this batch alone, nothing carried to the next
+            while len(piece):
+                head, rest = _take([piece], step)
+                parts.append(_store_chunk(head, teachers, ids, stats, scratch, c, k, cfg, ts, plan))
+                piece = rest[0] if rest else _Piece([], piece.rows[:0], {}, None)
+        else:  # narrow outputs: gather batches into one chunk
+            pending.append(piece)
+            if sum(map(len, pending)) >= step:
+                chunk, pending = _take(pending, sum(map(len, pending)))
+                parts.append(_store_chunk(chunk, teachers, ids, stats, scratch, c, k, cfg, ts, plan))
         del piece
         if progress:
             progress(len(x))
     if pending:
-        parts.append(_store_chunk(_take(pending, step)[0], teachers, ids, stats, scratch, c, k, cfg, ts, plan))
+        parts.append(_store_chunk(_take(pending, sum(map(len, pending)))[0], teachers, ids, stats, scratch, c, k,
+                                  cfg, ts, plan))
     cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     return cols, stats.partial()
 

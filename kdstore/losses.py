@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdstore.errors import ConfigError, ShapeMismatchError
-from kdstore.targets import TailModel, check_temperature, log_soft_targets_topk
+from kdstore.targets import TailModel, check_temperature, rebuild_logits
+from kdstore.targets import standardize as standardize_rows
 
 __all__ = [
     "hard_loss", "kd_loss", "label_smoothing_loss", "mse_logit_loss", "soft_cross_entropy", "soft_kl", "topk_kd_loss"
@@ -141,25 +142,31 @@ def label_smoothing_loss(student_logits: Tensor, labels: Tensor, *, smoothing: f
     return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
 
 
-def mse_logit_loss(student_logits: Tensor, teacher_logits: Tensor, *, zero_mean: bool = True) -> Tensor:
+def mse_logit_loss(student_logits: Tensor, teacher_logits: Tensor, *, zero_mean: bool = True,
+                   standardize: bool = False) -> Tensor:
     """L2 regression on logits, "mimic learning" (Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?").
 
     ``loss = mean_n 0.5 * sum_c (s[n, c] - t[n, c])^2`` (halved sum over classes, mean over rows), so the
     gradient w.r.t. ``s[n]`` is ``(s[n] - t[n]) / N``. With ``zero_mean`` each row of s and t first has its
     mean over classes subtracted (softmax is shift-invariant; Hinton et al. 2015 show that T^2 * soft CE
-    tends to this loss divided by C as T -> infinity for zero-meaned logits).
+    tends to this loss divided by C as T -> infinity for zero-meaned logits). With ``standardize`` both rows are
+    z-scored first (`kdstore.targets.standardize`; Sun et al. 2024), so the student matches the *shape* of the
+    teacher's logits, not their size; each z-scored row has squared norm C, so the loss lies in [0, 2C].
 
     Args:
         student_logits: (N, C) student logits.
         teacher_logits: (N, C) teacher logits at T = 1.
-        zero_mean: subtract each row's mean from both before comparing.
+        zero_mean: subtract each row's mean from both before comparing (implied by ``standardize``).
+        standardize: z-score each row of both before comparing.
 
     Returns:
         Scalar float32 loss.
     """
     _check_pair(student_logits, teacher_logits, "teacher_logits")
     s, t = _f32(student_logits), _f32(teacher_logits)
-    if zero_mean:
+    if standardize:
+        s, t = standardize_rows(s), standardize_rows(t)
+    elif zero_mean:
         s = s - s.mean(dim=1, keepdim=True)
         t = t - t.mean(dim=1, keepdim=True)
     return 0.5 * (s - t).pow(2).sum(dim=1).mean()
@@ -172,6 +179,7 @@ def kd_loss(
     *,
     temperature: float,
     alpha: float,
+    standardize: bool = False,
 ) -> Tensor:
     """Knowledge-distillation loss (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network").
 
@@ -181,13 +189,21 @@ def kd_loss(
     KL(p_t || q_s) only by the teacher entropy, a constant in the student, so the gradients are identical;
     use :func:`soft_kl` to report the KL itself.
 
+    With ``standardize`` (logit standardisation, Sun et al. 2024, CVPR) the soft term compares z-scored rows:
+    ``q_s^T = softmax(Z(s) / T)`` with ``Z`` = `kdstore.targets.standardize`, and the teacher's targets must be
+    ``softmax(Z(z_t) / T)`` too (``log_soft_targets(standardize(z_t), T)``; `kdstore.soft_targets` builds them
+    with ``standardize=True``). Neither side's logit scale then matters, only the ranking and spacing of the
+    classes; the hard term still uses the raw student logits.
+
     Args:
         student_logits: (N, C) student logits.
         teacher_log_probs: (N, C) teacher log soft targets already at T (built with
-            ``kdstore.targets.log_soft_targets`` or ``log_soft_targets_topk``).
+            ``kdstore.targets.log_soft_targets`` or ``log_soft_targets_topk``; from standardised logits when
+            ``standardize``).
         labels: (N,) integer labels; required when alpha < 1, ignored when alpha == 1.
         temperature: T > 0.
         alpha: weight of the soft term, in [0, 1].
+        standardize: z-score the student's logits in the soft term.
 
     Returns:
         Scalar float32 loss.
@@ -196,8 +212,9 @@ def kd_loss(
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     _check_pair(student_logits, teacher_log_probs, "teacher_log_probs")
+    soft_in = standardize_rows(student_logits) if standardize else student_logits
     if alpha == 1.0:
-        return soft_cross_entropy(student_logits, teacher_log_probs, temperature) * temperature**2
+        return soft_cross_entropy(soft_in, teacher_log_probs, temperature) * temperature**2
     if labels is None:
         raise ConfigError(
             f"alpha={alpha} < 1 weights the hard-label term by {1.0 - alpha:g}, but labels is None: "
@@ -206,7 +223,7 @@ def kd_loss(
     hard = hard_loss(student_logits, labels)
     if alpha == 0.0:  # skip the soft term entirely (no 0 * inf from a degenerate teacher row)
         return hard
-    soft = soft_cross_entropy(student_logits, teacher_log_probs, temperature) * temperature**2
+    soft = soft_cross_entropy(soft_in, teacher_log_probs, temperature) * temperature**2
     return alpha * soft + (1.0 - alpha) * hard
 
 
@@ -220,6 +237,7 @@ def topk_kd_loss(
     temperature: float,
     alpha: float,
     tail: TailModel = "uniform",
+    standardize: bool = False,
 ) -> Tensor:
     """KD from top-k teacher storage (Tang et al. 2020, "Understanding and Improving Knowledge Distillation").
 
@@ -227,6 +245,11 @@ def topk_kd_loss(
     ``"uniform"``: leftover mass spread over the other C - k classes; ``"drop"``: renormalised over the top-k,
     the paper's KD-topk) and the loss is then exactly :func:`kd_loss`. With k = C it equals ``kd_loss`` on the
     full logits for either tail.
+
+    With ``standardize`` the rebuilt dense row is z-scored before the temperature: under the uniform tail the
+    C - k tail classes enter the mean and SD with their rebuilt logit ``z_tail`` (the log of their share of the
+    leftover mass, docs/format.md), under the drop tail they are left out (mean and SD of the k stored logits,
+    the tail stays at probability 0); the student's row is z-scored over all C classes.
 
     Args:
         student_logits: (N, C) student logits.
@@ -237,6 +260,7 @@ def topk_kd_loss(
         temperature: T > 0.
         alpha: weight of the soft term, in [0, 1].
         tail: ``"uniform"`` or ``"drop"``.
+        standardize: z-score the rebuilt teacher row and the student's row (see above).
 
     Returns:
         Scalar float32 loss.
@@ -253,5 +277,6 @@ def topk_kd_loss(
     if lse.shape != (n,):
         raise ShapeMismatchError(f"lse must be (N,) = ({n},), got shape {tuple(lse.shape)}")
     check_temperature(temperature)
-    log_p = log_soft_targets_topk(values, indices, lse, c, temperature, tail)
-    return kd_loss(student_logits, log_p, labels, temperature=temperature, alpha=alpha)
+    dense = rebuild_logits(values, indices, lse, c, tail)
+    log_p = torch.log_softmax((standardize_rows(dense) if standardize else dense) / temperature, dim=1)
+    return kd_loss(student_logits, log_p, labels, temperature=temperature, alpha=alpha, standardize=standardize)

@@ -79,8 +79,8 @@ def run(out: Path, *, student: str = STUDENT, temperatures: tuple[float, ...] = 
     common: dict[str, Any] = dict(targets=ref, student=student, epochs=epochs, batch_size=64, lr=LR,
                                   eval=str(test), device=device, seeds=(seed,), transfer=str(train))
     results: list[RunResult] = []
-    results += Trainer(TrainConfig(out=str(runs_dir / "hard"), loss="hard", **common)).run()
-    results += Trainer(TrainConfig(out=str(runs_dir / "kd"), loss="kd", temperatures=temperatures,
+    results += Trainer(TrainConfig(out=str(runs_dir / "hard"), losses="hard", **common)).run()
+    results += Trainer(TrainConfig(out=str(runs_dir / "kd"), losses="kd", temperatures=temperatures,
                                    alphas=(ALPHA,), **common)).run()
     return QuickstartResult(lab, acc, errors, results, runs_dir)
 

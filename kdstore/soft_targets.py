@@ -84,18 +84,29 @@ def batch_logits(batch: Mapping[str, Tensor], plan: TargetPlan) -> Tensor:
     return rebuilt.reshape(b, m, plan.num_classes)
 
 
-def combine(logits: Tensor, temperature: float, plan: TargetPlan, weights: Tensor) -> Tensor:
-    """The (ensembled) teacher's log soft targets at T from (B, M, C) logits, (B, C) float32."""
+def combine(logits: Tensor, temperature: float, plan: TargetPlan, weights: Tensor,
+            standardize: bool = False) -> Tensor:
+    """The (ensembled) teacher's log soft targets at T from (B, M, C) logits, (B, C) float32.
+
+    With `standardize` each teacher's row is z-scored first (`kdstore.targets.standardize`, Sun et al. 2024); for
+    mean-logit the weighted mean of the z-scored rows is z-scored again, so the target is always a z-scored row.
+    """
+    if standardize:
+        b, m, c = logits.shape
+        logits = targets.standardize(logits.reshape(b * m, c)).reshape(b, m, c)
     if logits.shape[1] == 1:
         return torch.log_softmax(logits[:, 0] / temperature, dim=1)
     if plan.ensemble == "mean-logit":
-        return torch.log_softmax(ensemble.mean_logits(logits, weights) / temperature, dim=1)
+        mean = ensemble.mean_logits(logits, weights)
+        return torch.log_softmax((targets.standardize(mean) if standardize else mean) / temperature, dim=1)
     return ensemble.mean_prob_log_targets(torch.log_softmax(logits / temperature, dim=2), weights)
 
 
-def batch_log_probs(batch: Mapping[str, Tensor], temperature: float, plan: TargetPlan, weights: Tensor) -> Tensor:
-    """The (possibly ensembled) teacher's log soft targets at T for a batch, (B, C) float32."""
-    return combine(batch_logits(batch, plan), temperature, plan, weights)
+def batch_log_probs(batch: Mapping[str, Tensor], temperature: float, plan: TargetPlan, weights: Tensor,
+                    standardize: bool = False) -> Tensor:
+    """The (possibly ensembled) teacher's log soft targets at T for a batch, (B, C) float32 (z-scored logits first
+    with `standardize`; see `combine`)."""
+    return combine(batch_logits(batch, plan), temperature, plan, weights, standardize)
 
 
 def mse_target(batch: Mapping[str, Tensor], weights: Tensor) -> Tensor:
@@ -105,9 +116,10 @@ def mse_target(batch: Mapping[str, Tensor], weights: Tensor) -> Tensor:
 
 @torch.no_grad()
 def training_view(memory: Mapping[str, Tensor], loss: str, temperature: float, alpha: float, plan: TargetPlan,
-                  weights: Tensor, chunk: int = 65536) -> dict[str, Tensor]:
-    """An in-memory set's training view for one (T, alpha): inputs, labels if the loss reads them, and the loss's
-    targets precomputed for every row (``teacher_logp`` for kd/topk, ``mse_target`` for mse).
+                  weights: Tensor, chunk: int = 65536, standardize: bool = False) -> dict[str, Tensor]:
+    """An in-memory set's training view for one (loss, standardize, T, alpha): inputs, labels if the loss reads
+    them, and the loss's targets precomputed for every row (``teacher_logp`` for kd/topk, ``mse_target`` for mse;
+    for mse the target stays raw and the loss standardises both sides).
 
     With T fixed for a sweep point the targets are the same every epoch, so each training step only gathers rows:
     a KD step costs what a hard-label step does, plus the soft cross-entropy.
@@ -117,7 +129,8 @@ def training_view(memory: Mapping[str, Tensor], loss: str, temperature: float, a
         view["label"] = memory["label"]
     parts = [{k: v[a : a + chunk] for k, v in memory.items()} for a in range(0, len(memory["x"]), chunk)]
     if loss in ("kd", "topk"):
-        view["teacher_logp"] = torch.cat([batch_log_probs(p, temperature, plan, weights) for p in parts])
+        view["teacher_logp"] = torch.cat([batch_log_probs(p, temperature, plan, weights, standardize)
+                                          for p in parts])
     elif loss == "mse":
         view["mse_target"] = torch.cat([mse_target(p, weights) for p in parts])
     return view

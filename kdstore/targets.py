@@ -279,3 +279,34 @@ def topk_fidelity(
         diff = torch.where(p > 0, exact - torch.log_softmax(rebuilt / t, dim=1), torch.zeros_like(p))
         out[float(t)] = (p * diff).sum(dim=1).clamp(min=0.0)
     return out
+
+
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each row of logits z-scored (Sun et al. 2024, "Logit Standardization in Knowledge Distillation", CVPR).
+
+    ``Z(z) = (z - mean(z)) / (std(z) + eps)`` per row, with the population SD ``sqrt(mean((z - mean)^2))`` of the
+    paper's equation (the authors' code divides by the unbiased SD, which is the same as using this one at
+    temperature ``T * sqrt(C / (C - 1))``). Softmax is shift-invariant, so the z-score only removes the row's
+    scale: a teacher whose logits span hundreds and one whose logits span a few units give the same targets if
+    they rank and space the classes alike. ``-inf`` entries (the ``"drop"`` top-k tail) stay ``-inf`` and the mean
+    and SD are taken over the finite entries; a row with one finite entry (or all equal) becomes 0 there.
+
+    Args:
+        logits: (N, C) logits, any float dtype; may carry gradients (the student's).
+        eps: added to the SD (a constant row maps to zeros, not NaN).
+
+    Returns:
+        float32 (N, C) standardised logits (float64 stays float64).
+    """
+    if logits.ndim != 2:
+        raise ShapeMismatchError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    finite = torch.isfinite(z)
+    # Zero the -inf entries before any arithmetic, so no inf (or inf * 0 in the backward pass) appears.
+    zf = torch.where(finite, z, torch.zeros_like(z))
+    n = finite.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = zf.sum(dim=1, keepdim=True) / n
+    d = torch.where(finite, zf - mean, torch.zeros_like(z))
+    # clamp: d sqrt(v) / dv is infinite at v = 0, and a constant student row must not turn its gradient into NaN
+    std = (d.pow(2).sum(dim=1, keepdim=True) / n).clamp(min=1e-24).sqrt()
+    return torch.where(finite, d / (std + eps), torch.full_like(z, float("-inf")))

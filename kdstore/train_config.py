@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, NamedTuple
 
 from kdstore.errors import ConfigError, arg
 from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 from kdstore.rundir import run_id
 
+NO_TEMPERATURE = ("hard", "ls", "mse")  # losses without T or alpha: one run per seed (and per standardize, mse)
+SOFT = ("kd", "topk", "mse")  # losses that read teacher logits, so standardising them means something
+
 
 class SweepPoint(NamedTuple):
-    """One student to train: its temperature, soft-term weight and seed."""
+    """One student to train: its temperature, soft-term weight, seed, loss and whether logits are standardised."""
 
     temperature: float
     alpha: float
     seed: int
+    loss: str = "kd"
+    standardize: bool = False
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,8 @@ class TrainConfig:
     targets: str
     student: str
     out: str
-    loss: str = "kd"
+    losses: tuple[str, ...] = ("kd",)
+    standardize: tuple[bool, ...] = (False,)
     temperatures: tuple[float, ...] = (4.0,)
     alphas: tuple[float, ...] = (0.9,)
     epochs: int = 10
@@ -52,11 +58,19 @@ class TrainConfig:
     data_mode: str = "auto"
     num_workers: int = 0
     memory_limit_gb: float = 4.0
+    val: str | None = None
+    val_fraction: float | None = None
+    val_seed: int = 0
 
     def __post_init__(self) -> None:
-        e = []
-        if self.loss not in LOSSES:
-            e.append(f"{arg('loss')} {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if isinstance(self.losses, str):  # TrainConfig(losses="kd"): one loss
+            object.__setattr__(self, "losses", (self.losses,))
+        e = [f"{arg('losses')} {x!r}: expected one of {', '.join(LOSSES)}" for x in self.losses if x not in LOSSES]
+        e += _once("losses", self.losses) + _once("standardize", self.standardize)
+        if True in self.standardize and not set(self.losses) & set(SOFT):
+            e.append(f"{arg('standardize')}: {arg('losses')} {','.join(self.losses)} reads no teacher logits, so "
+                     f"there is nothing to standardise; use it with {arg('losses')} kd, topk or mse")
+        e += self._check_val()
         e += [f"{arg('temperatures')} {t}: must be > 0" for t in self.temperatures if not (t > 0 and math.isfinite(t))]
         e += [f"{arg('alphas')} {a}: must be in [0, 1]" for a in self.alphas if not 0 <= a <= 1]
         if not self.temperatures or not self.alphas:
@@ -95,14 +109,55 @@ class TrainConfig:
         if e:
             raise ConfigError("; ".join(e))
 
+    def _check_val(self) -> list[str]:
+        e = []
+        if self.val is not None and self.val_fraction is not None:
+            e.append(f"{arg('val')} and {arg('val_fraction')} both choose the validation set; give one of them")
+        if self.val is not None and not self.val:
+            e.append(f"{arg('val')}: empty path; give a labeled file like the transfer set")
+        f = self.val_fraction
+        if f is not None and not (0 < f < 1):
+            e.append(f"{arg('val_fraction')} {f}: must be in (0, 1), e.g. 0.1 holds out 10% of the transfer set")
+        if self.val_seed < 0:
+            e.append(f"{arg('val_seed')} {self.val_seed}: must be >= 0")
+        return e
+
     def sweep(self) -> list[SweepPoint]:
-        """Every (T, alpha, seed) to train, seeds innermost; losses without T or alpha get one run per seed."""
-        if self.loss in ("hard", "ls", "mse"):
-            pairs = [(1.0, 0.0 if self.loss != "mse" else 1.0)]
-        else:
-            pairs = [(t, a) for t in self.temperatures for a in self.alphas]
-        return [SweepPoint(t, a, s) for t, a in pairs for s in self.seeds]
+        """Every (loss, standardize, T, alpha, seed) to train, seeds innermost. Losses without T or alpha get one
+        run per seed; hard and ls are never standardised (they read no logits)."""
+        points = []
+        for loss in self.losses:
+            for std in (self.standardize if loss in SOFT else (False,)):
+                if loss in NO_TEMPERATURE:
+                    pairs = [(1.0, 0.0 if loss != "mse" else 1.0)]
+                else:
+                    pairs = [(t, a) for t in self.temperatures for a in self.alphas]
+                points += [SweepPoint(t, a, s, loss, std) for t, a in pairs for s in self.seeds]
+        return points
 
     def run_id(self, point: SweepPoint) -> str:
         """The point's directory under RUN/runs; the seed is part of it only when several are swept."""
-        return run_id(self.loss, point.temperature, point.alpha, point.seed if len(self.seeds) > 1 else None)
+        return run_id(point.loss, point.temperature, point.alpha, point.seed if len(self.seeds) > 1 else None,
+                      point.standardize)
+
+    @classmethod
+    def upgrade_record(cls, old: dict[str, Any]) -> dict[str, Any]:
+        """The options of a run directory's config.json in today's fields: runs started before `loss` became a
+        list (`losses`) and before options added since (`standardize`, the validation set) ran with one loss and
+        those options' defaults, so `--resume` accepts them unchanged."""
+        new = dict(old)
+        if "loss" in new and "losses" not in new:
+            new["losses"] = [new.pop("loss")]
+        for f in fields(cls):
+            if f.name not in new and f.default is not MISSING:
+                new[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+        return new
+
+
+def _once(name: str, values: tuple[Any, ...]) -> list[str]:
+    """Errors for an empty list or a repeated value of option `name`."""
+    if not values:
+        return [f"{arg(name)} needs at least one value"]
+    if len(set(values)) != len(values):
+        return [f"{arg(name)} {','.join(map(str, values))}: a value is repeated; give each once"]
+    return []

@@ -1,11 +1,13 @@
 """`kdstore train`: a teacher-free trainer. One plain loop; the teacher never runs here.
 
-For each sweep point (temperature, alpha, seed): build the student, then per epoch
+For each sweep point (loss, standardize, temperature, alpha, seed): build the student, then per epoch
     batch -> teacher targets at T (precomputed in memory, or from stored logits / top-k) -> student -> loss ->
     backward -> step,
-evaluate, log a line to metrics.jsonl, checkpoint. What the run reads is `kdstore.plan`'s decision, soft targets
-are `kdstore.soft_targets`', batches `kdstore.data`'s, and the files a run leaves behind (config, metrics,
-checkpoints, students, summary, and how --resume picks them up) `kdstore.rundir`'s.
+evaluate, log a line to metrics.jsonl, checkpoint; at the end measure the validation error (rows of the transfer
+set held out by `--val-fraction`, or a `--val` file), which picks the best point without the test set. What the
+run reads is `kdstore.plan`'s decision, soft targets are `kdstore.soft_targets`', batches `kdstore.data`'s, and
+the files a run leaves behind (config, metrics, checkpoints, students, summary, and how --resume picks them up)
+`kdstore.rundir`'s.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from kdstore import distributed, ensemble, losses, soft_targets
-from kdstore.data import memory_batches, open_training_data
+from kdstore.data import check_holdout, memory_batches, open_training_data, split_memory
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import TrainingDiverged, arg
-from kdstore.evaluation import EvalResult, agreement_counts, evaluate, load_eval_set
+from kdstore.evaluation import EvalResult, agreement_counts, evaluate, evaluate_batches, load_eval_set
 from kdstore.plan import plan_targets
-from kdstore.rundir import RunDir, RunResult, over_seeds
+from kdstore.rundir import RunDir, RunResult, best_by_validation, over_seeds
 from kdstore.store import open_version
 from kdstore.store.remote import resolve_any
 from kdstore.students import build_student, count_parameters
@@ -50,35 +52,44 @@ class Trainer:
         self.dist, self.device = distributed.init(resolve_device(config.device))
         self.precision = resolve_precision(config.precision, self.device)
         version = open_version(resolve_any(config.targets))
-        self.plan = plan_targets(version.manifest, loss=config.loss, alphas=[p.alpha for p in config.sweep()],
-                                 top_k=config.top_k, tail=config.tail, ensemble=config.ensemble,
-                                 where=str(version.ref))
+        self.plans = {loss: plan_targets(version.manifest, loss=loss, top_k=config.top_k, tail=config.tail,
+                                         alphas=[p.alpha for p in config.sweep() if p.loss == loss],
+                                         ensemble=config.ensemble, where=str(version.ref))
+                      for loss in config.losses}
+        self.plan = self.plans[config.losses[0]]  # the teachers, and how agreement with them is measured
         self.weights = ensemble.normalise_weights(config.teacher_weights or None, len(self.plan.teachers))
-        self.data = open_training_data(version, need=sorted(self.plan.need), teachers=self.plan.teachers,
+        self.holdout = check_holdout(version, config.val_fraction, config.val_seed)
+        need = set().union(*(p.need for p in self.plans.values())) | ({"label"} if self.holdout else set())
+        self.data = open_training_data(version, need=sorted(need), teachers=self.plan.teachers,
                                        transfer=config.transfer)
         self.num_classes = self.data.num_classes
         self.input_shape = tuple(version.manifest["transfer_set"]["inputs"]["shape"])
         self.eval_set = None if not config.eval else load_eval_set(
             config.eval, input_columns=config.eval_input_columns, label_column=config.eval_label_column,
             input_shape=self.input_shape, num_classes=self.num_classes)
+        self.val_set = None if not config.val else self._val_file(version.manifest, config.val)
+        self.train_rows = self.data.num_rows - (self.holdout.rows if self.holdout else 0)
         self._build_student()  # fail on a bad --student now, before --out is created
         mode = config.data_mode
         if mode == "auto":
             mode = "memory" if self.data.input_bytes_estimate() < config.memory_limit_gb * 2**30 else "stream"
         self.mode = mode
-        self._view: tuple[tuple[float, float], Batch] | None = None  # see _view_for
+        self._view: tuple[tuple[str, bool, float, float], Batch] | None = None  # see _view_for
+        self._val_memory: Batch | None = None  # the held-out rows, in memory mode
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self, progress: Progress | None = None, resume: bool = False) -> list[RunResult]:
         """Train every sweep point; write outputs under `out`. Returns one RunResult per point."""
         self._prepare_out(resume)
         memory = self.data.to_memory(self.device) if self.mode == "memory" else None
+        if memory is not None and self.holdout is not None:
+            memory, self._val_memory = split_memory(memory, self.holdout)
         results = []
         for point in self.cfg.sweep():
             results.append(self._train_point(point, memory, progress))
             if self.dist.is_main:
                 self.rundir.write_summary(_summary(self.cfg, self.data.version.ref, self.data.version.manifest,
-                                                   results))
+                                                   results, self.validation_info()))
         return results
 
     def _train_point(self, point: SweepPoint, memory: Batch | None, progress: Progress | None) -> RunResult:
@@ -110,7 +121,7 @@ class Trainer:
         """One pass over the data; returns the mean training loss over every rank's rows."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         rows, world = 0, self.dist.world_size
-        steps = math.ceil(self.data.num_rows / self.cfg.batch_size)
+        steps = math.ceil(self.train_rows / self.cfg.batch_size)
         with _join(net, self.dist.active and view is None):
             for step, (batch, n_global) in enumerate(self._batches(view, epoch, point.seed)):
                 for group in opt.param_groups:
@@ -119,7 +130,7 @@ class Trainer:
                 if n_local:
                     with autocast(self.device, self.precision):
                         out = net(batch["x"])
-                    loss = self.loss(out, batch, point.temperature, point.alpha)
+                    loss = self.loss(out, batch, point)
                 else:  # a rank with no rows in the last global batch still joins the gradient all-reduce
                     loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
                 # DDP averages gradients over ranks; weighting by n_local / n_global * world makes the update the
@@ -138,30 +149,31 @@ class Trainer:
             raise TrainingDiverged(self._diverged(rid, f"the loss became {train_loss} in epoch {epoch + 1}"))
         return train_loss
 
-    def loss(self, student_logits: Tensor, batch: Batch, temperature: float, alpha: float) -> Tensor:
-        """The run's loss on one batch (a precomputed view's targets, or stored targets softened here)."""
-        c = self.cfg
-        if c.loss == "hard":
+    def loss(self, student_logits: Tensor, batch: Batch, point: SweepPoint) -> Tensor:
+        """The point's loss on one batch (a precomputed view's targets, or stored targets softened here)."""
+        c, std, t, alpha = self.cfg, point.standardize, point.temperature, point.alpha
+        if point.loss == "hard":
             return losses.hard_loss(student_logits, batch["label"])
-        if c.loss == "ls":
+        if point.loss == "ls":
             return losses.label_smoothing_loss(student_logits, batch["label"], smoothing=c.smoothing)
-        if c.loss == "mse":
+        if point.loss == "mse":
             target = batch["mse_target"] if "mse_target" in batch else soft_targets.mse_target(batch, self.weights)
-            return losses.mse_logit_loss(student_logits, target, zero_mean=c.zero_mean)
+            return losses.mse_logit_loss(student_logits, target, zero_mean=c.zero_mean, standardize=std)
         logp = (batch["teacher_logp"] if "teacher_logp" in batch
-                else soft_targets.batch_log_probs(batch, temperature, self.plan, self.weights))
+                else soft_targets.batch_log_probs(batch, t, self.plans[point.loss], self.weights, std))
         return losses.kd_loss(student_logits, logp, batch.get("label") if alpha < 1 else None,
-                              temperature=temperature, alpha=alpha)
+                              temperature=t, alpha=alpha, standardize=std)
 
     # -- data ------------------------------------------------------------------------------------------------------
     def _batches(self, memory: Batch | None, epoch: int, seed: int) -> Iterator[tuple[Batch, int]]:
-        """(this rank's batch, rows in the global batch): in-memory index selections, or streamed from disk."""
+        """(this rank's batch, rows in the global batch): in-memory index selections, or streamed from disk (the
+        held-out validation rows left out either way)."""
         bs, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world_size
         if memory is not None:
             yield from memory_batches(memory, bs, seed=seed, epoch=epoch, rank=rank, world_size=world)
             return
         # Streaming: each rank reads a disjoint set of row groups (uneven counts are handled with DDP's join).
-        ds = self.data.stream(max(1, bs // world), seed=seed, rank=rank, world_size=world)
+        ds = self.data.stream(max(1, bs // world), seed=seed, rank=rank, world_size=world, holdout=self.holdout)
         ds.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                              pin_memory=self.device.type == "cuda")
@@ -169,13 +181,13 @@ class Trainer:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, len(batch["x"]) * world
 
     def _view_for(self, memory: Batch, point: SweepPoint) -> Batch:
-        """The in-memory training view of (T, alpha), kept for the next point: the seeds of a point come one after
-        another and share it, so a seed sweep computes the teacher's soft targets once per (T, alpha)."""
-        key = (point.temperature, point.alpha)
+        """The in-memory training view of a point, kept for the next: the seeds of a point come one after another
+        and share it, so a seed sweep computes the teacher's soft targets once per (loss, standardize, T, alpha)."""
+        key = (point.loss, point.standardize, point.temperature, point.alpha)
         if self._view is None or self._view[0] != key:
             self._view = None  # free the previous view before building the next
-            view = soft_targets.training_view(memory, self.cfg.loss, point.temperature, point.alpha, self.plan,
-                                              self.weights)
+            view = soft_targets.training_view(memory, point.loss, point.temperature, point.alpha,
+                                              self.plans[point.loss], self.weights, standardize=point.standardize)
             self._view = (key, view)
         return self._view[1]
 
@@ -209,6 +221,34 @@ class Trainer:
         """(accuracy, errors, mean NLL) on the --eval set, or None without one."""
         return None if self.eval_set is None else evaluate(model, *self.eval_set, self.device, self.precision)
 
+    def validate(self, model: nn.Module) -> EvalResult | None:
+        """(accuracy, errors, mean NLL) on the validation set (--val, or the rows --val-fraction held out), or None
+        without one. This, not --eval, is what chooses the best sweep point."""
+        if self.val_set is not None:
+            return evaluate(model, *self.val_set, self.device, self.precision)
+        if self.holdout is None:
+            return None
+        if self._val_memory is not None:
+            return evaluate(model, self._val_memory["x"], self._val_memory["label"], self.device, self.precision)
+        stream = self.data.stream(4096, shuffle=False, holdout=self.holdout, part="val")
+        return evaluate_batches(model, ((b["x"], b["label"]) for b in stream), self.device, self.precision)
+
+    def _val_file(self, manifest: dict[str, Any], path: str) -> tuple[Tensor, Tensor]:
+        """A --val file, read with the transfer set's input columns and its label column (or label / y)."""
+        label = manifest["transfer_set"]["label_column"]
+        return load_eval_set(path, input_columns=_stored_inputs(manifest), argument="val",
+                             label_column=None if label in (None, "label", "y") else label,
+                             input_shape=self.input_shape, num_classes=self.num_classes)
+
+    def validation_info(self) -> dict[str, Any] | None:
+        """Where the validation rows come from and how many there are (summary.json), or None."""
+        if self.val_set is not None:
+            return {"source": self.cfg.val, "rows": len(self.val_set[1])}
+        if self.holdout is None:
+            return None
+        return {"source": "held out of the transfer set (a hash of sample_id)", "fraction": self.holdout.fraction,
+                "seed": self.holdout.seed, "rows": self.holdout.rows, "train_rows": self.train_rows}
+
     def agreement(self, model: nn.Module, memory: Batch | None) -> float:
         """Fraction of transfer rows where the student's argmax equals the (ensembled) teacher's."""
         batches = (b for b, _ in self._batches(memory, 0, self.cfg.seeds[0]))  # the order does not matter here
@@ -223,13 +263,15 @@ class Trainer:
 
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, memory: Batch | None, seconds: float,
                 epoch_seconds: list[float]) -> RunResult:
-        ev = self.evaluate(model)
-        if ev and not math.isfinite(ev.nll):
+        ev, val = self.evaluate(model), self.validate(model)
+        if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
-        result = RunResult(rid, self.cfg.loss, point.temperature, point.alpha, self.cfg.epochs,
+        result = RunResult(rid, point.loss, point.temperature, point.alpha, self.cfg.epochs,
                            ev.accuracy if ev else None, ev.errors if ev else None, ev.nll if ev else None,
                            self.agreement(model, memory), seconds, epoch_seconds,
-                           {"parameters": count_parameters(model), "world_size": self.dist.world_size}, point.seed)
+                           {"parameters": count_parameters(model), "world_size": self.dist.world_size}, point.seed,
+                           point.standardize, val.accuracy if val else None, val.errors if val else None,
+                           val.nll if val else None)
         if self.dist.is_main:
             info = _student_info(self.cfg, self.num_classes, str(self.data.version.ref), result)
             self.rundir.finish(rid, model.state_dict(), info, result)
@@ -243,13 +285,21 @@ class Trainer:
     def _prepare_out(self, resume: bool) -> None:
         try:
             if self.dist.is_main:
+                sources = sorted({p.source for p in self.plans.values()})
                 self.rundir.prepare({"config": json.loads(json.dumps(asdict(self.cfg))),
                                      "targets": str(self.data.version.ref), "mode": self.mode,
                                      "device": str(self.device), "precision": self.precision,
-                                     "source": self.plan.source, "torch_version": torch.__version__}, resume)
+                                     "source": ", ".join(sources), "validation": self.validation_info(),
+                                     "torch_version": torch.__version__}, resume, TrainConfig.upgrade_record)
         finally:
             self.dist.barrier()
 
+
+
+def _stored_inputs(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The transfer set's input columns as recorded (none for a bare array), for reading a --val file alike."""
+    cols = manifest["transfer_set"]["inputs"]["columns"]
+    return () if cols == ["<array>"] else tuple(cols)
 
 
 def _lr_at(c: TrainConfig, epoch: int, step: int, steps: int) -> float:
@@ -262,19 +312,24 @@ def _lr_at(c: TrainConfig, epoch: int, step: int, steps: int) -> float:
 
 def _student_info(c: TrainConfig, num_classes: int, targets: str, result: RunResult) -> dict[str, Any]:
     """student.json: what the student is and how to load it."""
-    return {"student": c.student, "num_classes": num_classes, "loss": c.loss, "temperature": result.temperature,
-            "alpha": result.alpha, "seed": result.seed, "targets": targets,
+    return {"student": c.student, "num_classes": num_classes, "loss": result.loss, "standardize": result.standardize,
+            "temperature": result.temperature, "alpha": result.alpha, "seed": result.seed, "targets": targets,
             "load": f"kdstore.students.build_model({c.student!r}).load_state_dict("
                     "safetensors.torch.load_file('student.safetensors'))"}
 
 
-def _summary(c: TrainConfig, ref: object, manifest: dict[str, Any], results: list[RunResult]) -> dict[str, Any]:
-    """summary.json: the teacher's statistics and every finished point (with mean and SD over seeds)."""
+def _summary(c: TrainConfig, ref: object, manifest: dict[str, Any], results: list[RunResult],
+             validation: dict[str, Any] | None) -> dict[str, Any]:
+    """summary.json: the teacher's statistics, every finished point (with mean and SD over seeds), the validation
+    set and the best point by validation error."""
     stats = manifest["statistics"]
     summary = {"targets": str(ref), "student": c.student, "teacher": stats["teachers"],
                "ensemble": stats.get("ensemble"), "runs": [asdict(r) for r in results]}
     if len(c.seeds) > 1:
         summary["over_seeds"] = over_seeds(results)
+    if validation is not None:
+        summary["validation"] = validation
+        summary["best_by_validation"] = best_by_validation(results)
     return summary
 
 

@@ -140,7 +140,7 @@ def test_munge_encode_label_train(tmp_path: Path) -> None:
     accs = {}
     for name, target, loss, alpha in [("a", "orig", "hard", 0.9), ("b", "orig", "kd", 0.5), ("c", "munge", "kd", 1.0)]:
         tc = TrainConfig(targets=str(store / target), student=f"mlp:{enc.dim}-4-2", out=str(tmp_path / f"run-{name}"),
-                         loss=loss, temperatures=(2.0,), alphas=(alpha,), epochs=2, batch_size=32, lr=1e-2,
+                         losses=loss, temperatures=(2.0,), alphas=(alpha,), epochs=2, batch_size=32, lr=1e-2,
                          device="cpu", eval=str(tmp_path / "test.parquet"), ensemble="mean-prob")
         r = Trainer(tc).run()[0]
         assert r.eval_accuracy is not None and 0 <= r.eval_accuracy <= 1

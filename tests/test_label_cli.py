@@ -46,7 +46,8 @@ def test_label_prints_path_and_summary(data: Data, store: Path) -> None:
     m = Version(path).manifest
     acc = m["statistics"]["teachers"]["t0"]["accuracy"]
     assert lines[1].startswith(f"  t0: accuracy {acc:.4f}, mean entropy ") and "top-k KL@T=1/4/20: " in lines[1]
-    assert len(lines) == 2
+    assert lines[2].startswith("soft targets of t0 per temperature (100 sampled rows")  # then the advice
+    assert lines[-1].startswith(f"  try: kdstore train --targets {store / 'ds'}@v1 --student SPEC --loss hard,kd")
     r2 = cli(label_args(data.teacher_pt, data.parquet, store, "ds", "--format", "hdf5", "--logits-dtype", "bfloat16"))
     assert r2.exit_code == 0 and f"wrote {store / 'ds' / 'v2'}" in r2.output
     assert Version(store / "ds").fmt == "hdf5"

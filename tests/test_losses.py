@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kdstore import losses
 from kdstore.errors import ShapeMismatchError
-from kdstore.targets import log_soft_targets, logsumexp, top_k
+from kdstore.targets import log_soft_targets, logsumexp, standardize, top_k
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 NEG_INF = float("-inf")
@@ -409,3 +409,105 @@ def test_all_losses_on_device(device: str) -> None:
         assert torch.isfinite(out), name
     assert outs["kd"].item() == pytest.approx(want_kd, rel=1e-5)
     assert outs["hard"].item() == pytest.approx(np_hard_ce(sn, yn), rel=1e-5)
+
+
+# --- logit standardisation (Sun et al. 2024) ---------------------------------------------------------------------
+
+
+def test_standardize_golden() -> None:
+    # (1, 2, 3): mean 2, population SD sqrt(2/3) -> (-sqrt(3/2), 0, sqrt(3/2)).
+    # (300, 200, 100) likewise, reversed; a constant row becomes zeros, not NaN.
+    a = math.sqrt(1.5)
+    got = standardize(torch.tensor([[1.0, 2.0, 3.0], [300.0, 200.0, 100.0], [5.0, 5.0, 5.0]]))
+    torch.testing.assert_close(got, torch.tensor([[-a, 0.0, a], [a, 0.0, -a], [0.0, 0.0, 0.0]]))
+    # (0, 0, 4, 0): mean 1, deviations (-1, -1, 3, -1), variance 3 -> (-1/sqrt3, -1/sqrt3, sqrt3, -1/sqrt3).
+    r3 = math.sqrt(3.0)
+    torch.testing.assert_close(standardize(torch.tensor([[0.0, 0.0, 4.0, 0.0]])),
+                               torch.tensor([[-1 / r3, -1 / r3, r3, -1 / r3]]))
+    # -inf (the drop tail) stays -inf; the mean and SD are those of the finite entries (2, 0): (1, -1).
+    got = standardize(torch.tensor([[2.0, 0.0, NEG_INF]]))
+    assert got[0, :2].tolist() == pytest.approx([1.0, -1.0]) and got[0, 2].item() == NEG_INF
+    # Only the scale and shift of a row are removed.
+    z = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(standardize(37.0 * z - 5.0), standardize(z))
+
+
+def test_standardize_gradient_is_finite_on_constant_rows_and_drop_tails() -> None:
+    s = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 2.0]], requires_grad=True)
+    standardize(s).pow(2).sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+    t = torch.tensor([[3.0, 1.0, NEG_INF]], requires_grad=True)
+    standardize(t)[:, :2].sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+def test_standardized_kd_golden() -> None:
+    # Teacher (100, 200, 300) and student (1, 2, 3) both standardise to (-a, 0, a), a = sqrt(3/2); at T = 1 the
+    # soft cross-entropy is then the entropy of softmax(-a, 0, a):
+    #   H = log(1 + 2 cosh a) - 2 a sinh(a) / (1 + 2 cosh a) = 0.7872...
+    a = math.sqrt(1.5)
+    want = math.log(1 + 2 * math.cosh(a)) - 2 * a * math.sinh(a) / (1 + 2 * math.cosh(a))
+    s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[100.0, 200.0, 300.0]])
+    log_p = log_soft_targets(standardize(t), 1.0)
+    assert losses.kd_loss(s, log_p, temperature=1.0, alpha=1.0, standardize=True).item() == pytest.approx(want)
+    # Without standardisation the teacher is one-hot on class 2: CE = -log softmax(1, 2, 3)[2] = log(1 + e^-1 + e^-2).
+    plain = losses.kd_loss(s, log_soft_targets(t, 1.0), temperature=1.0, alpha=1.0).item()
+    assert plain == pytest.approx(math.log(1 + math.exp(-1) + math.exp(-2)), rel=1e-5)
+    # At T = 2 both sides are (-a/2, 0, a/2); T^2 = 4 scales the soft term; the hard term keeps raw logits.
+    want2 = math.log(1 + 2 * math.cosh(a / 2)) - a * math.sinh(a / 2) / (1 + 2 * math.cosh(a / 2))
+    got2 = losses.kd_loss(s, log_soft_targets(standardize(t), 2.0), torch.tensor([2]), temperature=2.0, alpha=0.5,
+                          standardize=True)
+    assert got2.item() == pytest.approx(0.5 * 4 * want2 + 0.5 * math.log(1 + math.exp(-1) + math.exp(-2)), rel=1e-5)
+
+
+def test_standardized_kd_ignores_the_teachers_logit_scale() -> None:
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+
+    def loss(scale: float) -> float:
+        log_p = log_soft_targets(standardize(scale * t), 2.0)
+        return losses.kd_loss(s, log_p, y, temperature=2.0, alpha=0.9, standardize=True).item()
+
+    assert loss(1.0) == pytest.approx(loss(60.0), rel=1e-5)
+
+
+def test_standardized_topk_golden_uniform_and_drop() -> None:
+    # Full logits (3, 1, 0, 0), top-2 stored: the uniform tail rebuilds the two 0s exactly (the leftover mass 2 /
+    # (e^3 + e + 2) split in two gives logit 0), so standardised top-k KD equals standardised full KD.
+    z = torch.tensor([[3.0, 1.0, 0.0, 0.0]])
+    v, i = top_k(z, 2)
+    s = torch.tensor([[1.0, -1.0, 0.0, 0.0]])
+    full = losses.kd_loss(s, log_soft_targets(standardize(z), 1.0), temperature=1.0, alpha=1.0, standardize=True)
+    uni = losses.topk_kd_loss(s, v, i, logsumexp(z), temperature=1.0, alpha=1.0, tail="uniform", standardize=True)
+    assert uni.item() == pytest.approx(full.item(), rel=1e-6)
+    # Drop tail: the teacher is z-scored over its 2 stored logits, (3, 1) -> (1, -1), so p = (e, e^-1) / (2 cosh 1)
+    # on classes 0 and 1. The student (1, -1, 0, 0) z-scores to (r2, -r2, 0, 0), r2 = sqrt 2, so
+    #   CE = log(2 + 2 cosh r2) - r2 * (p0 - p1) = log(2 + 2 cosh r2) - r2 * tanh(1).
+    r2 = math.sqrt(2.0)
+    want = math.log(2 + 2 * math.cosh(r2)) - r2 * math.tanh(1.0)
+    drop = losses.topk_kd_loss(s, v, i, logsumexp(z), temperature=1.0, alpha=1.0, tail="drop", standardize=True)
+    assert drop.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_standardized_mse_golden() -> None:
+    # Z(1, 2, 3) = (-a, 0, a) and Z(300, 200, 100) = (a, 0, -a): 0.5 * ((2a)^2 + (2a)^2) = 4 a^2 = 6.
+    s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[300.0, 200.0, 100.0]])
+    assert losses.mse_logit_loss(s, t, standardize=True).item() == pytest.approx(6.0, rel=1e-6)
+    assert losses.mse_logit_loss(s, 0.01 * t, standardize=True).item() == pytest.approx(6.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_standardized_losses_on_device(device: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 6, generator=g).to(device).requires_grad_()
+    t = (40 * torch.randn(4, 6, generator=g)).to(device)
+    y = torch.randint(0, 6, (4,), generator=g).to(device)
+    v, i = top_k(t, 3)
+    parts = [losses.kd_loss(s, log_soft_targets(standardize(t), 2.0), y, temperature=2.0, alpha=0.9,
+                            standardize=True),
+             losses.topk_kd_loss(s, v, i, logsumexp(t), y, temperature=2.0, alpha=0.9, standardize=True),
+             losses.mse_logit_loss(s, t, standardize=True)]
+    sum(parts).backward()  # type: ignore[union-attr]
+    assert all(p.device.type == device and torch.isfinite(p) for p in parts)
+    assert s.grad is not None and torch.isfinite(s.grad).all()

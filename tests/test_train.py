@@ -149,7 +149,7 @@ def test_kd_from_topk_only_store_uses_rebuilt_targets(stores: dict[str, Path]) -
     from kdstore.targets import log_soft_targets_topk
     from kdstore.training import TrainConfig
 
-    t = Trainer(TrainConfig(targets=str(stores["nolog"]), student=STUDENT, out="unused", loss="kd", device="cpu"))
+    t = Trainer(TrainConfig(targets=str(stores["nolog"]), student=STUDENT, out="unused", losses="kd", device="cpu"))
     batch = t.data.to_memory()
     got = soft_targets.batch_log_probs(batch, 2.0, t.plan, t.weights)
     v, i, lse, t = batch["topk_values"][:, 0], batch["topk_indices"][:, 0], batch["lse"][:, 0], batch["tail"][:, 0]
