@@ -88,7 +88,9 @@ def bench_bytes(tmp: Path, rows_for: dict[int, int]) -> list[dict[str, object]]:
 
 
 _CHILD = textwrap.dedent("""
-    import json, resource, sys, time, torch
+    def peak_kb():  # VmHWM: this process's own peak; ru_maxrss would count the parent's pages at fork time
+        return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+    import json, sys, time, torch
     mode, teacher, transfer, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
     if mode == "pure":
         from kdstore.teachers import load_teacher
@@ -105,7 +107,7 @@ _CHILD = textwrap.dedent("""
         r = label(LabelConfig(teachers=(teacher,), transfer=transfer, out=out, name="wide", top_k=64,
                               keep_logits=False, batch_size=batch, device="cpu"))
         seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_kb() / 1024}))
 """)
 
 
