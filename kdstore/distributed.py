@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,10 @@ class DistContext:
 
 def _shutdown() -> None:
     if dist.is_initialized():
+        # Meet the other ranks first: a rank whose peers have already torn their gloo sockets down can abort in
+        # its own teardown (SIGABRT, "terminate called without an active exception"), seen under load.
+        with contextlib.suppress(Exception):
+            dist.barrier()
         dist.destroy_process_group()
 
 
