@@ -54,6 +54,10 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
 @click.option("--val", "val", metavar="PATH",
               help="Or: a labeled validation file with the transfer set's columns (train on every transfer row).")
 @click.option("--val-seed", type=int, default=0, show_default=True, help="Which rows --val-fraction holds out.")
+@click.option("--augment", metavar="SPEC",
+              help="Fresh augmented views every epoch, for hard-label losses (e.g. shift:2 or crop:0.35-1,flip): "
+                   "the baseline beside students distilled from views a version stores (label --views N --augment "
+                   "SPEC), whose views train replays without this option.")
 @click.option("--transfer", metavar="PATH", help="The transfer set, if it moved since labeling (fingerprint-checked).")
 @click.option("--top-k", type=int, default=None, help="For --loss topk: use the K largest (<= stored k).")
 @click.option("--tail", type=click.Choice(TAIL_MODELS), default=None,
@@ -76,7 +80,8 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
           temperatures: tuple[float, ...], alphas: tuple[float, ...], epochs: int, batch_size: int, lr: float,
           optimizer: str, momentum: float, weight_decay: float, schedule: str, seeds: tuple[int, ...], device: str,
           precision: str, eval_path: str | None, eval_input_columns: tuple[str, ...], eval_label_column: str | None,
-          val_fraction: float | None, val: str | None, val_seed: int, transfer: str | None, top_k: int | None,
+          val_fraction: float | None, val: str | None, val_seed: int, augment: str | None, transfer: str | None,
+          top_k: int | None,
           tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None, smoothing: float,
           zero_mean: bool, data_mode: str, num_workers: int, out: str, resume: bool, quiet: bool) -> None:
     """Train students on stored teacher targets: no teacher runs, so a temperature sweep costs one
@@ -96,6 +101,13 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
       kdstore train --targets ./targets/mnist-t1200 --student mlp:784-300-300-10 --loss hard,kd \\
           --standardize on -T 0.5,1,2 --alpha 1 --val-fraction 0.1 --seed 0,1,2 --eval test.parquet --out runs/check
 
+    \b
+    Augmentation: a version labeled with --views N --augment SPEC replays one stored view per row each epoch
+    (its parameters applied to the input, its targets as the soft labels); the hard-label baseline with the
+    same augmentation draws fresh views:
+      kdstore train --targets ./targets/mnist-views --student mlp:784-800-800-10 --loss kd -T 5 --alpha 1 ...
+      kdstore train --targets ./targets/mnist --student mlp:784-800-800-10 --loss hard --augment shift:2 ...
+
     Writes RUN/config.json, RUN/metrics.jsonl (per epoch), RUN/summary.json, RUN/runs/<id>/student.safetensors
     and, for sweeps, RUN/sweep.png; prints one results table.
     """
@@ -110,7 +122,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
         eval=eval_path, eval_input_columns=eval_input_columns, eval_label_column=eval_label_column,
         transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble, teacher_weights=teacher_weights or (),
         smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers, val=val,
-        val_fraction=val_fraction, val_seed=val_seed,
+        val_fraction=val_fraction, val_seed=val_seed, augment=augment,
     )
     trainer = Trainer(cfg)
     quiet = quiet or not trainer.dist.is_main  # under torchrun, rank 0 alone reports

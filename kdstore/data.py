@@ -17,6 +17,12 @@ a sample, and opens files lazily inside each worker. `TrainingData.to_memory` is
 A `Holdout` sets rows aside for validation by a hash of their `sample_id`, so the in-memory path
 (`split_memory`) and the streamed one (``stream(..., holdout=h)`` for training rows, ``part="val"`` for the
 held-out ones) hold out the same rows, whatever the batch size, order or sweep point.
+
+A version labeled with views (``--views N``) has N rows per transfer-set sample, sample-major; its inputs stay one
+per sample. Given a `kdstore.replay.Replay`, both paths draw one stored view per sample each epoch, gather that
+view's row and apply its parameters to the sample's input (or, for a version without views, fresh parameters);
+without one they serve each sample once, unaugmented, with its first view's row (validation reads them so).
+An epoch is one pass over the samples either way.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from kdstore.counters import uniforms
 from kdstore.errors import ConfigError, InputError, arg
 from kdstore.plan import describe_need
+from kdstore.replay import Replay, params_tensors
 from kdstore.store import Version, open_version, sha256_file
 from kdstore.store.remote import resolve_any
 from kdstore.transfer import TransferSet, open_transfer
@@ -39,19 +47,16 @@ NEEDS = ("logits", "topk", "label")
 __all__ = ["NEEDS", "Holdout", "StreamingTargets", "TrainingData", "check_holdout", "describe_need", "memory_batches",
            "open_training_data", "split_memory"]
 
-_GOLDEN = 0x9E3779B97F4A7C15
-_M64 = 2**64 - 1
-
-
 @dataclass(frozen=True)
 class Holdout:
-    """Rows held out for validation: row i is held out when ``hash(sample_id_i, seed) < fraction`` (splitmix64 of
-    the id, as a number in [0, 1)). Membership depends on the row alone, so every path and sweep point agrees.
+    """Samples held out for validation: sample i is held out when ``u(seed, sample_id_i) < fraction``, a
+    counter-based uniform (`kdstore.counters.uniforms`). Membership depends on the sample alone, so every path and
+    sweep point agrees, and all views of a sample fall on the same side.
 
     Attributes:
-        fraction: the share of rows to hold out, in (0, 1).
-        seed: changes which rows are held out.
-        rows: how many rows of the version are held out (counted by `check_holdout`).
+        fraction: the share of samples to hold out, in (0, 1).
+        seed: changes which samples are held out.
+        rows: how many samples of the version are held out (counted by `check_holdout`).
     """
 
     fraction: float
@@ -60,11 +65,8 @@ class Holdout:
 
     def mask(self, sample_ids: np.ndarray) -> np.ndarray:
         """(N,) bool: True for the held-out rows among `sample_ids`."""
-        x = np.asarray(sample_ids).astype(np.uint64) + np.uint64((self.seed * _GOLDEN + _GOLDEN) & _M64)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-        return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < self.fraction
+        ids = np.asarray(sample_ids, np.int64)
+        return uniforms(self.seed, ids, [0], 1)[:, 0, 0].numpy() < self.fraction
 
 
 def check_holdout(version: Version, fraction: float | None, seed: int = 0) -> Holdout | None:
@@ -79,7 +81,7 @@ def check_holdout(version: Version, fraction: float | None, seed: int = 0) -> Ho
     if not version.has_labels:
         raise ConfigError(f"{where}: {version.ref} is unlabeled, so held-out rows cannot be scored; pass "
                           f"{arg('val')} PATH (a labeled file like the transfer set) instead")
-    ids = version.read_all(["sample_id"])["sample_id"]
+    ids = version.read_all(["sample_id"])["sample_id"][:: views_of(version)]  # one per sample
     rows = int(Holdout(fraction, seed).mask(ids).sum())
     if rows == 0:
         raise ConfigError(f"{where}: holds out 0 of {len(ids)} rows; use a larger fraction or {arg('val')} PATH")
@@ -89,11 +91,22 @@ def check_holdout(version: Version, fraction: float | None, seed: int = 0) -> Ho
     return Holdout(fraction, seed, rows)
 
 
+def views_of(version: Version) -> int:
+    """Rows per transfer-set sample: the version's stored views, 1 without views."""
+    return int((version.manifest.get("views") or {}).get("count", 1))
+
+
 def split_memory(memory: dict[str, torch.Tensor], holdout: Holdout) -> tuple[dict[str, torch.Tensor],
                                                                                dict[str, torch.Tensor]]:
-    """An in-memory set (`TrainingData.to_memory`) as (training rows, held-out rows)."""
-    held = torch.from_numpy(holdout.mask(memory["sample_id"].cpu().numpy())).to(memory["sample_id"].device)
-    return {k: v[~held] for k, v in memory.items()}, {k: v[held] for k, v in memory.items()}
+    """An in-memory set (`TrainingData.to_memory`) as (training samples with all their rows, held-out samples with
+    one row each: their first view's, beside the unaugmented input)."""
+    views = len(memory["sample_id"]) // max(len(memory["x"]), 1)
+    device = memory["sample_id"].device
+    held = torch.from_numpy(holdout.mask(memory["sample_id"].cpu().numpy())).to(device)  # per row
+    held_samples = held[::views]
+    train = {k: v[~held_samples] if k == "x" else v[~held] for k, v in memory.items()}
+    val = {k: v[held_samples] if k == "x" else v[::views][held_samples] for k, v in memory.items()}
+    return train, val
 
 
 @dataclass
@@ -113,6 +126,16 @@ class TrainingData:
     def num_classes(self) -> int:
         return self.version.num_classes
 
+    @property
+    def views(self) -> int:
+        """Rows per transfer-set sample (stored views; 1 without)."""
+        return views_of(self.version)
+
+    @property
+    def num_samples(self) -> int:
+        """Transfer-set samples (an epoch's length)."""
+        return self.num_rows // self.views
+
     def open_transfer(self) -> TransferSet:
         inputs = self.version.manifest["transfer_set"]["inputs"]["columns"]
         cols = None if inputs == ["<array>"] else inputs
@@ -124,6 +147,9 @@ class TrainingData:
         out: dict[str, list[str]] = {"sample_id": ["sample_id"]}
         if "label" in self.need:
             out["label"] = ["label"]
+        stored = Replay.from_manifest(v.manifest)
+        for name in ["view", *stored.param_names] if stored else []:
+            out[name] = [name]
         role_keys = {"logits": [("logits", "logits")],
                      "topk": [("topk_values", "topk_values"), ("topk_indices", "topk_indices"), ("lse", "logsumexp")]
                      + ([("tail", "tail_logmass")] if v.has_tail else [])}
@@ -135,16 +161,17 @@ class TrainingData:
 
     def input_bytes_estimate(self) -> int:
         shape = self.version.manifest["transfer_set"]["inputs"]["shape"]
-        per_row = int(np.prod(shape)) * 4 + 16
+        per_row = 16 + 8 * len(self.columns())
         c, k, m = self.num_classes, self.version.top_k or 0, len(self.teachers)
         if "logits" in self.need:
             per_row += m * c * 4
         if "topk" in self.need:
             per_row += m * (k * 12 + 4)
-        return per_row * self.num_rows
+        return per_row * self.num_rows + int(np.prod(shape)) * 4 * self.num_samples
 
     def to_memory(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Every row as tensors on `device` (the fast path: no loader, batches are index selections)."""
+        """Every row as tensors on `device` (the fast path: no loader, batches are index selections); ``x`` holds
+        one input per sample, the other keys one entry per row (`views` rows per sample)."""
         ts = self.open_transfer()
         try:
             x, _ = ts.read_rows(0, ts.rows)
@@ -158,12 +185,12 @@ class TrainingData:
         return {k: v.to(device) for k, v in batch.items()}
 
     def stream(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, buffer_row_groups: int = 8,
-               rank: int = 0, world_size: int = 1, holdout: Holdout | None = None,
-               part: str = "train") -> StreamingTargets:
+               rank: int = 0, world_size: int = 1, holdout: Holdout | None = None, part: str = "train",
+               replay: Replay | None = None) -> StreamingTargets:
         """An IterableDataset of batches read from disk (use with DataLoader(batch_size=None)); with `holdout`, only
-        its training rows (`part` "train") or only the held-out ones ("val")."""
+        its training rows (`part` "train") or only the held-out ones ("val"); with `replay`, augmented views."""
         return StreamingTargets(self, batch_size, shuffle=shuffle, seed=seed, buffer_row_groups=buffer_row_groups,
-                                rank=rank, world_size=world_size, holdout=holdout, part=part)
+                                rank=rank, world_size=world_size, holdout=holdout, part=part, replay=replay)
 
 
 def open_training_data(
@@ -222,8 +249,10 @@ def open_training_data(
     ts = data.open_transfer()
     rows = ts.rows
     ts.close()
-    if rows != version.num_rows:
-        raise InputError(f"{arg('transfer')} {path}: {rows} rows, but {version.ref} has {version.num_rows}")
+    if rows != data.num_samples:
+        views = f" ({data.num_samples} samples x {data.views} views)" if data.views > 1 else ""
+        raise InputError(f"{arg('transfer')} {path}: {rows} rows, but {version.ref} has {version.num_rows}{views}; "
+                         f"pass the transfer set it was labeled from")
     return data
 
 
@@ -231,7 +260,7 @@ def _assemble(raw: dict[str, np.ndarray], cols: dict[str, list[str]]) -> dict[st
     """Column arrays -> batch tensors; per-teacher columns stacked on dim 1."""
     out: dict[str, torch.Tensor] = {}
     for key, names in cols.items():
-        if key in ("sample_id", "label"):
+        if key in ("sample_id", "label", "view") or key.startswith("aug"):  # ids and views' parameters
             out[key] = torch.from_numpy(np.ascontiguousarray(raw[names[0]]).astype(np.int64))
             continue
         arrays = [raw[n] for n in names]
@@ -257,7 +286,7 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
 
     def __init__(self, data: TrainingData, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  buffer_row_groups: int = 8, rank: int = 0, world_size: int = 1, holdout: Holdout | None = None,
-                 part: str = "train") -> None:
+                 part: str = "train", replay: Replay | None = None) -> None:
         super().__init__()
         if batch_size < 1 or buffer_row_groups < 1:
             raise ConfigError(f"batch_size {batch_size} and buffer_row_groups {buffer_row_groups} must be >= 1")
@@ -269,7 +298,9 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
             raise ConfigError(f"rank {rank} must be in [0, {world_size})")
         self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
         self.buffer_row_groups, self.rank, self.world_size = buffer_row_groups, rank, world_size
-        self.holdout, self.part = holdout, part
+        self.holdout, self.part, self.replay = holdout, part, replay
+        if replay is not None and replay.stored and replay.views != data.views:
+            raise ConfigError(f"a replay of {replay.views} views on {data.version.ref}, which stores {data.views}")
         self.epoch = 0
         v = data.version
         self.blocks: list[tuple[int, int, int, int]] = []  # (file, row group, first global row, rows)
@@ -305,10 +336,9 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
                 parts = []
                 for fi, g, first, n in mine[s : s + self.buffer_row_groups]:
                     raw = self.data.version.read_file(fi, flat, [g])
-                    batch = _assemble(raw, cols)
-                    x, _ = ts.read_rows(first, first + n)
-                    batch["x"] = torch.from_numpy(x)
-                    parts.append(self._keep(batch))
+                    views = self.data.views  # row groups hold whole samples
+                    x, _ = ts.read_rows(first // views, (first + n) // views)
+                    parts.append(self._keep(self._views(_assemble(raw, cols), torch.from_numpy(x))))
                 if carry is not None:
                     parts.insert(0, carry)
                 buf = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -325,6 +355,22 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
         finally:
             ts.close()
 
+    def _views(self, block: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A block as one row per sample with its input: the epoch's view of each sample (stored or fresh) when
+        training with a replay, else the first stored row and the unaugmented input."""
+        views, replay = self.data.views, self.replay if self.part == "train" else None
+        if views > 1 or (replay is not None and replay.stored):
+            first = torch.arange(0, len(block["sample_id"]), views)
+            pick = (torch.from_numpy(replay.choose(self.seed, self.epoch, block["sample_id"][first].numpy()))
+                    if replay is not None and replay.stored else 0)
+            block = {k: v[first + pick] for k, v in block.items()}
+        if replay is not None:
+            params = ({k: block[k] for k in replay.param_names} if replay.stored else
+                      params_tensors(replay.fresh_params(self.seed, self.epoch, block["sample_id"].numpy())))
+            x = replay.apply(x, params)
+        block["x"] = x
+        return block
+
     def _keep(self, block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rows of a block this stream serves (all of them without a holdout)."""
         if self.holdout is None:
@@ -335,17 +381,35 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
 
 
 def memory_batches(memory: dict[str, torch.Tensor], batch_size: int, *, seed: int, epoch: int, rank: int = 0,
-                   world_size: int = 1) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+                   world_size: int = 1, replay: Replay | None = None) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """Shuffled batches of an in-memory set (see `TrainingData.to_memory`): yields (this rank's rows, global rows).
 
     `batch_size` is the global batch: every rank draws the same permutation (seeded by seed and epoch) and takes
     every world_size-th row of each global batch, so all ranks take the same number of steps (DDP needs that) and
     no row is dropped or repeated; a trainer rescales the loss by local / global rows to get the global mean.
+
+    The permutation is over samples. With stored views each sample contributes the row of its view for the epoch
+    (`Replay.choose`, the same on every rank) and its input under that view's parameters; with a fresh `replay`,
+    its input under new parameters; with views but no `replay`, its first view's row and the unaugmented input.
     """
-    n = len(memory["sample_id"])
+    x = memory["x"]
+    n, device = len(x), memory["sample_id"].device
+    views = len(memory["sample_id"]) // max(n, 1)
+    rows = torch.arange(n, device=device) * views  # each sample's row for this epoch
+    params: dict[str, torch.Tensor] = {}
+    if replay is not None and replay.stored:
+        rows += torch.from_numpy(replay.choose(seed, epoch, memory["sample_id"][::views].cpu().numpy())).to(device)
+    elif replay is not None:
+        params = params_tensors(replay.fresh_params(seed, epoch, memory["sample_id"].cpu().numpy()), device)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).to(memory["sample_id"].device)
+    perm = torch.randperm(n, generator=g).to(device)
     for a in range(0, n, batch_size):
         glob = perm[a : a + batch_size]
         idx = glob[rank::world_size]
-        yield {k: v[idx] for k, v in memory.items()}, len(glob)
+        r = rows[idx] if views > 1 else idx
+        batch = {k: v[r] for k, v in memory.items() if k != "x"}
+        batch["x"] = x[idx]
+        if replay is not None:
+            batch["x"] = replay.apply(batch["x"], {k: batch[k] for k in replay.param_names} if replay.stored
+                                      else {k: v[idx] for k, v in params.items()})
+        yield batch, len(glob)

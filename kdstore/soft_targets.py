@@ -116,18 +116,21 @@ def mse_target(batch: Mapping[str, Tensor], weights: Tensor) -> Tensor:
 
 @torch.no_grad()
 def training_view(memory: Mapping[str, Tensor], loss: str, temperature: float, alpha: float, plan: TargetPlan,
-                  weights: Tensor, chunk: int = 65536, standardize: bool = False) -> dict[str, Tensor]:
+                  weights: Tensor, chunk: int = 65536, standardize: bool = False,
+                  keep: tuple[str, ...] = ()) -> dict[str, Tensor]:
     """An in-memory set's training view for one (loss, standardize, T, alpha): inputs, labels if the loss reads
-    them, and the loss's targets precomputed for every row (``teacher_logp`` for kd/topk, ``mse_target`` for mse;
-    for mse the target stays raw and the loss standardises both sides).
+    them, the columns named in `keep` (a view's augmentation parameters), and the loss's targets precomputed for
+    every row (``teacher_logp`` for kd/topk, ``mse_target`` for mse; for mse the target stays raw and the loss
+    standardises both sides). Inputs stay as they are (one per sample when the version stores views).
 
     With T fixed for a sweep point the targets are the same every epoch, so each training step only gathers rows:
     a KD step costs what a hard-label step does, plus the soft cross-entropy.
     """
-    view = {"x": memory["x"], "sample_id": memory["sample_id"]}
+    view = {"x": memory["x"], "sample_id": memory["sample_id"], **{k: memory[k] for k in keep}}
     if "label" in memory and (loss in ("hard", "ls") or alpha < 1):
         view["label"] = memory["label"]
-    parts = [{k: v[a : a + chunk] for k, v in memory.items()} for a in range(0, len(memory["x"]), chunk)]
+    rows = len(memory["sample_id"])
+    parts = [{k: v[a : a + chunk] for k, v in memory.items() if k != "x"} for a in range(0, rows, chunk)]
     if loss in ("kd", "topk"):
         view["teacher_logp"] = torch.cat([batch_log_probs(p, temperature, plan, weights, standardize)
                                           for p in parts])

@@ -61,6 +61,7 @@ class TrainConfig:
     val: str | None = None
     val_fraction: float | None = None
     val_seed: int = 0
+    augment: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.losses, str):  # TrainConfig(losses="kd"): one loss

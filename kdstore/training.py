@@ -30,6 +30,7 @@ from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import TrainingDiverged, arg
 from kdstore.evaluation import EvalResult, agreement_counts, evaluate, evaluate_batches, load_eval_set
 from kdstore.plan import plan_targets
+from kdstore.replay import check_train_augment
 from kdstore.rundir import RunDir, RunResult, best_by_validation, over_seeds
 from kdstore.store import open_version
 from kdstore.store.remote import resolve_any
@@ -58,6 +59,7 @@ class Trainer:
                       for loss in config.losses}
         self.plan = self.plans[config.losses[0]]  # the teachers, and how agreement with them is measured
         self.weights = ensemble.normalise_weights(config.teacher_weights or None, len(self.plan.teachers))
+        self.replay = check_train_augment(config.augment, version.manifest, config.losses, str(version.ref))
         self.holdout = check_holdout(version, config.val_fraction, config.val_seed)
         need = set().union(*(p.need for p in self.plans.values())) | ({"label"} if self.holdout else set())
         self.data = open_training_data(version, need=sorted(need), teachers=self.plan.teachers,
@@ -68,7 +70,7 @@ class Trainer:
             config.eval, input_columns=config.eval_input_columns, label_column=config.eval_label_column,
             input_shape=self.input_shape, num_classes=self.num_classes)
         self.val_set = None if not config.val else self._val_file(version.manifest, config.val)
-        self.train_rows = self.data.num_rows - (self.holdout.rows if self.holdout else 0)
+        self.train_rows = self.data.num_samples - (self.holdout.rows if self.holdout else 0)
         self._build_student()  # fail on a bad --student now, before --out is created
         mode = config.data_mode
         if mode == "auto":
@@ -170,10 +172,12 @@ class Trainer:
         held-out validation rows left out either way)."""
         bs, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world_size
         if memory is not None:
-            yield from memory_batches(memory, bs, seed=seed, epoch=epoch, rank=rank, world_size=world)
+            yield from memory_batches(memory, bs, seed=seed, epoch=epoch, rank=rank, world_size=world,
+                                      replay=self.replay)
             return
         # Streaming: each rank reads a disjoint set of row groups (uneven counts are handled with DDP's join).
-        ds = self.data.stream(max(1, bs // world), seed=seed, rank=rank, world_size=world, holdout=self.holdout)
+        ds = self.data.stream(max(1, bs // world), seed=seed, rank=rank, world_size=world, holdout=self.holdout,
+                              replay=self.replay)
         ds.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                              pin_memory=self.device.type == "cuda")
@@ -186,8 +190,10 @@ class Trainer:
         key = (point.loss, point.standardize, point.temperature, point.alpha)
         if self._view is None or self._view[0] != key:
             self._view = None  # free the previous view before building the next
+            keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
             view = soft_targets.training_view(memory, point.loss, point.temperature, point.alpha,
-                                              self.plans[point.loss], self.weights, standardize=point.standardize)
+                                              self.plans[point.loss], self.weights, standardize=point.standardize,
+                                              keep=keep)
             self._view = (key, view)
         return self._view[1]
 

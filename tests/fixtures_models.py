@@ -156,3 +156,9 @@ WIDE_CLASSES = 151_936  # an LLM-sized output (Qwen2's vocabulary)
 def wide_teacher() -> nn.Module:
     """8 -> 151,936 classes: a teacher whose full logits of a shard would not fit in memory."""
     return _seeded(nn.Linear(IN_FEATURES, WIDE_CLASSES), seed=5)
+
+
+def flatten_teacher() -> nn.Module:
+    """Logits = the input's pixels ((B, H, W) -> (B, H*W)): stored float32 logits are exactly the input the teacher
+    saw, so a test can compare a replayed view with the labeled one bit for bit."""
+    return nn.Flatten().eval()
