@@ -20,7 +20,8 @@ CLASSIFICATION_ONLY = {"input_columns": "--input-column", "label_column": "--lab
 
 _OPTIONS = [
     click.option("--seq-len", type=int, default=None, metavar="L",
-                 help="Language models: tokens per row (sequence); at most the teacher's context. [default: 256]"),
+                 help="Language models: tokens per row (sequence); at most the teacher's context. "
+                      "[default: 256, or the teacher's context if shorter]"),
     click.option("--packing", type=click.Choice(("concat", "document")), default=None,
                  help="Language models: how documents become rows. concat (default for text): each document as the "
                       "tokenizer encodes it, then EOS, concatenated and cut into rows of --seq-len (only the last row "

@@ -33,6 +33,7 @@ from kdstore.token_stats import TokenStatistics
 from kdstore.token_targets import MAX_DRAWS, MAX_TOP_K, positions_per_chunk, targets_block, token_columns
 
 _CPU = torch.device("cpu")
+DEFAULT_SEQ_LEN = 256  # or the teacher's context, when shorter
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class LMLabelConfig:
     transfer: str
     out: str
     name: str
-    seq_len: int = 256
+    seq_len: int | None = None  # None: 256, or the teacher's context when shorter
     top_k: int | None = 64
     sample: int | None = None  # draws per position
     sample_seed: int = 0
@@ -69,7 +70,7 @@ class LMLabelConfig:
         check_name(self.name)
         if self.format not in FORMATS:
             errors.append(f"{arg('format')} {self.format!r}: expected one of {', '.join(FORMATS)}")
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             errors.append(f"{arg('seq_len')} {self.seq_len}: must be >= 2")
         if self.top_k is not None and not 1 <= self.top_k <= MAX_TOP_K:
             errors.append(f"{arg('top_k')} {self.top_k}: must be in 1..{MAX_TOP_K} (or 0 to store no top-k)")
@@ -114,6 +115,9 @@ def label_lm(config: LMLabelConfig, progress: Callable[[int], None] | None = Non
     t_start = time.perf_counter()
     memory.keep_large_blocks_mapped()
     teacher = load_lm_teacher(config.teacher, tokenizer=config.tokenizer, cache=config.gguf_cache)
+    if config.seq_len is None:
+        config = replace(config, seq_len=min(DEFAULT_SEQ_LEN, teacher.max_context or DEFAULT_SEQ_LEN))
+    assert config.seq_len is not None
     corpus = tokenize_corpus(config.transfer, teacher.tokenizer, seq_len=config.seq_len, field=config.text_field,
                              packing=config.packing, encoding=config.encoding, max_context=teacher.max_context,
                              vocab_size=teacher.vocab_size)
