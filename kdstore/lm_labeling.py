@@ -135,7 +135,8 @@ def _label(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, t
     columns = token_columns("t0", seq_len, v, k=config.top_k, draws=config.sample,
                             logprobs=config.sample_logprobs, dtype=config.logits_dtype)
     shard_meta = versioning.shard_metadata(config.name, columns, [teacher.sha256])
-    run_key = versioning.run_key(_key_material(config, teacher, corpus, shard_meta))
+    described = {**teacher.describe("t0"), "num_classes": v}  # once: the tokenizer's fingerprint takes ~0.3 s
+    run_key = versioning.run_key(_key_material(config, described, corpus, shard_meta))
     target = corpus.target_mask()
     sharded = config.num_shards > 1
     with VersionWriter(Path(config.out), config.name, run_key=run_key, fmt=config.format, columns=columns,
@@ -164,7 +165,7 @@ def _label(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, t
                                time.perf_counter() - t_start)
         parts = [infos[i]["stats"] for i in sorted(infos)]
         stats = TokenStatistics(v, seq_len, config.top_k, config.sample).combine(parts, "t0")
-        manifest = _manifest(config, teacher, corpus, columns, stats, t_start)
+        manifest = _manifest(config, described, corpus, columns, stats, t_start)
         manifest["labeling"].update(threads=int(writer.pinned["threads"]),
                                     environments=reproducible.group_environments([p.get("environment") for p in parts]))
         path = writer.commit(manifest)
@@ -175,24 +176,25 @@ def _label(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, t
                        time.perf_counter() - t_start)
 
 
-def _key_material(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus,
+def _key_material(config: LMLabelConfig, teacher: dict[str, Any], corpus: TokenizedCorpus,
                   shard_meta: dict[str, Any]) -> dict[str, Any]:
     """Everything that determines the version's bytes: a rerun with the same material resumes."""
     tokens = hashlib.sha256()
     for a in (corpus.input_ids, corpus.attention_mask, corpus.loss_mask):
         tokens.update(a.tobytes())
-    fp = teacher.tokenizer_fingerprint()
+    fp = teacher["tokenizer"]
     settings = {k: getattr(config, k) for k in ("seq_len", "top_k", "sample", "sample_seed", "sample_logprobs",
                                                  "logits_dtype", "batch_size", "shard_rows", "row_group_rows")}
-    return {"meta": shard_meta, "teacher": teacher.sha256, "tokenizer": [fp["sha256"], fp["vocab_sha256"]],
+    return {"meta": shard_meta, "teacher": teacher["sha256"], "tokenizer": [fp["sha256"], fp["vocab_sha256"]],
             "corpus": corpus.sha256, "tokens": tokens.hexdigest(), "settings": settings, "device": "cpu",
-            "chunk": positions_per_chunk(config.batch_size, teacher.vocab_size)}
+            "chunk": positions_per_chunk(config.batch_size, teacher["vocab_size"])}
 
 
-def _manifest(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, columns: list[dict[str, Any]],
-              stats: dict[str, Any], t_start: float) -> dict[str, Any]:
-    """The new version's manifest (the writer adds name, version, created_at and files)."""
-    v = teacher.vocab_size
+def _manifest(config: LMLabelConfig, teacher: dict[str, Any], corpus: TokenizedCorpus,
+              columns: list[dict[str, Any]], stats: dict[str, Any], t_start: float) -> dict[str, Any]:
+    """The new version's manifest (the writer adds name, version, created_at and files); `teacher` is the teacher's
+    `describe()` with its num_classes."""
+    v = teacher["vocab_size"]
     transfer = {**corpus.describe(), "inputs": {"columns": ["input_ids"], "shape": [corpus.seq_len],
                                                 "dtype": "int32"},
                 "label_column": None, "kind": corpus.source}
@@ -203,7 +205,7 @@ def _manifest(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus
         "num_classes": v,
         "class_names": None,
         "storage": versioning.storage_block(config.format, config.shard_rows, config.row_group_rows),
-        "teachers": [{**teacher.describe("t0"), "num_classes": v}],
+        "teachers": [teacher],
         "transfer_set": transfer,
         "targets": targets_block(corpus.seq_len, v, k=config.top_k, draws=config.sample,
                                  logprobs=config.sample_logprobs, seed=config.sample_seed, dtype=config.logits_dtype),

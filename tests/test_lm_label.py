@@ -177,7 +177,7 @@ def test_a_200k_vocabulary(tmp_path: Path) -> None:
     cols = v.read_all(["t0_topk_indices", "t0_topk_values", "t0_sample_ids"])
     assert cols["t0_topk_indices"].max() < 200_000 and np.isfinite(cols["t0_topk_values"]).all()
     assert cols["t0_sample_ids"].values.max() < 200_000
-    assert v.manifest["statistics"]["fidelity_stride"] == 782
+    assert v.manifest["statistics"]["fidelity_stride"] == 3125  # ceil(200,000 / 64)
 
 
 def test_hdf5_holds_what_parquet_holds(labeled: Path, corpus: Path, tmp_path: Path) -> None:
