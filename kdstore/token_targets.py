@@ -116,7 +116,7 @@ def chunk_targets(z: Tensor, *, k: int | None, precision: str, draws: int | None
     if k:
         vals, indices = targets.top_k(flat, k)
         lse, tail = targets.logsumexp_and_tail(flat, indices, scratch[: b * c] if scratch is not None
-                                               else torch.empty_like(flat))
+                                               else torch.empty_like(flat), maximum=vals[:, 0])
         values = versioning.as_stored(vals, precision)
         bad = torch.nonzero(~torch.isfinite(lse)).flatten()  # a NaN or +inf logit, or a position of only -inf
         if len(bad):
