@@ -27,6 +27,10 @@ def diff(a: str, b: str, temperature: float, teacher_a: str | None, teacher_b: s
     A and B are STORE/NAME[@vN] or URLs. Soft targets come from the full logits if stored, else are rebuilt from
     the top-k (tail model, docs/format.md).
 
+    Two per-token (language-model) versions of the same tokenised corpus are compared position by position over
+    the target positions: top-1 agreement, KL(A||B) at --temperature of the top-k rebuilds, and both teachers'
+    perplexity and entropy (--teacher-a/-b do not apply: a per-token version has one teacher).
+
     \b
     Examples:
       kdstore diff ./targets/mnist@v1 ./targets/mnist@v2            # e.g. teacher retrained, or fp16 vs top-k

@@ -34,6 +34,10 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
     largest and second probability, plain and standardised), whether the default T gives near one-hot or near
     uniform targets, and a `kdstore train` sweep to try; this reads a sample of at most 8,192 rows.
 
+    A per-token (language-model) version shows the teacher and tokenizer fingerprints, the teacher's perplexity on
+    the true next tokens, the per-token entropy and top-k mass histograms and the fidelity; its --card also reads
+    the stored targets (their entropy, and their own perplexity: how much of the teacher a student can see).
+
     The version is STORE/NAME (latest), STORE/NAME@vN, or the same under a URL (s3://bucket/targets/NAME@v2).
     Without --card a remote version's manifest alone is read (nothing else is downloaded, so no advice); with
     --card a remote version is downloaded to the local cache and its card written there (or to --card-dir).
@@ -54,14 +58,18 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
     if not card and remote.is_remote(ref):
         where, manifest = remote.read_remote_manifest(ref)
         _show(manifest, where, None, None, as_json)
-        if not as_json:
+        if not as_json and manifest["targets"].get("kind") != "tokens":
             click.echo("\n(advice per temperature reads the data: run with --card to download it)")
         return
     from kdstore.advice import advise
 
     v = Version(remote.resolve_any(ref, option=""))
+    tokens = v.manifest["targets"].get("kind") == "tokens"
     if not card:
-        _show(v.manifest, str(v.path), None, advise(v), as_json)
+        _show(v.manifest, str(v.path), None, None if tokens else advise(v), as_json)
+        return
+    if tokens:
+        _token_card(v, Path(card_dir) if card_dir else None, as_json)
         return
     out_dir = prepare_card_dir(v, Path(card_dir) if card_dir else None)
     stats = compute_statistics(v, temperature=temperature, teacher=teacher)
@@ -71,15 +79,35 @@ def inspect(ref: str, card: bool, card_dir: str | None, temperature: float, teac
         click.echo(f"\nwrote card {files[-1]} (+ {len(files) - 1} plot(s))")
 
 
+def _token_card(v: object, card_dir: object, as_json: bool) -> None:
+    """--card of a per-token version: statistics read from the stored targets, README.md and plots."""
+    from kdstore.card import prepare_card_dir
+    from kdstore.token_card import compute_token_statistics, write_token_card
+
+    out_dir = prepare_card_dir(v, card_dir)  # type: ignore[arg-type]
+    stats = compute_token_statistics(v)  # type: ignore[arg-type]
+    files = write_token_card(v, stats, out_dir)  # type: ignore[arg-type]
+    _show(v.manifest, str(v.path), stats, None, as_json)  # type: ignore[attr-defined]
+    if not as_json:
+        click.echo(f"\nwrote card {files[-1]} (+ {len(files) - 1} plot(s))")
+
+
 def _show(manifest: dict, where: str, stats: object, advice: list | None, as_json: bool) -> None:  # type: ignore[type-arg]
     from kdstore.card import CardStatistics
     from kdstore.card_render import card_text
 
+    tokens = manifest["targets"].get("kind") == "tokens"
     if not as_json:
-        click.echo(card_text(manifest, where, stats if isinstance(stats, CardStatistics) else None, advice))
+        if tokens:
+            from kdstore.token_card import TokenCardStatistics, token_card_text
+
+            click.echo(token_card_text(manifest, where, stats if isinstance(stats, TokenCardStatistics) else None))
+        else:
+            click.echo(card_text(manifest, where, stats if isinstance(stats, CardStatistics) else None,
+                               advice))
         return
     out: dict = {"path": where, "manifest": manifest}  # type: ignore[type-arg]
-    if isinstance(stats, CardStatistics):
+    if stats is not None and hasattr(stats, "to_json"):
         out["card_statistics"] = stats.to_json()
     if advice is not None:
         out["advice"] = [a.to_json() for a in advice]

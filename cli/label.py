@@ -1,4 +1,5 @@
-"""`kdstore label`: run teachers once over a transfer set and store their targets."""
+"""`kdstore label`: run teachers once over a transfer set and store their targets (classification, or per token
+for a language-model teacher: `kdstore.cli._label_lm`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from kdstore.cli._common import parse_shard, progress_bar, user_errors
+from kdstore.cli._label_lm import LM_OPTIONS, is_language_model, label_language_model, reject_options
 from kdstore.options import FORMATS, LOGITS_DTYPES, PRECISIONS, TAIL_MODELS
 
 if TYPE_CHECKING:
@@ -17,21 +19,29 @@ if TYPE_CHECKING:
 @click.option("--teacher", "teachers", multiple=True, required=True, metavar="SPEC",
               help="Teacher: a TorchScript file (teacher.pt), or MODEL@WEIGHTS where MODEL is a built-in spec "
                    "(mlp:784-1200-1200-10) or package.module:factory and WEIGHTS a .safetensors or state-dict .pt "
-                   "file. Repeat to label with an ensemble in one pass.")
+                   "file. Repeat to label with an ensemble in one pass. A language model: hf:DIR (a Hugging Face "
+                   "model directory with its tokenizer), hf:FILE.gguf (dequantised), or package.module:factory "
+                   "returning a model that maps token ids (B, L) to logits (B, L, V) (with --seq-len).")
 @click.option("--transfer", required=True, metavar="PATH",
-              help="Transfer set: .parquet, .npz, .npy or .h5 (original training data, unlabeled or synthetic).")
+              help="Transfer set: .parquet, .npz, .npy or .h5 (original training data, unlabeled or synthetic). For "
+                   "a language model: .txt (one document per line), .jsonl (a text field, or chat 'messages') or "
+                   ".parquet (a text, messages or input_ids column).")
 @click.option("--out", required=True, metavar="STORE",
               help="Store directory (or fsspec URL: s3://bucket/store, ...); the version goes to STORE/NAME/vN.")
 @click.option("--name", required=True, help="Dataset name inside the store (letters, digits, '.', '_', '-').")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="parquet", show_default=True,
               help="On-disk format of the data files.")
-@click.option("--top-k", type=int, default=10, show_default=True,
-              help="Also store each row's K largest logits (+ log-sum-exp) for top-k KD; 0 stores none.")
-@click.option("--logits/--no-logits", "keep_logits", default=True, show_default=True,
-              help="Keep the full logits (needed for --loss mse and exact KD), or only the top-k.")
+@click.option("--top-k", type=int, default=None,
+              help="Also store each row's K largest logits (+ log-sum-exp) for top-k KD; 0 stores none. "
+                   "[default: 10; a language model: 64 per position, or none with --sample]")
+@click.option("--logits/--no-logits", "keep_logits", default=None,
+              help="Keep the full logits (needed for --loss mse and exact KD), or only the top-k. [default: keep; "
+                   "a language model never stores full logits]")
 @click.option("--logits-dtype", type=click.Choice(LOGITS_DTYPES), default="float16",
-              show_default=True, help="Storage dtype of logits and top-k values (softening is always float32).")
-@click.option("--batch-size", type=int, default=1024, show_default=True, help="Teacher batch size.")
+              show_default=True, help="Storage dtype of logits and top-k values, and of sampled log-probs "
+                                      "(softening is always float32).")
+@click.option("--batch-size", type=int, default=None,
+              help="Teacher batch size (rows). [default: 1024; a language model: 8 sequences]")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Teacher autocast: auto = bf16 on CUDA, fp32 on CPU.")
@@ -40,10 +50,12 @@ if TYPE_CHECKING:
                    "numeric columns, or 'x'.")
 @click.option("--label-column", default=None,
               help="Integer label column. Default: 'label' or 'y' if present; 'none' treats the set as unlabeled.")
-@click.option("--shard-rows", type=int, default=32768, show_default=True,
-              help="Rows per data file; an interrupted run resumes from its last complete file.")
-@click.option("--row-group-rows", type=int, default=2048, show_default=True,
-              help="Rows per Parquet row group / HDF5 chunk (the unit of streamed, shuffled reads).")
+@click.option("--shard-rows", type=int, default=None,
+              help="Rows per data file; an interrupted run resumes from its last complete file. [default: 32768; a "
+                   "language model: 512 sequences]")
+@click.option("--row-group-rows", type=int, default=None,
+              help="Rows per Parquet row group / HDF5 chunk (the unit of streamed, shuffled reads). [default: 2048; "
+                   "a language model: 64 sequences]")
 @click.option("--tail", type=click.Choice(TAIL_MODELS), default="uniform", show_default=True,
               help="Default tail model for rebuilding soft targets from the top-k (see docs/format.md); "
                    "the trainer can override it.")
@@ -65,12 +77,15 @@ if TYPE_CHECKING:
 @click.option("--identity-view/--no-identity-view", default=True, show_default=True,
               help="Make view 0 of every row the unaugmented input.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@LM_OPTIONS
 @user_errors(aliases={"format": "--format", "shard_index": "--shard", "num_shards": "--shard",
                       "keep_logits": "--logits/--no-logits"})
-def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str, top_k: int, keep_logits: bool,
-          logits_dtype: str, batch_size: int, device: str, precision: str, input_columns: tuple[str, ...],
-          label_column: str | None, shard_rows: int, row_group_rows: int, tail: str, shard: str | None,
-          views: int, augment: str | None, augment_seed: int, identity_view: bool, quiet: bool) -> None:
+@click.pass_context
+def label(ctx: click.Context, teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str,
+          top_k: int | None, keep_logits: bool | None, logits_dtype: str, batch_size: int | None, device: str,
+          precision: str, input_columns: tuple[str, ...], label_column: str | None, shard_rows: int | None,
+          row_group_rows: int | None, tail: str, shard: str | None, views: int, augment: str | None,
+          augment_seed: int, identity_view: bool, quiet: bool, **lm: object) -> None:
     """Run one or more teachers ONCE over a transfer set; write logits and top-k targets as a new version.
 
     \b
@@ -85,18 +100,35 @@ def label(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: st
     The summary ends with advice from the data: per temperature, how informative the soft targets are (mean
     entropy, largest and second probability, plain and standardised), whether the default T gives near one-hot
     or near uniform targets, and a `kdstore train` sweep to try.
+
+    \b
+    Language models (per-token targets, docs/format.md "Per-token targets"):
+      kdstore label --teacher hf:SmolLM2-135M-Instruct.Q4_1.gguf --transfer news.txt \\
+                    --seq-len 256 --top-k 64 --out ./targets --name smol-news
+      kdstore label --teacher hf:./my-model --transfer chats.jsonl --sample 50 --top-k 0 ...
+    A run labels a language model when the teacher is hf:..., the transfer set is a .txt/.jsonl text file, or
+    --seq-len is given (needed for a package.module:factory language model over a .parquet transfer set). Each
+    row is a sequence of --seq-len tokens; position t stores the teacher's distribution of token t+1.
     """
     from kdstore.labeling import LabelConfig
     from kdstore.labeling import label as run_label
     from kdstore.transfer import open_transfer
 
     shard_index, num_shards = parse_shard(shard)
+    if is_language_model(teachers, transfer, lm.get("seq_len")):
+        reject_options(ctx, language_model=True)
+        label_language_model(teachers, transfer, out, name, fmt, top_k, logits_dtype, batch_size, device,
+                             shard_rows, row_group_rows, shard_index, num_shards, quiet, lm)
+        return
+    reject_options(ctx, language_model=False)
     cfg = LabelConfig(teachers=teachers, transfer=transfer, out=out, name=name, format=fmt,
-                      top_k=top_k or None, keep_logits=keep_logits, logits_dtype=logits_dtype,
-                      batch_size=batch_size, device=device, precision=precision, input_columns=input_columns,
-                      label_column=label_column, shard_rows=shard_rows, row_group_rows=row_group_rows,
-                      tail=tail, shard_index=shard_index, num_shards=num_shards, views=views, augment=augment,
-                      augment_seed=augment_seed, identity_view=identity_view)
+                      top_k=10 if top_k is None else (top_k or None),
+                      keep_logits=True if keep_logits is None else keep_logits, logits_dtype=logits_dtype,
+                      batch_size=_or(batch_size, 1024), device=device, precision=precision,
+                      input_columns=input_columns, label_column=label_column, shard_rows=_or(shard_rows, 32768),
+                      row_group_rows=_or(row_group_rows, 2048), tail=tail, shard_index=shard_index,
+                      num_shards=num_shards, views=views, augment=augment, augment_seed=augment_seed,
+                      identity_view=identity_view)
     ts = open_transfer(transfer, input_columns=input_columns or None, label_column=label_column)
     rows = ts.rows
     ts.close()  # only the row count is needed here; label() opens it again
@@ -139,3 +171,8 @@ def _report(result: LabelResult, num_shards: int) -> None:
         click.echo(f"  ensemble (mean-prob): accuracy {m['statistics']['ensemble']['accuracy']:.4f}")
     ref = result.pushed or f"{result.path.parent}@v{m['version']}"
     click.echo("\n".join(advice_text(advise(Version(result.path)), ref, bool(m["targets"]["labels"]))))
+
+
+def _or(value: int | None, default: int) -> int:
+    """An option's value, or its classification default when not given (None; 0 stays 0 and fails validation)."""
+    return default if value is None else value

@@ -130,6 +130,10 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
     """
     targets.check_temperature(temperature)
     va, vb = Version(resolve_any(a, option="")), Version(resolve_any(b, option=""))
+    if "tokens" in (va.manifest["targets"].get("kind"), vb.manifest["targets"].get("kind")):
+        from kdstore.token_compare import diff_tokens
+
+        return diff_tokens(va, vb, shown_ref(a, va.ref), shown_ref(b, vb.ref), temperature)  # type: ignore[return-value]
     _check_same_transfer(va, vb)
     ta, tb = teacher_id(va, teacher_a, "teacher_a"), teacher_id(vb, teacher_b, "teacher_b")
     label_col = va.column_for("label") if va.has_labels else None
@@ -156,6 +160,10 @@ def diff(a: str | Path | VersionRef, b: str | Path | VersionRef, *, temperature:
 
 def format_diff(r: DiffResult, max_classes: int = 50) -> str:
     """The human-readable report `kdstore diff` prints."""
+    if not isinstance(r, DiffResult):  # two per-token versions
+        from kdstore.token_compare import format_token_diff
+
+        return format_token_diff(r)
     lines = [
         f"A: {r.a} ({r.teacher_a})",
         f"B: {r.b} ({r.teacher_b})",

@@ -49,6 +49,8 @@ class ConvertConfig:
         name: dataset name of the new version (default: the source's).
         out: store directory of the new version (default: the source's store; required for a remote source).
         shard_rows, row_group_rows: layout of the new files.
+        sample, sample_seed: per-token versions only: draw `sample` tokens per position from the stored top-k's
+            rebuilt distribution (`kdstore.token_convert`).
     """
 
     source: str
@@ -60,9 +62,15 @@ class ConvertConfig:
     out: str | None = None
     shard_rows: int | None = None
     row_group_rows: int | None = None
+    sample: int | None = None
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         errors = []
+        if self.sample is not None and not 1 <= self.sample <= 32767:
+            errors.append(f"{arg('sample')} {self.sample}: draws per position must be in 1..32767")
+        if not 0 <= self.sample_seed < 2**63:
+            errors.append(f"{arg('sample_seed')} {self.sample_seed}: must be in [0, 2**63)")
         if self.to is not None and self.to not in FORMATS:
             errors.append(f"{arg('format')} {self.to!r}: expected one of {', '.join(FORMATS)}")
         if self.top_k is not None and self.top_k < 0:
@@ -143,9 +151,18 @@ def convert(cfg: ConvertConfig, progress: Callable[[int], None] | None = None) -
     memory.keep_large_blocks_mapped()
     ref = resolve_any(cfg.source, option="")
     src = Version(ref)
-    plan = _plan(src, cfg)
     name = cfg.name or src.ref.name
     out = Path(cfg.out) if cfg.out is not None else src.ref.store
+    if src.manifest["targets"].get("kind") == "tokens":
+        from kdstore.token_convert import convert_tokens
+
+        path, resumed = convert_tokens(src, cfg, out, name, shown_ref(cfg.source, src.ref), progress)
+        return ConvertResult(path, json.loads((path / "manifest.json").read_text("utf-8")),
+                             shown_ref(cfg.source, src.ref), resumed)
+    if cfg.sample is not None:
+        raise ConfigError(f"{arg('sample')}: {src.ref} is a classification version; sampled targets are per token "
+                          "(language-model versions)")
+    plan = _plan(src, cfg)
     columns = _columns(src, plan)
     shard_meta = versioning.shard_metadata(name, columns, [t["sha256"] for t in src.manifest["teachers"]])
     run_key = versioning.run_key({"source_files": [f["sha256"] for f in src.files], "format": 2,

@@ -78,15 +78,20 @@ def logsumexp_into(logits: Tensor, scratch: Tensor) -> Tensor:
     return scratch.exp_().sum(dim=1).log_().add_(m.squeeze(1))
 
 
-def logsumexp_and_tail(logits: Tensor, indices: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+def logsumexp_and_tail(logits: Tensor, indices: Tensor, scratch: Tensor,
+                       maximum: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`logsumexp` and `tail_logmass` of (N, C) float32 logits in one exponential pass over `scratch` (N, C).
 
     ``s = exp(z - max z)`` is summed whole (``L = log sum s + max z``, the same operations and bits as
     `torch.logsumexp`) and again with the top-k zeroed (``t = log sum_tail s - log sum s``). Where the tail
     underflows against the top-1 (a tail sum below 2^-100, the exponent range of float32 running out), the tail of
     those rows is recomputed with its own shift, as `tail_logmass` does.
+
+    Args:
+        maximum: (N,) the rows' largest logits when the caller has them (the top-1 of `top_k`: the same floats as
+            ``amax``), saving a pass over the logits.
     """
-    m = logits.amax(dim=1, keepdim=True)
+    m = logits.amax(dim=1, keepdim=True) if maximum is None else maximum.reshape(-1, 1).to(logits.dtype)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows of only +-inf: no inf - inf
     torch.sub(logits, m, out=scratch)
     scratch.exp_()

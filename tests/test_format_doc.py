@@ -63,7 +63,8 @@ def kdstore_columns(vdir: Path) -> dict[str, np.ndarray]:
 
 
 def test_every_doc_test_snippet_is_tested() -> None:
-    assert sorted(snippets()) == sorted([*ENGINES, "h5py", "soft-targets", "fidelity"])
+    tokens = ["tokens-duckdb", "tokens-polars", "tokens-numpy"]  # tests/test_format_doc_tokens.py
+    assert sorted(snippets()) == sorted([*ENGINES, "h5py", "soft-targets", "fidelity", *tokens])
 
 
 @pytest.mark.parametrize("engine", ENGINES)

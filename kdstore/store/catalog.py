@@ -78,8 +78,17 @@ def short_source(source: str) -> str:
 
 
 def targets_text(targets: dict[str, Any]) -> str:
-    """'fp16 logits + top-10', 'top-5 (no logits)', 'fp32 logits'."""
+    """'fp16 logits + top-10', 'top-5 (no logits)', 'fp32 logits'; per-token versions: 'per-token top-64 + 50
+    draws'."""
     parts = []
+    if targets.get("kind") == "tokens":
+        if targets.get("top_k"):
+            parts.append(f"per-token top-{targets['top_k']['k']}")
+        sampled = targets.get("sampled")
+        if sampled:
+            parts.append(f"{'' if parts else 'per-token '}{sampled['draws']} draws"
+                         + ("" if sampled.get("logprobs_dtype") else " (no log-probs)"))
+        return " + ".join(parts) or "-"
     if targets.get("logits"):
         parts.append(f"{_SHORT_DTYPE.get(targets['logits']['dtype'], targets['logits']['dtype'])} logits")
     if targets.get("top_k"):

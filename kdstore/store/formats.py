@@ -1,6 +1,8 @@
 """Read and write one shard file (Parquet or HDF5) of named, typed columns. numpy/pyarrow/h5py only.
 
-A shard holds a contiguous block of rows. Scalar columns are 1-D arrays, vector columns 2-D ``(rows, n)``.
+A shard holds a contiguous block of rows. Scalar columns are 1-D arrays, vector columns ``(rows, n)`` (or of any
+rank: ``(rows, L, k)`` per-token top-k), and ragged columns (spec ``"ragged": true``, per-token sampled targets) are
+`Ragged`: L variable-length lists per row.
 
 Format 2 writes only types every engine reads (pyarrow, polars, DuckDB, Hugging Face datasets, h5py): float16,
 float32, int16/int32/int64. A column whose values are exact in a narrower float (bfloat16, or float16 top-k values)
@@ -24,6 +26,7 @@ import numpy as np
 
 from kdstore.errors import StoreFormatError
 from kdstore.options import FORMATS
+from kdstore.store.ragged import Ragged
 
 EXTENSIONS = {"parquet": ".parquet", "hdf5": ".h5"}
 _NUMPY_DTYPES = {
@@ -50,7 +53,7 @@ def encode_bfloat16(values: np.ndarray) -> np.ndarray:
     return (rounded >> 16).astype(np.uint16)
 
 
-def _check_columns(columns: dict[str, np.ndarray], specs: Sequence[dict[str, Any]]) -> int:
+def _check_columns(columns: dict[str, Any], specs: Sequence[dict[str, Any]]) -> int:
     rows = {len(a) for a in columns.values()}
     if len(rows) != 1:
         raise StoreFormatError(f"shard columns have different row counts: { {k: len(v) for k, v in columns.items()} }")
@@ -59,7 +62,8 @@ def _check_columns(columns: dict[str, np.ndarray], specs: Sequence[dict[str, Any
         if a is None:
             raise StoreFormatError(f"shard is missing column {spec['name']!r}")
         want = numpy_dtype(spec["dtype"])
-        if a.dtype != want or list(a.shape[1:]) != list(spec["shape"]):
+        if (a.dtype != want or list(a.shape[1:]) != list(spec["shape"])
+                or isinstance(a, Ragged) != bool(spec.get("ragged"))):
             raise StoreFormatError(
                 f"column {spec['name']!r}: got {a.dtype}{list(a.shape[1:])}, expected {want}{spec['shape']}"
             )
@@ -68,7 +72,7 @@ def _check_columns(columns: dict[str, np.ndarray], specs: Sequence[dict[str, Any
 
 def write_shard(
     path: Path,
-    columns: dict[str, np.ndarray],
+    columns: dict[str, Any],
     specs: Sequence[dict[str, Any]],
     *,
     fmt: str,
@@ -85,22 +89,42 @@ def write_shard(
         raise StoreFormatError(f"unknown storage format {fmt!r}; expected one of {FORMATS}")
 
 
+def _arrow_array(a: np.ndarray | Ragged) -> Any:
+    """A column as an Arrow array: (rows, L, k) -> fixed_size_list<fixed_size_list<T>[k]>[L]; a Ragged (rows, L)
+    column -> fixed_size_list<list<T>>[L]."""
+    import pyarrow as pa
+
+    if isinstance(a, Ragged):
+        offsets = a.offsets()
+        if offsets[-1] >= 2**31:
+            raise StoreFormatError(f"a ragged column holds {offsets[-1]} entries in one shard; use fewer rows per "
+                                   "shard (at most 2**31 - 1 entries)")
+        arr = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(np.ascontiguousarray(a.values)))
+        widths = a.shape[1:]
+    else:
+        a = np.ascontiguousarray(a)
+        arr, widths = pa.array(a.reshape(-1)), a.shape[1:]
+    for width in reversed(widths):
+        arr = pa.FixedSizeListArray.from_arrays(arr, width)
+    return arr
+
+
 def _write_parquet(
-    path: Path, columns: dict[str, np.ndarray], specs: Sequence[dict[str, Any]], rg: int, meta: dict[str, Any]
+    path: Path, columns: dict[str, Any], specs: Sequence[dict[str, Any]], rg: int, meta: dict[str, Any]
 ) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrays, fields, encodings = [], [], {}
     for spec in specs:
-        a = np.ascontiguousarray(columns[spec["name"]])
-        arr = pa.array(a.reshape(-1))
-        for width in reversed(a.shape[1:]):  # (rows, L, k) -> fixed_size_list<fixed_size_list<T>[k]>[L]
-            arr = pa.FixedSizeListArray.from_arrays(arr, width)
+        a = columns[spec["name"]]
+        arr = _arrow_array(a)
         field_meta = {b"kdstore_dtype": spec["dtype"].encode(), b"kdstore_shape": json.dumps(spec["shape"]).encode(),
                       b"kdstore_role": str(spec["role"]).encode()}
         if spec.get("precision"):
             field_meta[b"kdstore_precision"] = spec["precision"].encode()
+        if spec.get("ragged"):
+            field_meta[b"kdstore_ragged"] = b"true"
         fields.append(pa.field(spec["name"], arr.type, nullable=False, metadata=field_meta))
         arrays.append(arr)
         encodings[spec["name"] + ".list.element" * (a.ndim - 1)] = _parquet_encoding(spec, a.ndim)
@@ -120,16 +144,25 @@ def _parquet_encoding(spec: dict[str, Any], ndim: int) -> str:
 
 
 def _write_hdf5(
-    path: Path, columns: dict[str, np.ndarray], specs: Sequence[dict[str, Any]], rg: int, meta: dict[str, Any]
+    path: Path, columns: dict[str, Any], specs: Sequence[dict[str, Any]], rg: int, meta: dict[str, Any]
 ) -> None:
     import h5py
 
     with h5py.File(path, "w", track_order=False, libver=("earliest", "v110")) as f:
         f.attrs["kdstore"] = json.dumps(meta, sort_keys=True)
         for spec in specs:
-            a = np.ascontiguousarray(columns[spec["name"]])
-            chunks = (min(rg, len(a)),) + a.shape[1:]
-            ds = f.create_dataset(spec["name"], data=a, chunks=chunks, track_times=False)
+            a = columns[spec["name"]]
+            chunks = (min(rg, len(a)),) + tuple(a.shape[1:])
+            if isinstance(a, Ragged):  # an (rows, L) dataset of variable-length arrays
+                cells = np.empty(a.lengths.size, dtype=object)
+                cells[:] = a.cells()
+                ds = f.create_dataset(spec["name"], shape=a.shape, dtype=h5py.vlen_dtype(a.dtype), chunks=chunks,
+                                      track_times=False)
+                if len(cells):
+                    ds[...] = cells.reshape(a.shape)
+                ds.attrs["kdstore_ragged"] = "true"
+            else:
+                ds = f.create_dataset(spec["name"], data=np.ascontiguousarray(a), chunks=chunks, track_times=False)
             ds.attrs["kdstore_dtype"] = spec["dtype"]
             ds.attrs["kdstore_shape"] = np.asarray(spec["shape"], dtype=np.int64)
             ds.attrs["kdstore_role"] = str(spec["role"])
@@ -154,7 +187,7 @@ def shard_row_groups(path: Path, fmt: str, rows: int, row_group_rows: int) -> li
 
 def read_shard(
     path: Path, fmt: str, names: Sequence[str], row_groups: Sequence[int] | None = None, row_group_rows: int = 0
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """Read columns `names` of a shard (all rows, or only the listed row groups) as numpy arrays."""
     try:
         if fmt == "parquet":
@@ -169,34 +202,43 @@ def read_shard(
         ) from None
 
 
-def _read_parquet(path: Path, names: Sequence[str], row_groups: Sequence[int] | None) -> dict[str, np.ndarray]:
+def _read_parquet(path: Path, names: Sequence[str], row_groups: Sequence[int] | None) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path, memory_map=True)
     table = (pf.read_row_groups(list(row_groups), columns=list(names)) if row_groups is not None
              else pf.read(columns=list(names)))
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
     for name in names:
         col = table.column(name).combine_chunks()
         shape = [len(col)]
         while hasattr(col.type, "list_size"):  # nested fixed-size lists: one more axis each
             shape.append(col.type.list_size)
             col = col.flatten()
-        out[name] = col.to_numpy(zero_copy_only=False).reshape(shape)
+        if hasattr(col, "value_lengths"):  # variable-length lists inside: a ragged column
+            lengths = col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int32).reshape(shape)
+            out[name] = Ragged(col.flatten().to_numpy(zero_copy_only=False), lengths)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False).reshape(shape)
     return out
 
 
-def _read_hdf5(path: Path, names: Sequence[str], row_groups: Sequence[int] | None, rg: int) -> dict[str, np.ndarray]:
+def _read_hdf5(path: Path, names: Sequence[str], row_groups: Sequence[int] | None, rg: int) -> dict[str, Any]:
     import h5py
 
     with h5py.File(path, "r") as f:
-        out = {}
+        out: dict[str, Any] = {}
         for name in names:
             ds = f[name]
-            if row_groups is None:
-                out[name] = ds[()]
+            parts = [ds[()]] if row_groups is None else [ds[i * rg : (i + 1) * rg] for i in row_groups]
+            if ds.dtype.kind == "O":  # variable-length arrays: a ragged column
+                base = h5py.check_vlen_dtype(ds.dtype)
+                cells = [c for p in parts for c in p.reshape(-1)]
+                lengths = np.array([len(c) for c in cells], np.int32).reshape(-1, *ds.shape[1:])
+                values = np.concatenate(cells).astype(base) if cells else np.empty(0, base)
+                out[name] = Ragged(values, lengths)
             else:
-                out[name] = np.concatenate([ds[i * rg : (i + 1) * rg] for i in row_groups])
+                out[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out
 
 

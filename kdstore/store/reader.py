@@ -13,6 +13,7 @@ from kdstore.store import manifest as mf
 from kdstore.store.files import sha256_file
 from kdstore.store.formats import count_rows, decode_bfloat16, numpy_dtype, read_shard, shard_row_groups
 from kdstore.store.layout import MANIFEST_NAME, VersionRef, existing_versions, resolve
+from kdstore.store.ragged import concat, empty
 
 
 class Version:
@@ -84,8 +85,9 @@ class Version:
     # -- data ----------------------------------------------------------------------------------------
     def read_file(
         self, index: int, names: Sequence[str], row_groups: Sequence[int] | None = None, *, decode: bool = True
-    ) -> dict[str, np.ndarray]:
-        """Read columns of one data file (all rows or some row groups); bfloat16 decoded to float32 if `decode`."""
+    ) -> dict[str, Any]:
+        """Read columns of one data file (all rows or some row groups); bfloat16 decoded to float32 if `decode`.
+        Arrays are numpy arrays, ragged columns (per-token sampled targets) `kdstore.store.ragged.Ragged`."""
         unknown = [n for n in names if n not in self.columns]
         if unknown:
             raise StoreFormatError(f"{self.ref}: no column {unknown[0]!r}; it has {sorted(self.columns)}")
@@ -110,8 +112,8 @@ class Version:
         if not 0 <= start <= stop <= self.num_rows:
             raise StoreFormatError(f"{self.ref}: rows [{start}, {stop}) are outside [0, {self.num_rows})")
         if start == stop:
-            return {n: np.empty((0, *self.columns[n]["shape"]), dtype=numpy_dtype(self.columns[n]["dtype"]))
-                    for n in names}
+            return {n: empty(numpy_dtype(self.columns[n]["dtype"]), self.columns[n]["shape"],
+                             bool(self.columns[n].get("ragged"))) for n in names}
         parts: list[dict[str, np.ndarray]] = []
         for i, f in enumerate(self.files):
             lo, hi = max(start, f["first_row"]), min(stop, f["first_row"] + f["rows"])
@@ -126,7 +128,7 @@ class Version:
             parts.append({n: block[n][a - off : b - off] for n in names})
         if not parts:
             raise StoreFormatError(f"{self.ref}: no file holds rows [{start}, {stop})")
-        return {n: np.concatenate([p[n] for p in parts]) if len(parts) > 1 else parts[0][n] for n in names}
+        return {n: concat([p[n] for p in parts]) if len(parts) > 1 else parts[0][n] for n in names}
 
     def iter_blocks(self, names: Sequence[str], max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Yield `names` in row order one row group (HDF5 chunk) at a time, cut into blocks of at most `max_rows`
@@ -147,7 +149,7 @@ class Version:
     def read_all(self, names: Sequence[str]) -> dict[str, np.ndarray]:
         """Every row of `names`, concatenated (for sets that fit in memory)."""
         parts = list(self.iter_files(names))
-        return {n: np.concatenate([p[n] for p in parts]) for n in names}
+        return {n: concat([p[n] for p in parts]) for n in names}
 
     # -- integrity ----------------------------------------------------------------------------------
     def verify(self, *, full: bool = True) -> list[str]:
