@@ -1,5 +1,6 @@
 """MNIST for benchmarks/hinton_mnist.py: the Parquet files read through kdstore, subsets, and the pixel shifts
-(the teacher's jitter, and the shifted copies of the opt-in `aug` transfer set)."""
+(the teacher's jitter, and materialised shifted copies: what `kdstore label --views` replaces, measured by
+benchmarks/bench_views.py)."""
 
 from __future__ import annotations
 

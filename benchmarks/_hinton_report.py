@@ -56,9 +56,9 @@ def report(res: dict[str, Any]) -> str:
     aug = [r for r in runs if r["name"].startswith("aug")]
     if aug:
         a_hard = next((r["eval_errors"] for r in aug if r["loss"] == "hard"), None)
-        lines.append(f"beyond the paper -- transfer set: the {res['train_rows']:,} plus "
-                     f"{res.get('aug_copies')} jittered copies, labeled "
-                     "once (gap vs the plain 800-800 hard baseline / vs hard labels on the same jittered set):")
+        lines.append(f"beyond the paper -- the {res['train_rows']:,} with {res.get('aug_views')} stored views "
+                     "each (shifts up to 2 px), labeled once; KD replays a view per image per epoch, hard labels "
+                     "get fresh shifts (gap vs the plain 800-800 hard baseline / vs hard labels with shifts):")
         for r in sorted(aug, key=order):
             g1 = gap(base.get(r["student"]), r["eval_errors"], t_err) if r["loss"] != "hard" else None
             g2 = gap(a_hard, r["eval_errors"], t_err) if r["loss"] != "hard" else None

@@ -55,7 +55,7 @@ def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.de
     t0, step, start, prior = time.perf_counter(), 0, 0, 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own file, written below
+        state = torch.load(ckpt, map_location=device, weights_only=True)
         if state["config"] == cfg:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

@@ -17,9 +17,12 @@ Phases (wall time printed for each):
                top-k KD at k in {1, 3, 5} from the stored top-5; 300-300 and 30-30 students; the omitted-3
                student, whose 3-bias is then raised (b = 3.5 as in the paper, b chosen on the training set,
                and the test-optimal b the paper used).
-  (opt-in)    --experiments ...,aug: the training set plus --aug-copies copies jittered like the teacher's inputs,
-               labeled once; 800-800 on hard labels and by KD at T = 20 from it, with as many steps as the others
-               (beyond the paper: its student saw no shifted images).
+  (opt-in)    --experiments ...,aug: `kdstore label --views N --augment shift:2` labels N views of every training
+               image (view 0 the image itself, the others shifted by up to 2 pixels like the teacher's inputs)
+               once, storing each view's shift and targets, no images written; 800-800 by KD at T = 20 replaying
+               one stored view per image per epoch, beside the 800-800 on hard labels with fresh shifts of up to
+               2 pixels (`kdstore train --augment shift:2`), the same epochs as the others (beyond the paper:
+               its student saw no shifted images).
   4. report    table beside the paper's numbers, OUT/hinton_results.json, OUT/hinton_errors_vs_T.png
                (benchmarks/_hinton_report.py; MNIST and the shifts: benchmarks/_hinton_data.py).
 
@@ -54,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # `python benchmarks/hinton_mnist.py` from the repository root
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks._hinton_data import drop_class, jittered_copies, load_xy, subset_parquet  # noqa: E402
+from benchmarks._hinton_data import drop_class, load_xy, subset_parquet  # noqa: E402
 from benchmarks._hinton_report import PAPER, TEMPERATURES, finish  # noqa: E402
 from benchmarks._hinton_teacher import TEACHER_SPEC, estimate, train_teacher  # noqa: E402
 from kdstore.device import resolve_device  # noqa: E402
@@ -80,8 +83,11 @@ def kdstore(argv: list[str]) -> None:
                  "settings? rerun with --fresh, or give another --out)")
 
 
-def label_once(store: Path, name: str, teacher: str, transfer: Path, sha: str, device: str) -> str:
-    """`kdstore label` unless STORE/NAME already holds a version by this teacher; returns STORE/NAME@vN."""
+def label_once(store: Path, name: str, teacher: str, transfer: Path, sha: str, device: str,
+               extra: tuple[str, ...] = ()) -> str:
+    """`kdstore label` unless STORE/NAME already holds a version by this teacher; returns STORE/NAME@vN.
+
+    `extra`: more `kdstore label` options (the views of the aug experiment)."""
     ds = store / name
     for n in reversed(existing_versions(ds)):
         man = json.loads((ds / f"v{n}" / "manifest.json").read_text())
@@ -89,7 +95,8 @@ def label_once(store: Path, name: str, teacher: str, transfer: Path, sha: str, d
             print(f"  reusing {ds}@v{n} (labeled by this teacher)")
             return f"{ds}@v{n}"
     kdstore(["label", "--teacher", teacher, "--transfer", str(transfer), "--out", str(store), "--name", name,
-             "--top-k", "5", "--logits-dtype", "float32", "--precision", "fp32", "--device", device, "--quiet"])
+             "--top-k", "5", "--logits-dtype", "float32", "--precision", "fp32", "--device", device, "--quiet",
+             *extra])
     return f"{ds}@v{existing_versions(ds)[-1]}"
 
 
@@ -108,7 +115,7 @@ def kdstore_subprocess(argv: list[str], log: Path, threads: int) -> None:
 def train_students(name: str, targets: str, student: str, loss: str, runs_dir: Path, common: list[str],
                    temperatures: tuple[float, ...] = (20.0,), alpha: float = 0.9,
                    top_k: int | None = None, child_threads: int = 0,
-                   epochs: int | None = None) -> list[dict[str, Any]]:
+                   epochs: int | None = None, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One `kdstore train` call (a temperature sweep is one call); returns its summary's runs.
 
     child_threads > 0 runs it as a child process with that many torch threads (parallel runs, --jobs)."""
@@ -121,6 +128,7 @@ def train_students(name: str, targets: str, student: str, loss: str, runs_dir: P
         argv += ["--temperature", ",".join(f"{t:g}" for t in temperatures), "--alpha", f"{alpha:g}"]
     if top_k is not None:
         argv += ["--top-k", str(top_k)]
+    argv += list(extra)
     if child_threads:
         runs_dir.mkdir(parents=True, exist_ok=True)
         kdstore_subprocess(argv, runs_dir / f"{name}.log", child_threads)
@@ -206,12 +214,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-rows", type=int, default=None, help="use the first N training rows (quick: 10000)")
     ap.add_argument("--experiments", default=",".join(EXPERIMENTS),
                     help=f"comma list of {','.join(EXPERIMENTS)} (default: all of them), and opt-in: aug (800-800 "
-                         "on hard labels and KD at T=20 from a transfer set with --aug-copies jittered copies, as "
-                         "many steps as the other students); the teacher, the 800-800 hard baseline and 800-800 KD "
-                         "at T=20 always run")
-    ap.add_argument("--aug-copies", type=int, default=4, help="jittered copies of the 60k for --experiments aug")
+                         "by KD at T=20 from --aug-views stored views of every image shifted by up to 2 pixels, "
+                         "beside 800-800 on hard labels with fresh shifts); the teacher, the 800-800 hard baseline "
+                         "and 800-800 KD at T=20 always run")
+    ap.add_argument("--aug-views", type=int, default=5,
+                    help="views per training image for --experiments aug (view 0 unshifted)")
     ap.add_argument("--aug-epochs", type=int, default=None,
-                    help="epochs of the aug students (default: as many optimizer steps as the other students)")
+                    help="epochs of the aug students (default: --student-epochs; an epoch replays one view per image)")
     ap.add_argument("--data-dir", type=Path, default=HERE / "data")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/out (quick: benchmarks/out/quick)")
     ap.add_argument("--fresh", action="store_true", help="delete previous outputs in --out first")
@@ -300,10 +309,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "no3" in a.experiments else None
     targets_aug = None
     if "aug" in a.experiments:
-        aug_set = jittered_copies(train, a.out / "aug_data" / f"{train.stem}_jitter{a.aug_copies}x.parquet",
-                                  a.aug_copies, tcfg["jitter"], a.seed + 1)
-        targets_aug = label_once(store, f"mnist-t1200-jitter{a.aug_copies}x", teacher, aug_set, info["sha256"],
-                                 a.device)
+        targets_aug = label_once(store, f"mnist-t1200-views{a.aug_views}", teacher, train, info["sha256"], a.device,
+                                 ("--views", str(a.aug_views), "--augment", f"shift:{tcfg['jitter']}",
+                                  "--augment-seed", str(a.seed + 1)))
     phases["label"] = time.perf_counter() - t
 
     # -- 3. students, from the stored targets only; the paper's headline runs first, so that a run cut off by
@@ -322,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            else str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                            "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "targets": targets, "runs": runs, "phase_seconds": phases,
-                           "aug_copies": a.aug_copies if "aug" in a.experiments else None}
+                           "aug_views": a.aug_views if "aug" in a.experiments else None}
 
     # every student run, the paper's headline runs first (with --jobs 1 a run cut off by a time limit has them;
     # results are rewritten after every `kdstore train` call, and a rerun continues)
@@ -339,9 +347,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "tsweep" in a.experiments:  # one run per temperature, so that --jobs can spread them
         calls += [("students_800_tsweep", f"800-kd-a0.9-T{t:g}", targets, s800, "kd", {"temperatures": (t,)})
                   for t in TEMPERATURES if t != 20.0]
-    if targets_aug:  # as many optimizer steps as the students on the 60k
-        aug_epochs = a.aug_epochs or max(1, round(a.student_epochs / (a.aug_copies + 1)))
-        calls += [("students_aug", "aug-800-hard", targets_aug, s800, "hard", {"epochs": aug_epochs}),
+    if targets_aug:  # an epoch replays one view per image: as many optimizer steps as the students on the 60k
+        aug_epochs = a.aug_epochs or a.student_epochs
+        shift = ("--augment", f"shift:{tcfg['jitter']}")
+        calls += [("students_aug", "aug-800-hard", targets, s800, "hard", {"epochs": aug_epochs, "extra": shift}),
                   ("students_aug", "aug-800-kd", targets_aug, s800, "kd",
                    {"temperatures": (20.0,), "epochs": aug_epochs})]
     if "alpha" in a.experiments:
