@@ -137,16 +137,16 @@ def _rule(a: Advice) -> None:
     std = (f"--standardize -T {','.join(f'{t:g}' for t in SUGGESTED_T)} --alpha {SUGGESTED_ALPHA:g} (z-scored "
            f"logits: {_stats(a.at(1.0, True))} at T = 1)")
     at = f"At the default T = {DEFAULT_T:g} ({_stats(d)})"
-    if d.second_prob < ONE_HOT_P2:
+    if d.entropy > flat:  # first: with many classes a near-uniform row's 2nd probability (~1/C) is small too
+        a.verdict = "near uniform"
+        a.words = [f"{at} the soft targets are near uniform: the label's signal fades.",
+                   f"Plain KD wants a lower temperature ({t_range}); standardised KD did best in the benchmark: {std}."]
+    elif d.second_prob < ONE_HOT_P2:
         a.verdict = "near one-hot"
         a.words = [f"{at} the soft targets are near one-hot: they carry little beyond the label, and plain KD can "
                    "do worse than hard labels.",
                    f"Plain targets are informative at {t_range}, but a teacher this sure of itself taught worse at "
                    f"high T too; standardise instead: {std}."]
-    elif d.entropy > flat:
-        a.verdict = "near uniform"
-        a.words = [f"{at} the soft targets are near uniform: the label's signal fades.",
-                   f"Plain KD wants a lower temperature ({t_range}); standardised KD did best in the benchmark: {std}."]
     else:
         a.verdict = "informative"
         a.words = [f"{at} the soft targets are informative for plain KD ({t_range}).",

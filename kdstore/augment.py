@@ -124,6 +124,23 @@ def check_shape(spec: AugmentSpec, shape: tuple[int, ...], argument: str = "augm
                           f"(C, H, W); the transfer set's inputs are {list(shape)} (vectors take noise:STD only)")
 
 
+def describe(spec: AugmentSpec, shape: tuple[int, ...]) -> list[str]:
+    """Each operation's parameter ranges in words, for `kdstore inspect` and the card (shape: the inputs')."""
+    hw = f"{shape[-2]}x{shape[-1]}" if len(shape) >= 2 else "the input"
+    out = []
+    for op in spec.ops:
+        if isinstance(op, Shift):
+            out.append(f"shift (dy, dx): integers in [-{op.pixels}, {op.pixels}] pixels, zero fill")
+        elif isinstance(op, Crop):
+            out.append(f"crop: area {op.scale[0]:g}-{op.scale[1]:g} of the image, aspect ratio "
+                       f"{op.ratio[0]:.3g}-{op.ratio[1]:.3g}, resized back to {hw} (bilinear)")
+        elif isinstance(op, Flip):
+            out.append("flip: horizontal, probability 1/2")
+        else:
+            out.append(f"noise: additive Gaussian, standard deviation {op.std:g}")
+    return out
+
+
 # --- parameters ------------------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdstore import __version__
+from kdstore import __version__, augment
 from kdstore.store.catalog import class_names, human_bytes, short_source, targets_text
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ def card_text(m: dict[str, Any], where: str, stats: CardStatistics | None = None
         out.append(f"  derived from {parent}")
     out += _provenance_text(m)
     out += _statistics_text(m, stats)
+    out += _views_text(m)
     out += _fidelity_text(m)
     if stats:
         pairs = stats.similar_pairs(class_names(m))
@@ -171,6 +172,40 @@ def _statistics_text(m: dict[str, Any], stats: CardStatistics | None) -> list[st
     return out
 
 
+
+def _views_facts(m: dict[str, Any]) -> tuple[list[str], list[str]] | None:
+    """(description lines, per-teacher accuracy lines) of a version labeled with `--views`; None without views."""
+    v = m.get("views")
+    if not v:
+        return None
+    n = v["count"]
+    first = "view 0 is the unaugmented input" if v.get("identity_first") else "every view augmented"
+    desc = [f"{n} per transfer-set row, sample-major (row s*{n}+v is view v of sample s); {first}; seed {v['seed']}",
+            f"augment {v['augment']}",
+            *augment.describe(augment.parse_augment(v["augment"], argument="views"), tuple(v["input_shape"]))]
+    acc = [f"{tid}: unaugmented {_pct(s['accuracy_identity_views'])}, augmented {_pct(s.get('accuracy_augmented_views'))}"
+           for tid, s in m["statistics"].get("teachers", {}).items() if s.get("accuracy_identity_views") is not None]
+    return desc, acc
+
+
+def _views_text(m: dict[str, Any]) -> list[str]:
+    facts = _views_facts(m)
+    if facts is None:
+        return []
+    desc, acc = facts
+    out = ["", "views (kdstore train replays one per row per epoch)", *(f"  {d}" for d in desc)]
+    return out + ([f"  teacher accuracy on views, {a}" for a in acc] if acc else [])
+
+
+def _views_markdown(m: dict[str, Any]) -> list[str]:
+    facts = _views_facts(m)
+    if facts is None:
+        return []
+    desc, acc = facts
+    lines = ["", "## Augmentation views", "", "`kdstore train` replays one stored view per row per epoch (its parameters "
+             "re-applied to the stored input, its targets used).", "", *(f"- {d}" for d in desc)]
+    return lines + ([f"- teacher accuracy on views, {a}" for a in acc] if acc else [])
+
 def _fidelity_text(m: dict[str, Any]) -> list[str]:
     tk = m["targets"]["top_k"]
     if not tk:
@@ -204,6 +239,7 @@ def card_markdown(m: dict[str, Any], stats: CardStatistics, plots: list[str]) ->
     ]
     lines += _provenance_markdown(m)
     lines += _statistics_markdown(m, stats)
+    lines += _views_markdown(m)
     lines += _fidelity_markdown(m)
     if stats.advice:
         lines += _advice_markdown(stats.advice, f"{m['name']}@v{m['version']}", bool(tg["labels"]))

@@ -231,3 +231,31 @@ def test_ddp_replays_views(views, tmp_path, mode) -> None:  # type: ignore[no-un
         np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
     else:
         assert all(np.isfinite(losses[1]))
+
+
+def test_inspect_and_card_describe_the_views(views, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """#15 item 4: views per row, the parameters' ranges and the teacher on unaugmented against augmented views,
+    in the terminal card and in the written card's README."""
+    _, version = views
+    r = cli(["inspect", str(version)])
+    assert r.exit_code == 0, r.output
+    text = r.output
+    assert "views (kdstore train replays one per row per epoch)" in text
+    assert "3 per transfer-set row, sample-major (row s*3+v is view v of sample s); view 0 is the unaugmented input" \
+        in text
+    assert "augment shift:1,crop:0.6-1.0,flip" in text  # the canonical spec
+    assert "shift (dy, dx): integers in [-1, 1] pixels, zero fill" in text
+    assert "crop: area 0.6-1 of the image, aspect ratio 0.75-1.33, resized back to" in text
+    assert "flip: horizontal, probability 1/2" in text
+    import re
+
+    m = re.search(r"teacher accuracy on views, t0: unaugmented (\S+), augmented (\S+)", text)
+    assert m, text
+    # 64 classes of near-uniform targets (2nd probability ~1/64, below the one-hot threshold): called near uniform,
+    # not near one-hot (the advice's rule checked one-hot first)
+    assert "the soft targets are near uniform" in text and "near one-hot" not in text
+    r = cli(["inspect", str(version), "--card", "--card-dir", str(tmp_path / "card")])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "card" / "README.md").read_text()
+    assert "## Augmentation views" in md and "- shift (dy, dx): integers in [-1, 1] pixels, zero fill" in md
+    assert f"- teacher accuracy on views, t0: unaugmented {m.group(1)}, augmented {m.group(2)}" in md
