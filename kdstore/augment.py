@@ -246,7 +246,7 @@ def apply(spec: AugmentSpec, x: Tensor, params: dict[str, Tensor]) -> Tensor:
     out = x.float()
     for i, op in enumerate(spec.ops):
         if isinstance(op, Shift):
-            out = _shift(out, params[f"aug{i}_shift"].long())
+            out = _shift(out, params[f"aug{i}_shift"].long(), op.pixels)
         elif isinstance(op, Crop):
             out = _crop(out, params[f"aug{i}_crop"].long())
         elif isinstance(op, Flip):
@@ -257,16 +257,19 @@ def apply(spec: AugmentSpec, x: Tensor, params: dict[str, Tensor]) -> Tensor:
     return out
 
 
-def _shift(x: Tensor, d: Tensor) -> Tensor:
-    h, w = x.shape[-2], x.shape[-1]
-    ys = torch.arange(h, device=x.device)[None, :] - d[:, 0:1]  # (B, H): source row of each output row
-    xs = torch.arange(w, device=x.device)[None, :] - d[:, 1:2]
-    valid = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (B, H, W)
-    ys, xs = ys.clamp(0, h - 1), xs.clamp(0, w - 1)
-    flat = x.reshape(x.shape[0], -1, h * w)  # (B, C, H*W)
-    index = (ys[:, :, None] * w + xs[:, None, :]).reshape(x.shape[0], 1, h * w).expand(-1, flat.shape[1], -1)
-    moved = torch.gather(flat, 2, index).reshape(x.shape)
-    return moved * valid.reshape(x.shape[0], *([1] * (x.ndim - 3)), h, w)
+def _shift(x: Tensor, d: Tensor, pixels: int) -> Tensor:
+    """x (B, ..., H, W) moved by d (B, 2) = (dy, dx), |d| <= pixels, zero fill: one gather from the zero-padded
+    images (twice as fast as gathering from x and masking what fell outside, measured at batch 128 x 28 x 28)."""
+    h, w, b = x.shape[-2], x.shape[-1], x.shape[0]
+    img = x.reshape(b, -1, h, w)
+    c, p = img.shape[1], pixels
+    d = d.clamp(-p, p)  # a stored shift beyond the spec's range cannot index outside the padding
+    hp, wp = h + 2 * p, w + 2 * p
+    padded = F.pad(img, (p, p, p, p)).reshape(b, c, hp * wp)
+    ys = torch.arange(h, device=x.device)[None, :] - d[:, 0:1] + p  # (B, H): padded source row of each output row
+    xs = torch.arange(w, device=x.device)[None, :] - d[:, 1:2] + p
+    index = (ys[:, :, None] * wp + xs[:, None, :]).reshape(b, 1, h * w).expand(-1, c, -1)
+    return torch.gather(padded, 2, index).reshape(x.shape)
 
 
 def _crop(x: Tensor, box: Tensor) -> Tensor:

@@ -70,6 +70,11 @@ def test_shift_and_flip_are_exact_copies() -> None:
     want[1:, :3] = x[0, :3, 2:]  # down 1, left 2, zeros where nothing came from
     torch.testing.assert_close(out[0], want, rtol=0, atol=0)
     torch.testing.assert_close(out[1], x[1], rtol=0, atol=0)
+    c = -torch.arange(3 * 4 * 5, dtype=torch.float32).reshape(1, 3, 4, 5) - 1  # channels, negative values
+    out = augment.apply(spec, c, {"aug0_shift": torch.tensor([[-2, 2]], dtype=torch.int8)})
+    want = torch.zeros(1, 3, 4, 5)
+    want[0, :, :2, 2:] = c[0, :, 2:, :3]  # up 2, right 2, every channel alike; the fill is +0.0
+    assert torch.equal(out, want) and not torch.signbit(out[0, :, 2:, :]).any()
     flipped = augment.apply(augment.parse_augment("flip"), x[:, None], {"aug0_flip": torch.tensor([1, 0])})
     torch.testing.assert_close(flipped[0, 0], x[0].flip(-1), rtol=0, atol=0)
     torch.testing.assert_close(flipped[1, 0], x[1], rtol=0, atol=0)
