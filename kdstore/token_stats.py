@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdstore import targets
+from kdstore import reproducible, targets
 from kdstore.token_targets import ChunkTargets
 from kdstore.versioning import FIDELITY_TEMPERATURES, mean_fidelity
 
@@ -57,7 +57,8 @@ class TokenStatistics:
         self.sums["tokens"] += tokens
 
     def add(self, z: Tensor | None, t: ChunkTargets, flat_index: Tensor, target: Tensor, next_ids: Tensor) -> None:
-        """Add a chunk of n = B x c positions (row-major).
+        """Add a chunk of n = B x c positions (row-major), on one intra-op thread (`reproducible.one_thread`: every
+        operation here is small, O(k) per position or a few positions of V).
 
         Args:
             z: (B, c, V) the teacher's exact float32 logits (for the next-token log-likelihood and the fidelity);
@@ -67,6 +68,10 @@ class TokenStatistics:
             target: (n,) bool, the target mask.
             next_ids: (n,) int64, the true next token, -1 where it is not in the row.
         """
+        with reproducible.one_thread():
+            self._add(z, t, flat_index, target, next_ids)
+
+    def _add(self, z: Tensor | None, t: ChunkTargets, flat_index: Tensor, target: Tensor, next_ids: Tensor) -> None:
         s = self.sums
         flat = z.reshape(-1, z.shape[-1]) if z is not None else None
         m = target

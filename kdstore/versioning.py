@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdstore import __version__, targets
+from kdstore import __version__, reproducible, targets
 from kdstore.store import decode_bfloat16
 from kdstore.store.manifest import FORMAT_VERSION
 
@@ -237,10 +237,11 @@ class TargetStatistics:
             logp = st.log_probs(self.c, self.tail) if dense else None
             if logp is not None:
                 s["entropy_sum"] += float(targets.entropy(logp).double().sum())
-            else:  # top-k only: O(k) per row, whatever C
+            else:  # top-k only: O(k) per row, whatever C; small operations, on one thread (`one_thread`)
                 assert st.values is not None and st.tail is not None
-                s["entropy_sum"] += float(targets.topk_entropy(st.values, st.lse, st.tail, self.c, self.tail)
-                                          .double().sum())
+                with reproducible.one_thread():
+                    s["entropy_sum"] += float(targets.topk_entropy(st.values, st.lse, st.tail, self.c, self.tail)
+                                              .double().sum())
             if labels is not None:
                 top1 = logp.argmax(1) if logp is not None else st.indices[:, 0]  # type: ignore[index]
                 s["correct"] += int((top1 == labels).sum())
@@ -250,11 +251,12 @@ class TargetStatistics:
                 if logp is not None and len(self.ids) > 1:
                     probs_sum = logp.exp() if probs_sum is None else probs_sum + logp.exp()
             if st.tail is not None:
-                s["topk_mass_sum"] += float((-torch.expm1(st.tail.double())).sum())
-                rows = self.fidelity_rows(sample_ids)
-                ref = st.logits[rows] if st.logits is not None else reference.get(tid)
-                if ref is not None and len(rows):
-                    self._add_fidelity(s, rows, ref, st)
+                with reproducible.one_thread():  # a few rows (1 in `stride` at large C) and (N,) arrays
+                    s["topk_mass_sum"] += float((-torch.expm1(st.tail.double())).sum())
+                    rows = self.fidelity_rows(sample_ids)
+                    ref = st.logits[rows] if st.logits is not None else reference.get(tid)
+                    if ref is not None and len(rows):
+                        self._add_fidelity(s, rows, ref, st)
         if probs_sum is not None and labels is not None:
             self.sums["ensemble_correct"] += int((probs_sum.argmax(1) == labels).sum())
 
