@@ -6,9 +6,10 @@
    151,936 (top-64 only). The logits imitate a trained classifier / LM head: Gaussian scores with one boosted class.
 2. ``wide``: `kdstore label` (top-64, no full logits) of a 256-1024-151,936 MLP teacher against the same teacher's
    pure inference over the same batches (load the teacher, read, forward, discard), each in its own process (peak
-   memory is the process's), interleaved for --rounds rounds after a warm-up; medians and (min-max).
+   memory is the process's), interleaved for --rounds rounds after a warm-up; medians and (min-max) of wall and of
+   the children's CPU seconds (on a shared machine the steadier figure).
 
-Run: python -m benchmarks.bench_format2 [bytes] [wide] [--rows 10000] [--rounds 3] [--memory-rows 100000]
+Run: python -m benchmarks.bench_format2 [bytes] [wide] [--rows 10000] [--rounds 3] [--memory-rows 100000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ _CHILD = textwrap.dedent("""
         return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
     import json, sys, time, torch
     mode, teacher, transfer, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    if int(sys.argv[6]):
+        torch.set_num_threads(int(sys.argv[6]))
+    cpu0 = time.process_time()
     if mode == "pure":
         from kdstore.teachers import load_teacher
         from kdstore.transfer import open_transfer
@@ -107,43 +111,49 @@ _CHILD = textwrap.dedent("""
         r = label(LabelConfig(teachers=(teacher,), transfer=transfer, out=out, name="wide", top_k=64,
                               keep_logits=False, batch_size=batch, device="cpu"))
         seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_mb": peak_kb() / 1024}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": time.process_time() - cpu0, "peak_mb": peak_kb() / 1024}))
 """)
 
 
-def _child(mode: str, teacher: str, transfer: Path, out: Path, batch: int) -> dict[str, float]:
-    r = subprocess.run([sys.executable, "-c", _CHILD, mode, teacher, str(transfer), str(out), str(batch)],
+def _child(mode: str, teacher: str, transfer: Path, out: Path, batch: int, threads: int = 0) -> dict[str, float]:
+    r = subprocess.run([sys.executable, "-c", _CHILD, mode, teacher, str(transfer), str(out), str(batch), str(threads)],
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def bench_wide(tmp: Path, rows: int, rounds: int, batch: int, memory_rows: int) -> dict[str, object]:
+def bench_wide(tmp: Path, rows: int, rounds: int, batch: int, memory_rows: int, threads: int = 0) -> dict[str, object]:
     from benchmarks._common import make_teacher, make_transfer
 
     teacher = make_teacher(tmp / "wide.safetensors", [256, 1024, 151_936])
     transfer = make_transfer(tmp / "wide.parquet", rows, width=256)
     peaks: dict[str, list[float]] = {"pure": [], "label": []}
+    cpu: dict[str, list[float]] = {"pure": [], "label": []}
     run_id = [0]
 
     def case(mode: str):  # type: ignore[no-untyped-def]
         def fn() -> float:
             run_id[0] += 1
-            res = _child(mode, teacher, transfer, tmp / f"store{run_id[0]}", batch)
+            res = _child(mode, teacher, transfer, tmp / f"store{run_id[0]}", batch, threads)
             peaks[mode].append(res["peak_mb"])
+            cpu[mode].append(res["cpu_seconds"])
             return res["seconds"]
         return fn
 
     times = interleaved({"pure": case("pure"), "label": case("label")}, rounds=rounds)
+    cpu = {k: v[1:] for k, v in cpu.items()}  # without the warm-up round, as `interleaved` drops it from `times`
     r = ratios(times["label"], times["pure"])
     result: dict[str, object] = {
         "rows": rows, "batch": batch, "rounds": rounds, "pure_s": median_spread(times["pure"]),
         "label_s": median_spread(times["label"]), "label_over_pure": median_spread(r), "ratio_median": median(r),
+        "threads": threads or torch.get_num_threads(), "pure_cpu_s": median_spread(cpu["pure"]),
+        "label_cpu_s": median_spread(cpu["label"]),
+        "label_over_pure_cpu": median_spread(ratios(cpu["label"], cpu["pure"])),
         "label_peak_mb": round(max(peaks["label"])), "pure_peak_mb": round(max(peaks["pure"])),
         "us_per_row_overhead": round(1e6 * (median(times["label"]) - median(times["pure"])) / rows, 1)}
     print(json.dumps(result), flush=True)
     if memory_rows:
         big = make_transfer(tmp / "wide-big.parquet", memory_rows, width=256)
-        res = _child("label", teacher, big, tmp / "store-big", batch)
+        res = _child("label", teacher, big, tmp / "store-big", batch, threads)
         result["memory_run"] = {"rows": memory_rows, "seconds": round(res["seconds"], 1),
                                 "peak_mb": round(res["peak_mb"])}
         print(json.dumps(result["memory_run"]), flush=True)
@@ -157,6 +167,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--memory-rows", type=int, default=0, help="also label this many rows once, for the peak")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads of the wide children (0: torch's default); on a shared machine 1 thread and "
+                        "the CPU-seconds ratio are the steadier figures")
     a = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as d:
@@ -164,7 +177,7 @@ def main() -> None:
         if "bytes" in a.parts:
             bench_bytes(tmp, {10: 100_000, 1000: 20_000, 151_936: 4_000})
         if "wide" in a.parts:
-            bench_wide(tmp, a.rows, a.rounds, a.batch_size, a.memory_rows)
+            bench_wide(tmp, a.rows, a.rounds, a.batch_size, a.memory_rows, a.threads)
 
 
 if __name__ == "__main__":
