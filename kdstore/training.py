@@ -187,6 +187,7 @@ class Trainer:
         group = grouped.StudentGroup(models)
         opt = _optimizer(group.parameters(), self.cfg)
         opt.load_state_dict(grouped.stack_optimizer_states([s[1].state_dict() for s in starts]))
+        n = len(group.points[0])
         sources, which = self._group_sources(memory, points)
         t0 = time.perf_counter()
         for epoch in range(starts[0][2], self.cfg.epochs):
@@ -200,7 +201,7 @@ class Trainer:
                 ev = self.evaluate(group.load_into(models[i], i)) if due else None
                 if self.dist.is_main and state is not None:
                     self.rundir.save_checkpoint(rid, {"model": group.state(i), "epoch": epoch,
-                                                      "optimizer": grouped.point_optimizer_state(state, i),
+                                                      "optimizer": grouped.point_optimizer_state(state, i, n),
                                                       "epoch_seconds": seconds[i]})
                 if self.dist.is_main:
                     self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_losses[i], opt, share, ev))
@@ -225,7 +226,7 @@ class Trainer:
             point_losses = torch.stack([self.loss(out[i], _point_batch(batches[which[i]][0], i), p)
                                         for i, p in enumerate(points)])
             opt.zero_grad(set_to_none=True)
-            point_losses.sum().backward()  # no parameter is shared: each point gets its own loss's gradient
+            group.backward(point_losses.sum())  # no parameter is shared: each point gets its own loss's gradient
             opt.step()
             n = len(batches[0][0]["x"])
             totals += point_losses.detach().double() * n

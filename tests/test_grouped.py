@@ -147,7 +147,7 @@ def test_optimizer_state_round_trips_through_a_group() -> None:
     stacked = torch.optim.Adam(group.parameters(), lr=1e-2)
     stacked.load_state_dict(stack_optimizer_states([o.state_dict() for o in opts]))
     for i, o in enumerate(opts):
-        mine, back = o.state_dict(), point_optimizer_state(stacked.state_dict(), i)
+        mine, back = o.state_dict(), point_optimizer_state(stacked.state_dict(), i, 4)
         assert mine["param_groups"] == back["param_groups"]
         for idx, entry in mine["state"].items():
             assert entry.keys() == back["state"][idx].keys()
