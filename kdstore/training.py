@@ -205,8 +205,9 @@ class Trainer:
                                                       "epoch_seconds": seconds[i]})
                 if self.dist.is_main:
                     self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_losses[i], opt, share, ev))
+        agreement = self._group_agreement(group, memory)
         each = (time.perf_counter() - t0) / len(points)
-        return {rid: self._finish(rid, point, group.load_into(models[i], i), memory, each, seconds[i])
+        return {rid: self._finish(rid, point, group.load_into(models[i], i), memory, each, seconds[i], agreement[i])
                 for i, (point, rid) in enumerate(todo)}
 
     def _group_epoch(self, group: grouped.StudentGroup, opt: torch.optim.Optimizer,
@@ -396,19 +397,32 @@ class Trainer:
         agree_all, total_all = self.dist.sum(agree, total)
         return agree_all / max(total_all, 1)
 
+    @torch.no_grad()
+    def _group_agreement(self, group: grouped.StudentGroup, memory: Batch | None) -> list[float]:
+        """`agreement` of every point of a group in one pass: the teacher's argmax once per batch, the students'
+        in one stacked forward (grouping runs in one process, so there is nothing to sum over ranks)."""
+        agree = torch.zeros(group.size, dtype=torch.int64, device=self.device)
+        total = 0
+        for batch, _ in self._batches(memory, 0, self.cfg.seeds[0]):
+            with autocast(self.device, self.precision):
+                out = group(batch["x"], shared=True)
+            agree += (out.float().argmax(-1) == self._teacher_argmax(batch)).sum(1)
+            total += len(batch["x"])
+        return (agree.double() / max(total, 1)).tolist()  # type: ignore[no-any-return]
+
     def _teacher_argmax(self, batch: Batch) -> Tensor:
         if "logits" in batch or "topk_values" in batch:
             return soft_targets.batch_log_probs(batch, 1.0, self.plan, self.weights).argmax(1)
         return batch["label"]
 
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, memory: Batch | None, seconds: float,
-                epoch_seconds: list[float]) -> RunResult:
+                epoch_seconds: list[float], agreement: float | None = None) -> RunResult:
         ev, val = self.evaluate(model), self.validate(model)
         if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
         result = RunResult(rid, point.loss, point.temperature, point.alpha, self.cfg.epochs,
                            ev.accuracy if ev else None, ev.errors if ev else None, ev.nll if ev else None,
-                           self.agreement(model, memory), seconds, epoch_seconds,
+                           self.agreement(model, memory) if agreement is None else agreement, seconds, epoch_seconds,
                            {"parameters": count_parameters(model), "world_size": self.dist.world_size}, point.seed,
                            point.standardize, val.accuracy if val else None, val.errors if val else None,
                            val.nll if val else None)
