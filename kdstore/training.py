@@ -40,6 +40,7 @@ from kdstore.train_config import DATA_MODES, EXECUTION, LOSSES, OPTIMIZERS, SCHE
 __all__ = ["DATA_MODES", "LOSSES", "OPTIMIZERS", "SCHEDULES", "SweepPoint", "TrainConfig", "Trainer"]
 
 Progress = Callable[[str, int, int], None]
+AGREEMENT_BATCH = 4096  # rows per forward when measuring agreement with the teacher
 Batch = dict[str, Tensor]
 
 
@@ -299,10 +300,11 @@ class Trainer:
                               temperature=t, alpha=alpha, standardize=std)
 
     # -- data ------------------------------------------------------------------------------------------------------
-    def _batches(self, memory: Batch | None, epoch: int, seed: int) -> Iterator[tuple[Batch, int]]:
+    def _batches(self, memory: Batch | None, epoch: int, seed: int,
+                 batch_size: int | None = None) -> Iterator[tuple[Batch, int]]:
         """(this rank's batch, rows in the global batch): in-memory index selections, or streamed from disk (the
-        held-out validation rows left out either way)."""
-        bs, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world_size
+        held-out validation rows left out either way); of --batch-size rows unless `batch_size` says otherwise."""
+        bs, rank, world = batch_size or self.cfg.batch_size, self.dist.rank, self.dist.world_size
         if memory is not None:
             yield from memory_batches(memory, bs, seed=seed, epoch=epoch, rank=rank, world_size=world,
                                       replay=self.replay)
@@ -392,7 +394,8 @@ class Trainer:
 
     def agreement(self, model: nn.Module, memory: Batch | None) -> float:
         """Fraction of transfer rows where the student's argmax equals the (ensembled) teacher's."""
-        batches = (b for b, _ in self._batches(memory, 0, self.cfg.seeds[0]))  # the order does not matter here
+        # the order does not matter here, and forward passes over large batches cost less per row
+        batches = (b for b, _ in self._batches(memory, 0, self.cfg.seeds[0], AGREEMENT_BATCH))
         agree, total = agreement_counts(model, batches, self._teacher_argmax, self.device, self.precision)
         agree_all, total_all = self.dist.sum(agree, total)
         return agree_all / max(total_all, 1)
@@ -403,7 +406,7 @@ class Trainer:
         in one stacked forward (grouping runs in one process, so there is nothing to sum over ranks)."""
         agree = torch.zeros(group.size, dtype=torch.int64, device=self.device)
         total = 0
-        for batch, _ in self._batches(memory, 0, self.cfg.seeds[0]):
+        for batch, _ in self._batches(memory, 0, self.cfg.seeds[0], AGREEMENT_BATCH):
             with autocast(self.device, self.precision):
                 out = group(batch["x"], shared=True)
             agree += (out.float().argmax(-1) == self._teacher_argmax(batch)).sum(1)
