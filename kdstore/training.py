@@ -112,7 +112,7 @@ class Trainer:
         model, opt, start_epoch, epoch_seconds = self._start(rid, point.seed)
         net = self._parallel(model)
         view = self._view_for(memory, point) if memory is not None else None
-        t0 = time.perf_counter()
+        t0, ev = time.perf_counter(), None
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
             te = time.perf_counter()
@@ -124,7 +124,7 @@ class Trainer:
                     self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                                       "epoch": epoch, "epoch_seconds": epoch_seconds})
                 self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_loss, opt, epoch_seconds[-1], ev))
-        return self._finish(rid, point, model, memory, time.perf_counter() - t0, epoch_seconds)
+        return self._finish(rid, point, model, memory, time.perf_counter() - t0, epoch_seconds, ev=ev)
 
     def _epoch(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, view: Batch | None, epoch: int,
                point: SweepPoint, rid: str, progress: Progress | None) -> float:
@@ -190,6 +190,7 @@ class Trainer:
         opt.load_state_dict(grouped.stack_optimizer_states([s[1].state_dict() for s in starts]))
         n = len(group.points[0])
         sources, which = self._group_sources(memory, points)
+        evs: list[EvalResult | None] = [None] * len(todo)  # the latest evaluation of each point
         t0 = time.perf_counter()
         for epoch in range(starts[0][2], self.cfg.epochs):
             te = time.perf_counter()
@@ -199,7 +200,7 @@ class Trainer:
             for i, (point, rid) in enumerate(todo):
                 seconds[i].append(share)
                 due = self._due(self.cfg.eval_every, epoch)
-                ev = self.evaluate(group.load_into(models[i], i)) if due else None
+                ev = evs[i] = self.evaluate(group.load_into(models[i], i)) if due else None
                 if self.dist.is_main and state is not None:
                     self.rundir.save_checkpoint(rid, {"model": group.state(i), "epoch": epoch,
                                                       "optimizer": grouped.point_optimizer_state(state, i, n),
@@ -208,8 +209,8 @@ class Trainer:
                     self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_losses[i], opt, share, ev))
         agreement = self._group_agreement(group, memory)
         each = (time.perf_counter() - t0) / len(points)
-        return {rid: self._finish(rid, point, group.load_into(models[i], i), memory, each, seconds[i], agreement[i])
-                for i, (point, rid) in enumerate(todo)}
+        return {rid: self._finish(rid, point, group.load_into(models[i], i), memory, each, seconds[i], agreement[i],
+                                  evs[i]) for i, (point, rid) in enumerate(todo)}
 
     def _group_epoch(self, group: grouped.StudentGroup, opt: torch.optim.Optimizer,
                      sources: list[tuple[int, Batch | None]], which: list[int], epoch: int, points: list[SweepPoint],
@@ -419,8 +420,10 @@ class Trainer:
         return batch["label"]
 
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, memory: Batch | None, seconds: float,
-                epoch_seconds: list[float], agreement: float | None = None) -> RunResult:
-        ev, val = self.evaluate(model), self.validate(model)
+                epoch_seconds: list[float], agreement: float | None = None, ev: EvalResult | None = None) -> RunResult:
+        """The point's result, student and files. `agreement` and `ev` (the last epoch's evaluation, of the same
+        weights) are measured here when not given."""
+        ev, val = ev or self.evaluate(model), self.validate(model)
         if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
         result = RunResult(rid, point.loss, point.temperature, point.alpha, self.cfg.epochs,
