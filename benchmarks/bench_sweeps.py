@@ -14,6 +14,8 @@ the median and the spread (min-max) of its per-round values.
     hard / kd       one kdstore point with hard labels in memory, with KD in memory and KD streamed from disk
 
 Run: python -m benchmarks.bench_sweeps [--rows 60000] [--epochs 3] [--rounds 3] [--threads 1] [--json out.json]
+     python -m benchmarks.bench_sweeps --device cuda --points 16   (#18's GPU goal: a 16-point grouped sweep of the
+     800-800 student against one point, wall time, same rounds; no plain or online loops)
 """
 
 from __future__ import annotations
@@ -134,6 +136,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_points(args: argparse.Namespace) -> list[str]:
+    """Wall time of one point against `args.points` points trained as one group (T from 1 to 20)."""
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="kdstore-bench-sweeps-"))
+    try:
+        transfer = make_transfer(tmp / "mnist-like.parquet", args.rows)
+        eval_path = make_transfer(tmp / "eval.parquet", max(args.rows // 6, 1), seed=0)
+        spec = make_teacher(tmp / "t.safetensors", [784, 1200, 1200, 10])
+        label(LabelConfig(teachers=(spec,), transfer=str(transfer), out=str(tmp / "s"), name="m", top_k=10,
+                          device=args.device, shard_rows=16384, row_group_rows=2048))
+        s = Sweeps(str(tmp / "s" / "m"), str(eval_path), spec, args.epochs, args.device)
+        temps = tuple(1.0 + 19.0 * i / max(args.points - 1, 1) for i in range(args.points))
+        walls = interleaved({"one": lambda: s.kdstore("one", None, temps=(4.0,)),
+                             "group": lambda: s.kdstore("group", args.points, temps=temps)}, rounds=args.rounds)
+        shutil.rmtree(s.tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [f"{args.rows} rows, {args.epochs} epochs on {args.device}, {args.rounds} rounds: one point "
+            f"{median_spread(walls['one'])} s, {args.points} points grouped {median_spread(walls['group'])} s; "
+            f"ratio {median_spread(ratios(walls['group'], walls['one']))} (goal <= 2)"]
+
+
 def report(r: dict[str, Any]) -> list[str]:
     w, e, o = r["wall_s"], r["student_epoch_s"], r["overhead_share"]
     sweep = {k: [v + r["label_s"] for v in w[k]] for k in ("separate", "grouped")}  # kdstore labels once first
@@ -168,8 +192,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--points", type=int, default=0, help="only compare one point with this many grouped")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.points:
+        print("\n".join(run_points(args)))
+        return
     r = run(args)
     print("\n".join(report(r)))
     if args.json:
