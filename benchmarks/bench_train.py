@@ -1,4 +1,5 @@
-"""Trainer cost, measured side by side in one run.
+"""Trainer cost, measured side by side in one run: every case once per round, in turn, after a warm-up round
+(`_common.interleaved`), and every ratio reported as the median and spread (min-max) of its per-round values.
 
 1. offline-KD epoch / hard-label epoch, same student and data: in memory (goal <= 1.05) and streamed from disk
    (goal <= 1.15).
@@ -6,7 +7,8 @@
    teacher and a 784-800-800-10 student: per epoch, and for a 5-temperature sweep including the one labeling run.
 3. peak RSS while streaming a store much larger than the working set stays flat (sampled during the epoch).
 
-Run: python benchmarks/bench_train.py [--rows 60000] [--device auto] [--stream-gb 2]
+Run: python -m benchmarks.bench_train [--rows 60000] [--rounds 3] [--threads N] [--device auto] [--stream-gb 2]
+(the 5-temperature sweep itself, separate and grouped: benchmarks/bench_sweeps.py)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._common import make_teacher, make_transfer
+from benchmarks._common import interleaved, make_teacher, make_transfer, median, median_spread, ratios
 from kdstore import losses
 from kdstore.device import resolve_device
 from kdstore.labeling import LabelConfig, label
@@ -32,23 +34,28 @@ from kdstore.teachers import load_teacher
 from kdstore.training import TrainConfig, Trainer
 
 
-def trainer_epoch(store: str, loss: str, mode: str, out: Path, device: str, epochs: int = 2) -> float:
-    """Best training-loop time per epoch (eval and checkpointing excluded) of `kdstore train`."""
+def trainer_epoch(store: str, loss: str, mode: str, out: Path, device: str, epochs: int = 1) -> float:
+    """Training-loop time of the fastest epoch (eval and checkpointing excluded) of `kdstore train`."""
     cfg = TrainConfig(targets=store, student="mlp:784-800-800-10", out=str(out), losses=loss, temperatures=(4.0,),
                       alphas=(0.9,), epochs=epochs, batch_size=128, data_mode=mode, device=device, lr=1e-3)
     r = Trainer(cfg).run()[0]
+    shutil.rmtree(out, ignore_errors=True)
     return min(r.epoch_seconds)
 
 
-def online_vs_offline(store: str, teacher_spec: str, device: torch.device) -> dict[str, float]:
-    """One epoch of the same loop, targets from memory (offline) vs teacher forward per step (online)."""
-    from kdstore.data import open_training_data
+class KDLoop:
+    """One epoch of a plain KD loop, targets gathered from memory (offline) or the teacher's forward per step
+    (online)."""
 
-    data = open_training_data(store, need=("logits", "label")).to_memory(device)
-    teacher = load_teacher(teacher_spec).module.to(device)
-    n = len(data["sample_id"])
+    def __init__(self, store: str, teacher_spec: str, device: torch.device) -> None:
+        from kdstore.data import open_training_data
 
-    def epoch(online: bool) -> float:
+        self.data = open_training_data(store, need=("logits", "label")).to_memory(device)
+        self.teacher = load_teacher(teacher_spec).module.to(device)
+        self.device = device
+
+    def epoch(self, online: bool) -> float:
+        data, device, n = self.data, self.device, len(self.data["sample_id"])
         torch.manual_seed(0)
         student = build_model("mlp:784-800-800-10").to(device)
         opt = torch.optim.Adam(student.parameters(), lr=1e-3)
@@ -61,7 +68,7 @@ def online_vs_offline(store: str, teacher_spec: str, device: torch.device) -> di
             x, y = data["x"][idx], data["label"][idx]
             if online:
                 with torch.no_grad():
-                    z = teacher(x)
+                    z = self.teacher(x)
             else:
                 z = data["logits"][idx, 0].float()
             logp = torch.log_softmax(z / 4.0, dim=1)
@@ -72,11 +79,6 @@ def online_vs_offline(store: str, teacher_spec: str, device: torch.device) -> di
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
-
-    epoch(False)  # warm-up
-    off = min(epoch(False) for _ in range(2))
-    on = min(epoch(True) for _ in range(2))
-    return {"offline_epoch_s": off, "online_epoch_s": on}
 
 
 def rss_mb() -> float:
@@ -162,13 +164,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=60000)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds after the warm-up round")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--stream-gb", type=float, default=2.0, help="size of the store for the memory test (0 skips)")
     ap.add_argument("--sweep-epochs", type=int, default=10, help="epochs per temperature in the sweep estimate")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="kdstore-bench-"))
-    res: dict[str, object] = {"device": str(dev), "torch_threads": torch.get_num_threads()}
+    res: dict[str, object] = {"device": str(dev), "torch_threads": torch.get_num_threads(), "rounds": args.rounds}
     try:
         transfer = make_transfer(tmp / "mnist-like.parquet", args.rows)
         spec = make_teacher(tmp / "t.safetensors", [784, 1200, 1200, 10])
@@ -176,31 +182,30 @@ def main() -> None:
         label(LabelConfig(teachers=(spec,), transfer=str(transfer), out=str(tmp / "s"), name="m", top_k=10,
                           device=args.device, shard_rows=16384, row_group_rows=2048))
         label_s = time.perf_counter() - t
-        store = str(tmp / "s" / "m")
-        trainer_epoch(store, "hard", "memory", tmp / "warm", args.device, epochs=1)  # warm-up
-        mem_hard = trainer_epoch(store, "hard", "memory", tmp / "r1", args.device)
-        mem_kd = trainer_epoch(store, "kd", "memory", tmp / "r2", args.device)
-        st_hard = trainer_epoch(store, "hard", "stream", tmp / "r3", args.device)
-        st_kd = trainer_epoch(store, "kd", "stream", tmp / "r4", args.device)
-        oo = online_vs_offline(store, spec, dev)
+        store, loop = str(tmp / "s" / "m"), KDLoop(str(tmp / "s" / "m"), spec, dev)
+        cases = {f"{mode}_{loss}": (lambda loss=loss, mode=mode:
+                                    trainer_epoch(store, loss, mode, tmp / "r", args.device))
+                 for mode in ("memory", "stream") for loss in ("hard", "kd")}
+        cases.update(offline=lambda: loop.epoch(False), online=lambda: loop.epoch(True))
+        t_ = interleaved(cases, rounds=args.rounds)  # type: ignore[arg-type]
         e = args.sweep_epochs
-        sweep_off = label_s + 5 * e * oo["offline_epoch_s"]
-        sweep_on = 5 * e * oo["online_epoch_s"]
-        res.update(rows=args.rows, label_s=label_s, mem_hard=mem_hard, mem_kd=mem_kd, stream_hard=st_hard,
-                   stream_kd=st_kd, **oo, sweep5_offline_s=sweep_off, sweep5_online_s=sweep_on)
-        print(f"device {dev}, torch threads {torch.get_num_threads()}, {args.rows} rows, "
-              "student 784-800-800-10, batch 128")
-        print(f"  in memory:  hard {mem_hard:.2f} s/epoch  kd {mem_kd:.2f} s/epoch  "
-              f"ratio kd/hard = {mem_kd / mem_hard:.3f} (goal <= 1.05)")
-        print(f"  streamed:   hard {st_hard:.2f} s/epoch  kd {st_kd:.2f} s/epoch  "
-              f"ratio kd/hard = {st_kd / st_hard:.3f}; "
-              f"kd streamed / hard in memory = {st_kd / mem_hard:.3f} (goal <= 1.15)")
-        print(f"  online KD (teacher 784-1200-1200-10 every step) {oo['online_epoch_s']:.2f} s/epoch vs offline "
-              f"{oo['offline_epoch_s']:.2f} s/epoch: "
-              f"online/offline = {oo['online_epoch_s'] / oo['offline_epoch_s']:.2f}")
-        print(f"  5-temperature sweep x {e} epochs (from the per-epoch times above): online {sweep_on:.1f} s vs "
-              f"offline {sweep_off:.1f} s (label once {label_s:.1f} s + 5 x {e} student epochs): "
-              f"online/offline = {sweep_on / sweep_off:.2f}")
+        sweep_off = [label_s + 5 * e * x for x in t_["offline"]]
+        sweep_on = [5 * e * x for x in t_["online"]]
+        res.update(rows=args.rows, label_s=label_s, epoch_s=t_, sweep5_offline_s=sweep_off, sweep5_online_s=sweep_on)
+        print(f"device {dev}, torch threads {torch.get_num_threads()}, {args.rows} rows, student 784-800-800-10, "
+              f"batch 128; {args.rounds} interleaved rounds after a warm-up; median (min-max) of each")
+        for name, times in t_.items():
+            print(f"  {name:<13} {median_spread(times)} s/epoch")
+        print(f"  ratio kd/hard in memory          {median_spread(ratios(t_['memory_kd'], t_['memory_hard']))} "
+              "(goal <= 1.05)")
+        print(f"  ratio kd streamed/hard in memory {median_spread(ratios(t_['stream_kd'], t_['memory_hard']))} "
+              "(goal <= 1.15)")
+        print(f"  ratio kd/hard streamed           {median_spread(ratios(t_['stream_kd'], t_['stream_hard']))}")
+        print(f"  online/offline KD per epoch (teacher 784-1200-1200-10 every step) "
+              f"{median_spread(ratios(t_['online'], t_['offline']))}")
+        print(f"  5-temperature sweep x {e} epochs from these epochs (label once {label_s:.1f} s): online/offline "
+              f"{median_spread(ratios(sweep_on, sweep_off))}, median online {median(sweep_on):.1f} s vs offline "
+              f"{median(sweep_off):.1f} s")
         if args.stream_gb > 0:
             m = streaming_memory(tmp, args.stream_gb, args.device)
             res["streaming_memory"] = m

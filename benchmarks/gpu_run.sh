@@ -10,7 +10,8 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name" | tee -a "$LOG"; loca
   timeout "$limit" "$@" > "/tmp/$name.txt" 2>&1; local rc=$?
   tail -40 "/tmp/$name.txt" | tee -a "$LOG"; echo "=== $name: rc=$rc $((SECONDS - t)) s" | tee -a "$LOG"; }
 step pytest 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" tests/test_train.py \
-  tests/test_data.py tests/test_losses.py tests/test_e2e_cli.py tests/test_ensemble.py tests/test_label.py
+  tests/test_grouped.py tests/test_data.py tests/test_losses.py tests/test_e2e_cli.py tests/test_ensemble.py tests/test_label.py
 step quickstart 40 kdstore quickstart --out /tmp/qs --device cuda
 step bench_label 90 python3 -m benchmarks.bench_label --device cuda --json "$OUT/bench_label.json"
 step bench_train 150 python3 -m benchmarks.bench_train --device cuda --stream-gb 1 --json "$OUT/bench_train.json"
+step bench_sweeps16 150 python3 -m benchmarks.bench_sweeps --device cuda --points 16 --rows 60000 --epochs 1

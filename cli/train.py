@@ -72,6 +72,13 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
 @click.option("--data", "data_mode", type=click.Choice(DATA_MODES), default="auto",
               show_default=True, help="memory: whole set on the device; stream: read row groups from disk.")
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers when streaming.")
+@click.option("--group-size", default="auto", show_default=True, metavar="N|auto",
+              help="Sweep points trained together in one pass (stacked weights, one optimizer step; each point as "
+                   "if alone, up to float rounding): auto groups up to 16 as memory allows; 1 trains them one by one.")
+@click.option("--eval-every", type=int, default=1, show_default=True, metavar="N",
+              help="Evaluate on --eval every N epochs (and after the last).")
+@click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
+              help="Checkpoint every N epochs (and after the last); --resume restarts from the latest.")
 @click.option("--out", required=True, metavar="RUN", help="Run directory (config, metrics, checkpoints, plot).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same options).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -83,9 +90,10 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
           val_fraction: float | None, val: str | None, val_seed: int, augment: str | None, transfer: str | None,
           top_k: int | None,
           tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None, smoothing: float,
-          zero_mean: bool, data_mode: str, num_workers: int, out: str, resume: bool, quiet: bool) -> None:
-    """Train students on stored teacher targets: no teacher runs, so a temperature sweep costs one
-    student run per temperature.
+          zero_mean: bool, data_mode: str, num_workers: int, group_size: str, eval_every: int,
+          checkpoint_every: int, out: str, resume: bool, quiet: bool) -> None:
+    """Train students on stored teacher targets: no teacher runs, and the points of a sweep (temperatures,
+    alphas, seeds, losses) train together in one pass over the data, each as if alone (--group-size).
 
     \b
     Example (Hinton et al. 2015, MNIST):
@@ -122,7 +130,8 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
         eval=eval_path, eval_input_columns=eval_input_columns, eval_label_column=eval_label_column,
         transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble, teacher_weights=teacher_weights or (),
         smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers, val=val,
-        val_fraction=val_fraction, val_seed=val_seed, augment=augment,
+        val_fraction=val_fraction, val_seed=val_seed, augment=augment, group_size=_group_size(group_size),
+        eval_every=eval_every, checkpoint_every=checkpoint_every,
     )
     trainer = Trainer(cfg)
     quiet = quiet or not trainer.dist.is_main  # under torchrun, rank 0 alone reports
@@ -139,6 +148,17 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
     plot = plot_sweep(results, Path(out) / "sweep.png", f"{student} on {trainer.data.version.ref}")
     click.echo(f"outputs in {out}/ (summary.json, metrics.jsonl, runs/*/student.safetensors"
                + (", sweep.png" if plot else "") + ")")
+
+
+def _group_size(text: str) -> int | None:
+    """--group-size: auto (None) or a positive count."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected a whole number of points or auto",
+                                 param_hint="'--group-size'") from None
 
 
 def format_results(trainer: object, results: list) -> str:  # type: ignore[type-arg]

@@ -12,6 +12,9 @@ from kdstore.rundir import run_id
 
 NO_TEMPERATURE = ("hard", "ls", "mse")  # losses without T or alpha: one run per seed (and per standardize, mse)
 SOFT = ("kd", "topk", "mse")  # losses that read teacher logits, so standardising them means something
+# Options that change how a run executes, not what it computes (up to floating-point reassociation): --resume
+# accepts other values of them.
+EXECUTION = ("group_size", "checkpoint_every")
 
 
 class SweepPoint(NamedTuple):
@@ -62,6 +65,9 @@ class TrainConfig:
     val_fraction: float | None = None
     val_seed: int = 0
     augment: str | None = None
+    group_size: int | None = None  # points per pass; None: automatic (bounded by memory), 1: one at a time
+    eval_every: int = 1
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.losses, str):  # TrainConfig(losses="kd"): one loss
@@ -105,10 +111,20 @@ class TrainConfig:
             e.append(f"{arg('data_mode')} {self.data_mode!r}: expected one of {', '.join(DATA_MODES)}")
         if self.num_workers < 0:
             e.append(f"{arg('num_workers')} {self.num_workers}: must be >= 0")
+        e += self._check_cadence()
         if self.precision not in PRECISIONS:
             e.append(f"{arg('precision')} {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if e:
             raise ConfigError("; ".join(e))
+
+    def _check_cadence(self) -> list[str]:
+        e = []
+        if self.group_size is not None and self.group_size < 1:
+            e.append(f"{arg('group_size')} {self.group_size}: must be >= 1 (1 trains the points one at a time) or "
+                     "auto")
+        e += [f"{arg(name)} {getattr(self, name)}: must be >= 1 (epochs)" for name in ("eval_every", "checkpoint_every")
+              if getattr(self, name) < 1]
+        return e
 
     def _check_val(self) -> list[str]:
         e = []

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdstore import distributed, ensemble, losses, soft_targets
+from kdstore import distributed, ensemble, grouped, losses, soft_targets
 from kdstore.data import check_holdout, memory_batches, open_training_data, split_memory
 from kdstore.device import autocast, resolve_device, resolve_precision
-from kdstore.errors import TrainingDiverged, arg
+from kdstore.errors import ConfigError, TrainingDiverged, arg
 from kdstore.evaluation import EvalResult, agreement_counts, evaluate, evaluate_batches, load_eval_set
 from kdstore.plan import plan_targets
 from kdstore.replay import check_train_augment
@@ -35,11 +35,12 @@ from kdstore.rundir import RunDir, RunResult, best_by_validation, over_seeds
 from kdstore.store import open_version
 from kdstore.store.remote import resolve_any
 from kdstore.students import build_student, count_parameters
-from kdstore.train_config import DATA_MODES, LOSSES, OPTIMIZERS, SCHEDULES, SweepPoint, TrainConfig
+from kdstore.train_config import DATA_MODES, EXECUTION, LOSSES, OPTIMIZERS, SCHEDULES, SweepPoint, TrainConfig
 
 __all__ = ["DATA_MODES", "LOSSES", "OPTIMIZERS", "SCHEDULES", "SweepPoint", "TrainConfig", "Trainer"]
 
 Progress = Callable[[str, int, int], None]
+AGREEMENT_BATCH = 4096  # rows per forward when measuring agreement with the teacher
 Batch = dict[str, Tensor]
 
 
@@ -76,7 +77,8 @@ class Trainer:
         if mode == "auto":
             mode = "memory" if self.data.input_bytes_estimate() < config.memory_limit_gb * 2**30 else "stream"
         self.mode = mode
-        self._view: tuple[tuple[str, bool, float, float], Batch] | None = None  # see _view_for
+        self.group_size, self.group_note = self._group_size()
+        self._views: dict[tuple[str, bool, float, float], Batch] = {}  # see _views_for
         self._val_memory: Batch | None = None  # the held-out rows, in memory mode
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -86,9 +88,14 @@ class Trainer:
         memory = self.data.to_memory(self.device) if self.mode == "memory" else None
         if memory is not None and self.holdout is not None:
             memory, self._val_memory = split_memory(memory, self.holdout)
-        results = []
-        for point in self.cfg.sweep():
-            results.append(self._train_point(point, memory, progress))
+        results: list[RunResult] = []
+        points = self.cfg.sweep()
+        for a in range(0, len(points), self.group_size):
+            group = points[a : a + self.group_size]
+            if len(group) == 1:
+                results.append(self._train_point(group[0], memory, progress))
+            else:
+                results += self._train_group(group, memory, progress)
             if self.dist.is_main:
                 self.rundir.write_summary(_summary(self.cfg, self.data.version.ref, self.data.version.manifest,
                                                    results, self.validation_info()))
@@ -105,18 +112,19 @@ class Trainer:
         model, opt, start_epoch, epoch_seconds = self._start(rid, point.seed)
         net = self._parallel(model)
         view = self._view_for(memory, point) if memory is not None else None
-        t0 = time.perf_counter()
+        t0, ev = time.perf_counter(), None
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
             te = time.perf_counter()
             train_loss = self._epoch(net, model, opt, view, epoch, point, rid, progress)
             epoch_seconds.append(time.perf_counter() - te)
-            ev = self.evaluate(model)
+            ev = self.evaluate(model) if self._due(self.cfg.eval_every, epoch) else None
             if self.dist.is_main:
-                self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                  "epoch": epoch, "epoch_seconds": epoch_seconds})
+                if self._due(self.cfg.checkpoint_every, epoch):
+                    self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                      "epoch": epoch, "epoch_seconds": epoch_seconds})
                 self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_loss, opt, epoch_seconds[-1], ev))
-        return self._finish(rid, point, model, memory, time.perf_counter() - t0, epoch_seconds)
+        return self._finish(rid, point, model, memory, time.perf_counter() - t0, epoch_seconds, ev=ev)
 
     def _epoch(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, view: Batch | None, epoch: int,
                point: SweepPoint, rid: str, progress: Progress | None) -> float:
@@ -151,6 +159,132 @@ class Trainer:
             raise TrainingDiverged(self._diverged(rid, f"the loss became {train_loss} in epoch {epoch + 1}"))
         return train_loss
 
+    # -- a group of points in one pass (kdstore.grouped) --------------------------------------------------------------
+    def _train_group(self, points: list[SweepPoint], memory: Batch | None,
+                     progress: Progress | None) -> list[RunResult]:
+        """Train the points together: per batch one forward, backward and optimizer step for all of them. Finished
+        points are skipped (--resume); points whose checkpoints stand at different epochs train in separate
+        passes."""
+        rids = [self.cfg.run_id(p) for p in points]
+        self.dist.barrier()
+        done = {rid: r for rid in rids if (r := self.rundir.result(rid)) is not None}
+        todo = [(p, rid) for p, rid in zip(points, rids, strict=True) if rid not in done]
+        starts = {}
+        for point, rid in todo:
+            if self.dist.is_main:
+                self.rundir.start(rid)
+            starts[rid] = self._start(rid, point.seed)
+        for first in sorted({s[2] for s in starts.values()}):
+            part = [(p, rid) for p, rid in todo if starts[rid][2] == first]
+            done.update(self._train_stack(part, [starts[rid] for _, rid in part], memory, progress))
+        return [done[rid] for rid in rids]
+
+    def _train_stack(self, todo: list[tuple[SweepPoint, str]], starts: list[Any], memory: Batch | None,
+                     progress: Progress | None) -> dict[str, RunResult]:
+        """Points started (or restored) at the same epoch, stacked and trained to the end. Each epoch's wall time is
+        shared equally among them; evaluation, checkpoints and metrics stay per point."""
+        points, rids = [p for p, _ in todo], [rid for _, rid in todo]
+        models, seconds = [s[0] for s in starts], [s[3] for s in starts]
+        group = grouped.StudentGroup(models)
+        opt = _optimizer(group.parameters(), self.cfg)
+        opt.load_state_dict(grouped.stack_optimizer_states([s[1].state_dict() for s in starts]))
+        n = len(group.points[0])
+        sources, which = self._group_sources(memory, points)
+        evs: list[EvalResult | None] = [None] * len(todo)  # the latest evaluation of each point
+        t0 = time.perf_counter()
+        for epoch in range(starts[0][2], self.cfg.epochs):
+            te = time.perf_counter()
+            train_losses = self._group_epoch(group, opt, sources, which, epoch, points, rids, progress)
+            share = (time.perf_counter() - te) / len(points)
+            state = opt.state_dict() if self._due(self.cfg.checkpoint_every, epoch) else None
+            for i, (point, rid) in enumerate(todo):
+                seconds[i].append(share)
+                due = self._due(self.cfg.eval_every, epoch)
+                ev = evs[i] = self.evaluate(group.load_into(models[i], i)) if due else None
+                if self.dist.is_main and state is not None:
+                    self.rundir.save_checkpoint(rid, {"model": group.state(i), "epoch": epoch,
+                                                      "optimizer": grouped.point_optimizer_state(state, i, n),
+                                                      "epoch_seconds": seconds[i]})
+                if self.dist.is_main:
+                    self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_losses[i], opt, share, ev))
+        agreement = self._group_agreement(group, memory)
+        each = (time.perf_counter() - t0) / len(points)
+        return {rid: self._finish(rid, point, group.load_into(models[i], i), memory, each, seconds[i], agreement[i],
+                                  evs[i]) for i, (point, rid) in enumerate(todo)}
+
+    def _group_epoch(self, group: grouped.StudentGroup, opt: torch.optim.Optimizer,
+                     sources: list[tuple[int, Batch | None]], which: list[int], epoch: int, points: list[SweepPoint],
+                     rids: list[str], progress: Progress | None) -> list[float]:
+        """One pass over the data for a group: per step one batch per seed (read once for the points that share
+        its order), every point's loss on its own batch, one backward and one optimizer step for all of them."""
+        totals = torch.zeros(len(points), dtype=torch.float64, device=self.device)
+        rows, steps, shared = 0, math.ceil(self.train_rows / self.cfg.batch_size), len(sources) == 1
+        streams = [self._batches(source, epoch, seed) for seed, source in sources]
+        for step, batches in enumerate(zip(*streams, strict=True)):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(self.cfg, epoch, step, steps)
+            x = batches[0][0]["x"] if shared else torch.stack([batches[k][0]["x"] for k in which])
+            with autocast(self.device, self.precision):
+                out = group(x, shared)
+            point_losses = torch.stack([self.loss(out[i], _point_batch(batches[which[i]][0], i), p)
+                                        for i, p in enumerate(points)])
+            opt.zero_grad(set_to_none=True)
+            group.backward(point_losses.sum())  # no parameter is shared: each point gets its own loss's gradient
+            opt.step()
+            n = len(batches[0][0]["x"])
+            totals += point_losses.detach().double() * n
+            rows += n
+            for rid in rids if progress else ():
+                progress(rid, epoch, batches[0][1])  # type: ignore[misc]
+        means = (totals / max(rows, 1)).tolist()
+        for rid, value in zip(rids, means, strict=True):
+            if not math.isfinite(value):
+                raise TrainingDiverged(self._diverged(rid, f"the loss became {value} in epoch {epoch + 1}"))
+        return means  # type: ignore[no-any-return]
+
+    def _group_sources(self, memory: Batch | None,
+                       points: list[SweepPoint]) -> tuple[list[tuple[int, Batch | None]], list[int]]:
+        """(seed, what its batches are cut from) per distinct seed of the points, and which one each point reads. In
+        memory: the rows with every point's precomputed targets under keys suffixed /i (a step gathers them with the
+        inputs in one index selection); streamed: None (the stream of that seed)."""
+        seeds = list(dict.fromkeys(p.seed for p in points))
+        which = [seeds.index(p.seed) for p in points]
+        if memory is None:
+            return [(seed, None) for seed in seeds], which
+        sources: list[tuple[int, Batch | None]] = [(seed, {}) for seed in seeds]
+        for i, view in enumerate(self._views_for(memory, points)):
+            source = sources[which[i]][1]
+            assert source is not None
+            source.update({key if key in memory else f"{key}/{i}": v for key, v in view.items()})
+        return sources, which
+
+    def _group_size(self) -> tuple[int, str]:
+        """Points per pass and why: --group-size, or automatic (up to grouped.AUTO_MAX, bounded by memory); 1 under
+        torchrun and for students a stacked forward cannot run."""
+        c, n = self.cfg, len(self.cfg.sweep())
+        if c.group_size == 1 or n == 1:
+            return 1, "one point at a time"
+        refusal = ("under torchrun every point trains alone: DDP's gradient all-reduce (and join for uneven streams) "
+                   "wraps one module" if self.dist.active else
+                   grouped.group_refusal(self._build_student(), torch.zeros(2, *self.input_shape, device=self.device)))
+        if refusal is not None and c.group_size is not None:
+            raise ConfigError(f"{arg('group_size')} {c.group_size}: {c.student} cannot train as a group: {refusal}; "
+                              f"use {arg('group_size')} 1")
+        if refusal is not None:
+            return 1, refusal
+        if c.group_size is not None:
+            return min(c.group_size, n), f"{arg('group_size')} {c.group_size}"
+        budget = (torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
+                  else int(c.memory_limit_gb * 2**30))
+        rows = self.train_rows if self.mode == "memory" else 0
+        per = grouped.per_point_bytes(self._build_student(), c.batch_size, rows, self.num_classes)
+        return grouped.auto_group_size(n, per, budget), "automatic (bounded by memory)"
+
+    def _due(self, every: int, epoch: int) -> bool:
+        """Whether a per-epoch task with cadence `every` (--eval-every, --checkpoint-every) runs after `epoch`: every
+        `every`-th epoch and the last."""
+        return (epoch + 1) % every == 0 or epoch + 1 == self.cfg.epochs
+
     def loss(self, student_logits: Tensor, batch: Batch, point: SweepPoint) -> Tensor:
         """The point's loss on one batch (a precomputed view's targets, or stored targets softened here)."""
         c, std, t, alpha = self.cfg, point.standardize, point.temperature, point.alpha
@@ -167,10 +301,11 @@ class Trainer:
                               temperature=t, alpha=alpha, standardize=std)
 
     # -- data ------------------------------------------------------------------------------------------------------
-    def _batches(self, memory: Batch | None, epoch: int, seed: int) -> Iterator[tuple[Batch, int]]:
+    def _batches(self, memory: Batch | None, epoch: int, seed: int,
+                 batch_size: int | None = None) -> Iterator[tuple[Batch, int]]:
         """(this rank's batch, rows in the global batch): in-memory index selections, or streamed from disk (the
-        held-out validation rows left out either way)."""
-        bs, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world_size
+        held-out validation rows left out either way); of --batch-size rows unless `batch_size` says otherwise."""
+        bs, rank, world = batch_size or self.cfg.batch_size, self.dist.rank, self.dist.world_size
         if memory is not None:
             yield from memory_batches(memory, bs, seed=seed, epoch=epoch, rank=rank, world_size=world,
                                       replay=self.replay)
@@ -185,17 +320,20 @@ class Trainer:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, len(batch["x"]) * world
 
     def _view_for(self, memory: Batch, point: SweepPoint) -> Batch:
-        """The in-memory training view of a point, kept for the next: the seeds of a point come one after another
-        and share it, so a seed sweep computes the teacher's soft targets once per (loss, standardize, T, alpha)."""
-        key = (point.loss, point.standardize, point.temperature, point.alpha)
-        if self._view is None or self._view[0] != key:
-            self._view = None  # free the previous view before building the next
-            keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
-            view = soft_targets.training_view(memory, point.loss, point.temperature, point.alpha,
-                                              self.plans[point.loss], self.weights, standardize=point.standardize,
-                                              keep=keep)
-            self._view = (key, view)
-        return self._view[1]
+        return self._views_for(memory, [point])[0]
+
+    def _views_for(self, memory: Batch, points: list[SweepPoint]) -> list[Batch]:
+        """The in-memory training views of points, kept for the next pass: the seeds of a point come one after
+        another and share one, so a seed sweep computes the teacher's soft targets once per (loss, standardize, T,
+        alpha). Views no longer needed are freed before new ones are built."""
+        keys = [(p.loss, p.standardize, p.temperature, p.alpha) for p in points]
+        self._views = {k: v for k, v in self._views.items() if k in keys}
+        keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
+        for loss, std, t, alpha in keys:
+            if (loss, std, t, alpha) not in self._views:
+                self._views[loss, std, t, alpha] = soft_targets.training_view(
+                    memory, loss, t, alpha, self.plans[loss], self.weights, standardize=std, keep=keep)
+        return [self._views[k] for k in keys]
 
     # -- students, optimizers, measurements ----------------------------------------------------------------------
     def _build_student(self) -> nn.Module:
@@ -205,7 +343,7 @@ class Trainer:
         """A new student and optimizer for a point, or both restored from the point's checkpoint."""
         torch.manual_seed(seed)
         model = self._build_student()
-        opt = _optimizer(model, self.cfg)
+        opt = _optimizer(model.parameters(), self.cfg)
         state = self.rundir.load_checkpoint(rid, self.device)
         if state is None:
             return model, opt, 0, []
@@ -257,10 +395,24 @@ class Trainer:
 
     def agreement(self, model: nn.Module, memory: Batch | None) -> float:
         """Fraction of transfer rows where the student's argmax equals the (ensembled) teacher's."""
-        batches = (b for b, _ in self._batches(memory, 0, self.cfg.seeds[0]))  # the order does not matter here
+        # the order does not matter here, and forward passes over large batches cost less per row
+        batches = (b for b, _ in self._batches(memory, 0, self.cfg.seeds[0], AGREEMENT_BATCH))
         agree, total = agreement_counts(model, batches, self._teacher_argmax, self.device, self.precision)
         agree_all, total_all = self.dist.sum(agree, total)
         return agree_all / max(total_all, 1)
+
+    @torch.no_grad()
+    def _group_agreement(self, group: grouped.StudentGroup, memory: Batch | None) -> list[float]:
+        """`agreement` of every point of a group in one pass: the teacher's argmax once per batch, the students'
+        in one stacked forward (grouping runs in one process, so there is nothing to sum over ranks)."""
+        agree = torch.zeros(group.size, dtype=torch.int64, device=self.device)
+        total = 0
+        for batch, _ in self._batches(memory, 0, self.cfg.seeds[0], AGREEMENT_BATCH):
+            with autocast(self.device, self.precision):
+                out = group(batch["x"], shared=True)
+            agree += (out.float().argmax(-1) == self._teacher_argmax(batch)).sum(1)
+            total += len(batch["x"])
+        return (agree.double() / max(total, 1)).tolist()  # type: ignore[no-any-return]
 
     def _teacher_argmax(self, batch: Batch) -> Tensor:
         if "logits" in batch or "topk_values" in batch:
@@ -268,13 +420,15 @@ class Trainer:
         return batch["label"]
 
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, memory: Batch | None, seconds: float,
-                epoch_seconds: list[float]) -> RunResult:
-        ev, val = self.evaluate(model), self.validate(model)
+                epoch_seconds: list[float], agreement: float | None = None, ev: EvalResult | None = None) -> RunResult:
+        """The point's result, student and files. `agreement` and `ev` (the last epoch's evaluation, of the same
+        weights) are measured here when not given."""
+        ev, val = ev or self.evaluate(model), self.validate(model)
         if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
         result = RunResult(rid, point.loss, point.temperature, point.alpha, self.cfg.epochs,
                            ev.accuracy if ev else None, ev.errors if ev else None, ev.nll if ev else None,
-                           self.agreement(model, memory), seconds, epoch_seconds,
+                           self.agreement(model, memory) if agreement is None else agreement, seconds, epoch_seconds,
                            {"parameters": count_parameters(model), "world_size": self.dist.world_size}, point.seed,
                            point.standardize, val.accuracy if val else None, val.errors if val else None,
                            val.nll if val else None)
@@ -296,10 +450,27 @@ class Trainer:
                                      "targets": str(self.data.version.ref), "mode": self.mode,
                                      "device": str(self.device), "precision": self.precision,
                                      "source": ", ".join(sources), "validation": self.validation_info(),
-                                     "torch_version": torch.__version__}, resume, TrainConfig.upgrade_record)
+                                     "grouping": {"group_size": self.group_size, "why": self.group_note},
+                                     "torch_version": torch.__version__}, resume, self._upgrade)
         finally:
             self.dist.barrier()
 
+    def _upgrade(self, old: dict[str, Any]) -> dict[str, Any]:
+        """A run directory's options in today's fields, with the options that change only how the run executes
+        (EXECUTION: --group-size, --checkpoint-every) taken from this command: --resume accepts other values."""
+        new = TrainConfig.upgrade_record(old)
+        new.update({k: getattr(self.cfg, k) for k in EXECUTION})
+        return new
+
+
+
+def _point_batch(batch: Batch, i: int) -> Batch:
+    """Point i's part of a group's batch: the shared keys and its own targets (keys suffixed /i, see
+    `Trainer._group_sources`) under their plain names."""
+    own = f"/{i}"
+    out = {k: v for k, v in batch.items() if "/" not in k}
+    out.update({k[: -len(own)]: v for k, v in batch.items() if k.endswith(own)})
+    return out
 
 
 def _stored_inputs(manifest: dict[str, Any]) -> tuple[str, ...]:
@@ -339,12 +510,12 @@ def _summary(c: TrainConfig, ref: object, manifest: dict[str, Any], results: lis
     return summary
 
 
-def _optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(params: Any, c: TrainConfig) -> torch.optim.Optimizer:
     if c.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                                nesterov=c.momentum > 0)
     cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    return cls(params, lr=c.lr, weight_decay=c.weight_decay)
 
 
 def _metrics_line(rid: str, point: SweepPoint, epoch: int, train_loss: float, opt: torch.optim.Optimizer,

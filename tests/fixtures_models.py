@@ -162,3 +162,8 @@ def flatten_teacher() -> nn.Module:
     """Logits = the input's pixels ((B, H, W) -> (B, H*W)): stored float32 logits are exactly the input the teacher
     saw, so a test can compare a replayed view with the labeled one bit for bit."""
     return nn.Flatten().eval()
+
+
+def bn_student() -> nn.Module:
+    """An 8-input, 5-class student with batch norm: its running statistics keep it out of a stacked group."""
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))

@@ -104,6 +104,8 @@ def _version_record(vdir: Path, root: Path) -> dict[str, Any]:
 
 def _runs_record(out: Path) -> dict[str, Any]:
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    first = {ln["run"]: i for i, ln in reversed(list(enumerate(lines)))}
+    lines.sort(key=lambda ln: (first[ln["run"]], ln["epoch"]))  # point by point (a grouped sweep's lines alternate)
     keep = ("run", "epoch", "train_loss", "lr", "eval_accuracy", "eval_errors", "eval_nll")
     summary = json.loads((out / "summary.json").read_text())
     runs = [{k: r[k] for k in ("run_id", "loss", "temperature", "alpha", "eval_accuracy", "eval_errors", "eval_nll",
