@@ -1,0 +1,190 @@
+"""Training language-model students from stored per-token targets (#17): `kdstore train` on a per-token version
+(top-k, sampled and hard losses, held-out metrics, run directory, resume, streaming), students and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from kdstore.errors import StudentError
+from kdstore.lm_data import TokenTargetDataset, collate, stream_batches
+from kdstore.lm_students import GPT, build_lm_student
+from kdstore.lm_training import LMTrainConfig, LMTrainer
+from kdstore.store import Version
+from tests import lm_fixtures as lf
+from tests.helpers import assert_clean_error, cli
+
+LABEL = ["--seq-len", "16", "--top-k", "8", "--sample", "12", "--batch-size", "4", "--shard-rows", "10",
+         "--row-group-rows", "3", "--quiet"]
+TEACHER = "tests.lm_fixtures:sharp_bigram"  # peaked targets: KD visibly moves a student toward them
+TRAIN = ["--student", "gpt:1-16-2", "--epochs", "2", "--batch-size", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("lm_train")
+    corpus = d / "news.txt"
+    corpus.write_text("\n".join(lf.TEXT * 3) + "\n", "utf-8")
+    r = cli(["label", "--teacher", TEACHER, "--transfer", corpus, "--out", d / "s", "--name", "news",
+             *LABEL])
+    assert r.exit_code == 0, r.output
+    held = d / "held.txt"
+    held.write_text("\n".join(reversed(lf.TEXT)) + "\n", "utf-8")
+    r = cli(["label", "--teacher", TEACHER, "--transfer", held, "--out", d / "s", "--name", "held",
+             "--seq-len", "16", "--top-k", "8", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = cli(["convert", d / "s" / "held", "--top-k", "0", "--sample", "6", "--name", "drawn", "--quiet"])
+    assert r.exit_code == 0, r.output
+    return d / "s"
+
+
+def test_train_topk_sampled_hard_writes_a_run(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = cli(["train", "--targets", store / "news", "--loss", "topk,sampled,hard", "-T", "2", "--alpha", "0.5",
+             "--val-fraction", "0.25", "--eval", store / "held", "--out", out, *TRAIN])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:5] == ["run", "T", "alpha", "val", "ppl"]
+    assert [ln.split()[0].lstrip("*") for ln in lines[1:4]] == ["topk-T2-a0.5", "sampled-T2-a0.5", "hard"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "tokens" and len(summary["runs"]) == 3
+    assert summary["validation"]["held_out"]["rows"] > 0 and summary["validation"]["eval"].endswith("held@v1")
+    v = Version(store / "news")
+    from kdstore.lm_data import holdout_rows
+
+    real_tokens = int(v.read_all(["attention_mask"])["attention_mask"][~holdout_rows(v, 0.25)].sum())
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["run"], m["epoch"]) for m in metrics][:2] == [("topk-T2-a0.5", 1), ("topk-T2-a0.5", 2)]
+    for run in ("topk-T2-a0.5", "sampled-T2-a0.5", "hard"):
+        res = json.loads((out / "runs" / run / "result.json").read_text())
+        e = res["extra"]
+        assert res["val_nll"] > 0 and e["val_kl_teacher"] > 0 and e["eval_perplexity"] > 1
+        assert e["train_tokens"] == 2 * real_tokens  # two epochs of the training rows' real tokens
+        # the saved student reproduces the held-out NLL it was scored with
+        info = json.loads((out / "runs" / run / "student.json").read_text())
+        model = build_lm_student(info["student"], info["vocab_size"], info["seq_len"])
+        model.load_state_dict(load_file(str(out / "runs" / run / "student.safetensors")))
+        trainer = LMTrainer(LMTrainConfig(targets=str(store / "news"), student="gpt:1-16-2", out=str(tmp_path / "x"),
+                                          val_fraction=0.25))
+        assert trainer.measure(model, "val")["nll"] == pytest.approx(res["val_nll"], rel=1e-5)
+    # a resumed finished run trains nothing and prints the same table
+    r2 = cli(["train", "--targets", store / "news", "--loss", "topk,sampled,hard", "-T", "2", "--alpha", "0.5",
+              "--val-fraction", "0.25", "--eval", store / "held", "--out", out, "--resume", *TRAIN])
+    assert r2.exit_code == 0 and r2.output == r.output
+
+
+def test_kd_moves_the_student_toward_the_teacher(store: Path, tmp_path: Path) -> None:
+    """Distilling (alpha 1) lowers the held-out KL to the teacher below the untrained student's."""
+    cfg = LMTrainConfig(targets=str(store / "news"), student="gpt:1-16-2", out=str(tmp_path / "r"), epochs=8,
+                        batch_size=4, lr=1e-2, val_fraction=0.25, losses=("topk", "sampled"))
+    trainer = LMTrainer(cfg)
+    torch.manual_seed(0)
+    before = trainer.measure(build_lm_student("gpt:1-16-2", 512, 16), "val")["kl_teacher"]
+    results = trainer.run()
+    for res in results:
+        assert res.extra["val_kl_teacher"] < 0.7 * before, (res.run, before, res.extra["val_kl_teacher"])
+
+
+def test_resume_continues_from_the_last_epoch_bit_for_bit(store: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = dict(targets=str(store / "news"), student="gpt:1-16-2", epochs=3, batch_size=8, val_fraction=0.25,
+               losses=("sampled",), temperatures=(2.0,))
+    whole = LMTrainer(LMTrainConfig(out=str(tmp_path / "whole"), **cfg)).run()[0]
+    real = LMTrainer.measure
+    calls = {"n": 0}
+
+    def dies_in_epoch_2(self: LMTrainer, model: nn.Module, which: str) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, model, which)
+
+    monkeypatch.setattr(LMTrainer, "measure", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        LMTrainer(LMTrainConfig(out=str(tmp_path / "cut"), **cfg)).run()
+    monkeypatch.setattr(LMTrainer, "measure", real)
+    assert (tmp_path / "cut" / "runs" / "sampled-T2-a1" / "checkpoint.pt").exists()
+    resumed = LMTrainer(LMTrainConfig(out=str(tmp_path / "cut"), **cfg)).run(resume=True)[0]
+    assert resumed.val_nll == whole.val_nll
+    a = load_file(str(tmp_path / "whole" / "runs" / "sampled-T2-a1" / "student.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "runs" / "sampled-T2-a1" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_streaming_reads_each_training_row_once_per_epoch(store: Path) -> None:
+    v = Version(store / "news")
+    keep = np.ones(v.num_rows, bool)
+    keep[::4] = False
+    batches = list(stream_batches(v, "sampled", 5, seed=1, epoch=0, keep=keep))
+    mem = TokenTargetDataset(v, "sampled", rows=np.flatnonzero(keep))
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert len(ids) == keep.sum() and all(len(b["input_ids"]) == 5 for b in batches[:-1])
+    want = collate([mem[i] for i in range(len(mem))])["input_ids"]
+    assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, want.tolist()))
+    order2 = torch.cat([b["input_ids"] for b in stream_batches(v, "sampled", 5, seed=1, epoch=1, keep=keep)])
+    assert not torch.equal(ids, order2)  # another epoch, another order
+
+
+def test_stream_and_memory_train(store: Path, tmp_path: Path) -> None:
+    r = cli(["train", "--targets", store / "news", "--loss", "topk", "--top-k", "4", "--data", "stream",
+             "--out", tmp_path / "s", *TRAIN])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["mode"] == "stream"
+
+
+def small_vocab() -> nn.Module:
+    return GPT(100, 16, 1, 8, 2)
+
+
+def short_context() -> nn.Module:
+    return GPT(512, 8, 1, 8, 2)
+
+
+@pytest.mark.parametrize(("student", "match"), [
+    ("tests.test_lm_train:small_vocab", "its vocabulary has 100 ids, the stored targets 512"),
+    ("tests.test_lm_train:short_context", "context is 8 tokens, shorter than the stored sequences of 16"),
+    ("gpt:1-30-4", "DIM a multiple of HEADS"),
+    ("mlp:16-512", "a classification student"),
+    ("nope:x:y", "is not understood"),
+])
+def test_student_errors_are_one_line(store: Path, tmp_path: Path, student: str, match: str) -> None:
+    r = cli(["train", "--targets", store / "news", "--student", student, "--out", tmp_path / "o", "--quiet"])
+    assert_clean_error(r, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_hf_config_student(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32).save_pretrained(tmp_path)
+    model = build_lm_student(f"hf:{tmp_path}", 512, 16)
+    assert model(torch.zeros(1, 3, dtype=torch.long)).logits.shape == (1, 3, 512)
+    with pytest.raises(StudentError, match="its vocabulary has 512 ids, the stored targets 600"):
+        build_lm_student(f"hf:{tmp_path}", 600, 16)
+    with pytest.raises(StudentError, match="context is 32 tokens"):
+        build_lm_student(f"hf:{tmp_path}", 512, 64)
+
+
+def test_option_errors(store: Path, tmp_path: Path) -> None:
+    r = cli(["train", "--targets", store / "held", "--loss", "sampled", "--out", tmp_path / "o", *TRAIN])
+    assert_clean_error(r, r"stores no sample_ids \(top-8 stored\).*use --loss topk")
+    r = cli(["train", "--targets", store / "drawn", "--loss", "topk", "--out", tmp_path / "o", *TRAIN])
+    assert_clean_error(r, r"stores no topk_indices \(6 draws stored\).*use --loss sampled")
+    r = cli(["train", "--targets", store / "news", "--loss", "kd", "--out", tmp_path / "o", *TRAIN])
+    assert_clean_error(r, "--loss 'kd': per-token targets train with topk, sampled, hard")
+    r = cli(["train", "--targets", store / "news", "--top-k", "9", "--out", tmp_path / "o", *TRAIN])
+    assert_clean_error(r, "--top-k 9: .* stores top-8")
+    r = cli(["train", "--targets", store / "news", "--standardize", "on", "--smoothing", "0.2", "--out",
+             tmp_path / "o", *TRAIN])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "Error: --standardize, --smoothing: not used with per-token targets" in r.output
+    assert not (tmp_path / "o").exists()
