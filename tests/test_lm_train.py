@@ -174,6 +174,50 @@ def test_hf_config_student(tmp_path: Path) -> None:
         build_lm_student(f"hf:{tmp_path}", 512, 64)
 
 
+def test_hf_model_directory_student_and_its_errors(tmp_path: Path) -> None:
+    """`hf:DIR` with weights is that model (the fixture teacher's Llama, 512 ids); without config.json, refused."""
+    model = build_lm_student(f"hf:{lf.hf_dir()}", 512, 16)
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(lf.hf_dir())
+    ids = torch.tensor([[5, 9, 2, 7]])
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    with pytest.raises(StudentError, match=r"student hf:.*: no config.json in"):
+        build_lm_student(f"hf:{tmp_path}", 512, 16)
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
+    with pytest.raises(StudentError, match="transformers cannot build it"):
+        build_lm_student(f"hf:{tmp_path}", 512, 16)
+
+
+def broken_forward() -> nn.Module:
+    return nn.Linear(3, 3)  # ids (B, L) are not float features
+
+
+def wrong_shape() -> nn.Module:
+    class Flat(nn.Module):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(ids.shape[0], 512)
+
+    return Flat()
+
+
+def test_factory_students_that_are_not_language_models() -> None:
+    with pytest.raises(StudentError, match=r"forward failed on token ids of shape \(1, 2\)"):
+        build_lm_student("tests.test_lm_train:broken_forward", 512, 16)
+    with pytest.raises(StudentError, match=r"maps ids \(1, 2\) to \(1, 512\); expected logits"):
+        build_lm_student("tests.test_lm_train:wrong_shape", 512, 16)
+
+
+def test_bf16_autocast_trains_on_the_cpu(store: Path, tmp_path: Path) -> None:
+    """--precision bf16 (what --device auto picks on CUDA) runs the student in bf16 and the losses in float32."""
+    cfg = LMTrainConfig(targets=str(store / "news"), student="gpt:1-16-2", out=str(tmp_path / "b"), epochs=1,
+                        batch_size=8, precision="bf16", device="cpu", val_fraction=0.25, losses=("topk", "sampled"))
+    trainer = LMTrainer(cfg)
+    assert trainer.precision == "bf16"
+    for res in trainer.run():
+        assert np.isfinite(res.val_nll) and np.isfinite(res.extra["val_kl_teacher"])
+
+
 def test_option_errors(store: Path, tmp_path: Path) -> None:
     r = cli(["train", "--targets", store / "held", "--loss", "sampled", "--out", tmp_path / "o", *TRAIN])
     assert_clean_error(r, r"stores no sample_ids \(top-8 stored\).*use --loss topk")
