@@ -109,8 +109,45 @@ def topk_ce(student_logits: Tensor, values: Tensor, indices: Tensor, lse: Tensor
     Returns:
         float32 (P,) nats.
     """
-    _, q, s_top, tail_term, _ = _topk_terms(student_logits, values, indices, lse, tail, temperature)
-    return -((q * s_top).sum(-1) + tail_term)
+    _check_topk(student_logits, values, indices, lse, tail)
+    log_q, log_q_tail = topk_teacher_logprobs(values, lse, tail, student_logits.shape[1], temperature)
+    return _RebuildCE.apply(_f32(student_logits), temperature, indices.long(), log_q.exp(), log_q_tail.exp())
+
+
+class _RebuildCE(torch.autograd.Function):
+    """Per row, ``-sum_v q_v log_softmax(z / T)_v`` for the target ``q_v = q_i`` at the k ids and ``q_tail`` at
+    every other id, without building it: forward ``log_softmax`` once, a gather and (with a tail) a sum over V;
+    backward ``g / T * (m softmax(z / T) - q)`` in place (m = the target's mass: 1, or 0 for a row without draws).
+    Same value and gradient as autograd through ``log_softmax`` (`topk_kl`'s path), with two fewer passes over
+    (P, V), so KD trains about as fast as the true next tokens (docs/lm.md, "Training").
+
+    Shapes: z (P, V) float, the student's logits before T; indices (P, k) int64, distinct per row where q > 0;
+    q (P, k); q_tail (P,) or None (no tail: sampled targets). Returns (P,)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: Tensor, temperature: float, indices: Tensor, q: Tensor,
+                q_tail: Tensor | None) -> Tensor:
+        ctx.temperature = temperature  # type: ignore[attr-defined]
+        log_s = torch.log_softmax(z if temperature == 1.0 else z / temperature, -1)
+        s_top = log_s.gather(1, indices)
+        ce = -(q * s_top).sum(-1)
+        mass = q.sum(-1)
+        if q_tail is not None:
+            tail_sum = log_s.sum(-1) - s_top.sum(-1)  # sum of log s over the V - k tail ids
+            ce = ce - torch.where(q_tail > 0, q_tail * tail_sum, 0.0)
+            mass = mass + (z.shape[1] - indices.shape[1]) * q_tail
+        ctx.save_for_backward(log_s, indices, q, mass, q_tail)
+        return ce
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor, None, None, None, None]:
+        log_s, indices, q, mass, q_tail = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = log_s.exp().mul_(mass.unsqueeze(1))
+        if q_tail is not None:
+            grad.sub_(q_tail.unsqueeze(1))
+            q = q - q_tail.unsqueeze(1)
+        grad.scatter_add_(1, indices, -q)
+        return grad.mul_(g.unsqueeze(1) / ctx.temperature), None, None, None, None  # type: ignore[attr-defined]
 
 
 def topk_kl(student_logits: Tensor, values: Tensor, indices: Tensor, lse: Tensor, tail: Tensor,
@@ -139,7 +176,13 @@ def sampled_ce(student_logits: Tensor, ids: Tensor, counts: Tensor, logprobs: Te
         float32 (P,); 0 at positions without draws.
     """
     check_temperature(temperature)
-    return sampled_cross_entropy(student_logits, ids, counts, logprobs, temperature)
+    if (ids.shape != counts.shape or ids.ndim != 2 or student_logits.ndim != 2
+            or ids.shape[0] != student_logits.shape[0]):
+        raise ShapeMismatchError(f"student_logits {tuple(student_logits.shape)}, ids {tuple(ids.shape)}, counts "
+                                 f"{tuple(counts.shape)}: expected (P, V) and (P, K)")
+    z = _f32(student_logits)
+    w = torch.where(counts > 0, draw_weights(counts, logprobs, temperature), 0.0)  # empty slots (id -1 read as 0)
+    return _RebuildCE.apply(z, temperature, ids.long().clamp(min=0), w.to(z.dtype), None)
 
 
 def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, logprobs: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kdstore import lm_losses as L
+from kdstore import sampling
 from kdstore.errors import ConfigError, ShapeMismatchError
 
 
@@ -22,7 +23,9 @@ def _stored(z: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
 
 def _dense_rebuild(v: torch.Tensor, i: torch.Tensor, lse: torch.Tensor, tail: torch.Tensor, V: int) -> torch.Tensor:
     k = v.shape[1]
-    dense = (lse + tail - math.log(V - k)).unsqueeze(1).expand(-1, V).clone() if k < V else torch.empty(len(v), V, dtype=v.dtype)
+    if k == V:
+        return torch.empty(len(v), V, dtype=v.dtype).scatter_(1, i, v)
+    dense = (lse + tail - math.log(V - k)).unsqueeze(1).expand(-1, V).clone()
     return dense.scatter_(1, i, v)
 
 
@@ -155,3 +158,32 @@ def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ShapeMismatchError, match=r"\(P, k\)"):
         L.topk_ce(torch.zeros(3, 5), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), torch.zeros(3),
                   torch.zeros(3))
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 3.0])
+def test_fused_losses_equal_autograd_through_log_softmax(T: float) -> None:
+    """topk_ce and sampled_ce compute their gradient by hand (one pass over V): the same value and gradient as
+    autograd through log_softmax; padded draw slots and a position without draws count for nothing."""
+    torch.manual_seed(3)
+    V, k = 1000, 16
+    z, s0 = torch.randn(6, V) * 3, torch.randn(6, V) * 2
+    v, i, lse, tail = _stored(z, k)
+    ids = torch.stack([torch.randperm(V)[:5] for _ in range(6)])
+    counts = torch.tensor([[3, 1, 1, 0, 0]] * 5 + [[0] * 5])
+    ids = torch.where(counts > 0, ids, -1)
+    lp = torch.log_softmax(z, -1).gather(1, ids.clamp(min=0))
+    for fused, reference in (
+        (lambda x: L.topk_ce(x, v, i, lse, tail, T),
+         lambda x: -(torch.softmax(_dense_rebuild(v, i, lse, tail, V) / T, -1) * torch.log_softmax(x / T, -1)).sum(-1)),
+        (lambda x: L.sampled_ce(x, ids, counts, lp, T),
+         lambda x: -(torch.nan_to_num(sampling.draw_weights(counts, lp, T)) * torch.where(
+             counts > 0, torch.log_softmax(x / T, -1).gather(1, ids.clamp(min=0)), 0.0)).sum(-1)),
+    ):
+        a, b = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        w = torch.rand(6)
+        ya, yb = fused(a), reference(b)
+        torch.testing.assert_close(ya, yb, atol=1e-4, rtol=1e-5)
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+    assert L.sampled_ce(s0, ids, counts, lp, T)[5] == 0  # no draws: nothing
