@@ -41,12 +41,15 @@ def train_language_model(ctx: click.Context) -> None:
         data_mode=p["data_mode"])
     trainer = LMTrainer(cfg)
     total = len(cfg.sweep()) * cfg.epochs * len(trainer.train_rows)
+    quiet = p["quiet"] or not trainer.dist.is_main  # under torchrun, rank 0 alone reports
     try:
-        with progress_bar(total, "train", "rows", disable=p["quiet"]) as bar:
+        with progress_bar(total, "train", "rows", disable=quiet) as bar:
             results = trainer.run(progress=lambda rid, epoch, n: bar.update(n), resume=p["resume"])
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted; finished epochs are checkpointed in {cfg.out}: rerun the same "
                                    "command with --resume to continue") from None
+    if not trainer.dist.is_main:
+        return
     click.echo(format_lm_results(results))
     click.echo(f"outputs in {cfg.out}/ (summary.json, metrics.jsonl, runs/*/student.safetensors)")
 

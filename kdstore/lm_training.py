@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdstore import distributed
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, TrainingDiverged, arg
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
@@ -123,7 +124,7 @@ class LMTrainer:
         self.cfg = config
         self.out = Path(config.out)
         self.rundir = RunDir(self.out)
-        self.device = resolve_device(config.device)
+        self.dist, self.device = distributed.init(resolve_device(config.device))
         self.precision = resolve_precision(config.precision, self.device)
         self.version = open_version(resolve_any(config.targets))
         t = self.version.manifest["targets"]
@@ -166,74 +167,114 @@ class LMTrainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self, progress: Progress | None = None, resume: bool = False) -> list[RunResult]:
-        """Train every sweep point; write outputs under `out`. Returns one RunResult per point."""
-        self.rundir.prepare({"config": json.loads(json.dumps(asdict(self.cfg))), "kind": "tokens",
-                             "targets": str(self.version.ref), "mode": self.mode, "device": str(self.device),
-                             "precision": self.precision, "torch_version": torch.__version__,
-                             "validation": self.validation_info()}, resume)
+        """Train every sweep point; write outputs under `out` (rank 0 under torchrun). One RunResult per point."""
+        try:
+            if self.dist.is_main:
+                self.rundir.prepare({"config": json.loads(json.dumps(asdict(self.cfg))), "kind": "tokens",
+                                     "targets": str(self.version.ref), "mode": self.mode, "device": str(self.device),
+                                     "precision": self.precision, "torch_version": torch.__version__,
+                                     "world_size": self.dist.world_size, "validation": self.validation_info()},
+                                    resume)
+        finally:
+            self.dist.barrier()
         results: list[RunResult] = []
         for point in self.cfg.sweep():
             results.append(self._train_point(point, progress))
-            self.rundir.write_summary(self._summary(results))
+            if self.dist.is_main:
+                self.rundir.write_summary(self._summary(results))
         return results
 
     def _train_point(self, point: SweepPoint, progress: Progress | None) -> RunResult:
         rid = self.cfg.run_id(point)
+        self.dist.barrier()  # rank 0 may have just written result.json / checkpoint.pt
         done = self.rundir.result(rid)
         if done is not None:
             return done
-        self.rundir.start(rid)
-        torch.manual_seed(point.seed)
+        if self.dist.is_main:
+            self.rundir.start(rid)
+        model, opt, start, seconds, tokens = self._start(rid, point.seed)
+        net = self._parallel(model)
+        for epoch in range(start, self.cfg.epochs):
+            t0 = time.perf_counter()
+            train_loss, n_tokens = self._epoch(net, model, opt, point, epoch, rid, progress)
+            seconds.append(time.perf_counter() - t0)
+            tokens += n_tokens
+            val = self.measure(model, "val")
+            if not self.dist.is_main:
+                continue
+            self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                              "epoch": epoch, "epoch_seconds": seconds, "tokens": tokens})
+            line = {"run": rid, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
+                    "seed": point.seed, "epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"],
+                    "seconds": seconds[-1], "tokens_per_second": n_tokens / seconds[-1]}
+            line.update({f"val_{k}": v for k, v in (val or {}).items()})
+            self.rundir.append_metrics(line)
+        return self._finish(rid, point, model, seconds, tokens)
+
+    def _start(self, rid: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, int, list[float], int]:
+        """A new student and AdamW (no weight decay on vectors), or both restored from the run's checkpoint:
+        (model, optimizer, first epoch to train, seconds of the finished epochs, tokens trained so far)."""
+        torch.manual_seed(seed)
         model = build_lm_student(self.cfg.student, self.vocab_size, self.seq_len).to(self.device)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         other = [p for p in model.parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                  {"params": other, "weight_decay": 0.0}], lr=self.cfg.lr)
-        start, seconds, tokens = 0, [], 0
         state = self.rundir.load_checkpoint(rid, self.device)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            start, seconds, tokens = int(state["epoch"]) + 1, [float(s) for s in state["epoch_seconds"]], \
-                int(state["tokens"])
+        if state is None:
+            return model, opt, 0, [], 0
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+        if self.dist.is_main:
             self.rundir.truncate_metrics(rid, start)
+        return model, opt, start, [float(x) for x in state["epoch_seconds"]], int(state["tokens"])
+
+    def _epoch(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, point: SweepPoint, epoch: int,
+               rid: str, progress: Progress | None) -> tuple[float, int]:
+        """One pass over the training sequences: (mean training loss per sequence, real tokens trained), summed
+        over ranks. Under DDP each rank takes its share of every global batch; its loss (a mean per counted token)
+        is weighted by its share of the batch's sequences, so the averaged gradient is that of the global batch
+        (exactly so when the sequences count equally many tokens, as packed text does)."""
+        model.train()
         steps = math.ceil(len(self.train_rows) / self.cfg.batch_size)
         targets = "none" if point.loss == "hard" else point.loss
-        for epoch in range(start, self.cfg.epochs):
-            model.train()
-            t0, total, n_loss = time.perf_counter(), 0.0, 0
-            for step, batch in enumerate(self._batches(targets, point.seed, epoch)):
-                for g in opt.param_groups:
-                    g["lr"] = self._lr(epoch * steps + step, self.cfg.epochs * steps)
+        world, total, rows, tokens = self.dist.world_size, 0.0, 0, 0
+        for step, (batch, n_global) in enumerate(self._batches(targets, point.seed, epoch)):
+            for g in opt.param_groups:
+                g["lr"] = self._lr(epoch * steps + step, self.cfg.epochs * steps)
+            n_local = len(batch["input_ids"]) if batch else 0
+            if n_local:
                 with autocast(self.device, self.precision):
-                    logits = lm_logits(model, batch["input_ids"])
+                    logits = lm_logits(net, batch["input_ids"])
                 loss = lm_kd_loss(logits, batch, loss=point.loss, temperature=point.temperature, alpha=point.alpha)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-                opt.step()
-                total += float(loss.detach())
-                n_loss += 1
-                tokens += int(batch["attention_mask"].sum())
-                if progress:
-                    progress(rid, epoch, len(batch["input_ids"]))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            seconds.append(time.perf_counter() - t0)
-            train_loss = total / max(n_loss, 1)
-            if not math.isfinite(train_loss):
-                raise TrainingDiverged(f"run {rid}: the loss became {train_loss} in epoch {epoch + 1}; lower "
-                                       f"{arg('lr')} (now {self.cfg.lr:g}) and train into a new {arg('out')}")
-            val = self.measure(model, "val")
-            self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                              "epoch": epoch, "epoch_seconds": seconds, "tokens": tokens})
-            line = {"run": rid, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
-                    "seed": point.seed, "epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"],
-                    "seconds": seconds[-1]}
-            line.update({f"val_{k}": v for k, v in (val or {}).items()})
-            self.rundir.append_metrics(line)
-        return self._finish(rid, point, model, seconds, tokens)
+            else:  # no sequence of this global batch for this rank: still join the gradient all-reduce
+                loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
+            opt.zero_grad(set_to_none=True)
+            (loss * (n_local * world / n_global if self.dist.active else 1.0)).backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            opt.step()
+            total += float(loss.detach()) * n_local
+            rows += n_local
+            tokens += int(batch["attention_mask"].sum()) if n_local else 0
+            if progress and self.dist.is_main:
+                progress(rid, epoch, n_global)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        total, rows, tokens = self.dist.sum(total, rows, tokens)  # type: ignore[assignment]
+        train_loss = total / max(rows, 1)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"run {rid}: the loss became {train_loss} in epoch {epoch + 1}; lower "
+                                   f"{arg('lr')} (now {self.cfg.lr:g}) and train into a new {arg('out')}")
+        return train_loss, int(tokens)
+
+    def _parallel(self, model: nn.Module) -> nn.Module:
+        if not self.dist.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _lr(self, step: int, total: int) -> float:
         warm = int(self.cfg.warmup * total)
@@ -255,19 +296,27 @@ class LMTrainer:
             self._data[key] = TokenTargetDataset(version, targets, k=k, rows=rows)
         return self._data[key]
 
-    def _batches(self, targets: str, seed: int, epoch: int) -> Iterator[Batch]:
-        """This epoch's training batches, on the device: in memory (a permutation drawn from seed and epoch) or
-        streamed by row group (`lm_data.stream_batches`)."""
-        bs = self.cfg.batch_size
+    def _batches(self, targets: str, seed: int, epoch: int) -> Iterator[tuple[Batch, int]]:
+        """(this rank's share of a global batch, on the device, or {} if none; sequences in the global batch): in
+        memory (a permutation drawn from seed and epoch) or streamed by row group (`lm_data.stream_batches`)."""
+        bs, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world_size
         if self.mode == "stream":
-            it = stream_batches(self.version, targets, bs, seed=seed, epoch=epoch, keep=~self.held_out,
-                                k=self.cfg.top_k if targets == "topk" else None)
+            batches: Iterator[Any] = stream_batches(self.version, targets, bs, seed=seed, epoch=epoch,
+                                                    keep=~self.held_out,
+                                                    k=self.cfg.top_k if targets == "topk" else None)
         else:
             ds = self._dataset(targets)
             order = np.random.default_rng([seed, epoch]).permutation(len(ds))
-            it = (collate([ds[int(i)] for i in order[a : a + bs]]) for a in range(0, len(ds), bs))
-        for b in it:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            batches = (order[a : a + bs] for a in range(0, len(ds), bs))  # row indices, collated per rank below
+        for b in batches:
+            if isinstance(b, dict):  # a streamed global batch: every rank reads it and keeps its share
+                n, mine = len(b["input_ids"]), {k: v[rank::world] for k, v in b.items()}
+            else:
+                n, idx = len(b), b[rank::world]
+                mine = collate([ds[int(i)] for i in idx]) if len(idx) else {}
+            if mine and not len(mine["input_ids"]):
+                mine = {}
+            yield {k: v.to(self.device, non_blocking=True) for k, v in mine.items()}, n
 
     # -- measurements ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -320,6 +369,7 @@ class LMTrainer:
                                        f"{arg('lr')} (now {self.cfg.lr:g}) and train into a new {arg('out')}")
         train_s = sum(seconds)
         extra: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
+                                 "world_size": self.dist.world_size,
                                  "train_tokens": tokens, "tokens_per_second": tokens / train_s if train_s else None,
                                  "kind": "tokens"}
         for name, m in (("val", val), ("eval", ev)):
@@ -333,6 +383,8 @@ class LMTrainer:
         info = {**describe_lm_student(self.cfg.student, model), "vocab_size": self.vocab_size,
                 "seq_len": self.seq_len, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
                 "seed": point.seed, "targets": str(self.version.ref)}
+        if not self.dist.is_main:
+            return result
         # tied weights share storage, which safetensors refuses: store each tensor on its own
         self.rundir.finish(rid, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, info, result)
         return result

@@ -232,3 +232,22 @@ def test_option_errors(store: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "Error: --standardize, --smoothing: not used with per-token targets" in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_torchrun_ddp_matches_one_process(store: Path, tmp_path: Path, mode: str) -> None:
+    """2 gloo processes split every global batch: the same sequences per step as 1 process, so (up to the weighting
+    of the ranks' per-token means by sequences) the same student; rank 0 alone writes and prints."""
+    from tests.test_distributed import _torchrun
+
+    args = ["train", "--targets", store / "news", "--loss", "topk", "-T", "2", "--val-fraction", "0.25",
+            "--device", "cpu", "--data", mode, *TRAIN]
+    one = cli([*args, "--out", tmp_path / "one"])
+    assert one.exit_code == 0, one.output
+    p = _torchrun(2, [*args, "--out", tmp_path / "two"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("topk-T2-a1") == 1
+    r1, r2 = (json.loads((tmp_path / d / "runs" / "topk-T2-a1" / "result.json").read_text()) for d in ("one", "two"))
+    assert r2["extra"]["world_size"] == 2 and r2["extra"]["train_tokens"] == r1["extra"]["train_tokens"]
+    assert r2["val_nll"] == pytest.approx(r1["val_nll"], rel=1e-3)
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2  # epochs, rank 0 only
