@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
 from kdstore.cli._common import progress_bar
+from kdstore.lm_report import lm_over_seeds, plot_lm_sweep
 
 # Options of `kdstore train` that mean nothing for per-token targets: refused when given, so a run never silently
 # ignores what was asked for.
@@ -51,7 +53,9 @@ def train_language_model(ctx: click.Context) -> None:
     if not trainer.dist.is_main:
         return
     click.echo(format_lm_results(results))
-    click.echo(f"outputs in {cfg.out}/ (summary.json, metrics.jsonl, runs/*/student.safetensors)")
+    plot = plot_lm_sweep(results, Path(cfg.out) / "sweep.png", f"{cfg.student} on {trainer.version.ref}")
+    click.echo(f"outputs in {cfg.out}/ (summary.json, metrics.jsonl, runs/*/student.safetensors"
+               + (", sweep.png" if plot else "") + ")")
 
 
 def option_label(ctx: click.Context, name: str) -> str:
@@ -78,4 +82,13 @@ def format_lm_results(results: list[Any]) -> str:
                      f"{_f(e.get('val_kl_teacher'), '7.4f')} {_f(e.get('eval_perplexity'), '8.2f')} "
                      f"{_f(e.get('eval_kl_teacher'), '7.4f')} {_f(100 * r.teacher_agreement, '6.2f')} "
                      f"{_f(e.get('tokens_per_second'), '7.0f')}")
+    groups = lm_over_seeds(results)
+    if any(len(g["seeds"]) > 1 for g in groups):
+        lines.append("mean +- SD over seeds:")
+        for g in groups:
+            parts = [f"{label} {g[m + '_mean']:{fmt}} +- {g[m + '_sd']:{fmt}}" for m, label, fmt in (
+                ("val_perplexity", "val ppl", ".2f"), ("val_kl_teacher", "val KL", ".4f"),
+                ("eval_perplexity", "eval ppl", ".2f"), ("eval_kl_teacher", "eval KL", ".4f"),
+                ("tokens_per_second", "tok/s", ".0f")) if m + "_mean" in g]
+            lines.append(f"  {g['run']:<22} seeds {','.join(map(str, g['seeds']))}: " + ", ".join(parts))
     return "\n".join(lines)

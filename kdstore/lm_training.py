@@ -30,7 +30,8 @@ from kdstore.errors import ConfigError, TrainingDiverged, arg
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
 from kdstore.lm_losses import IGNORE, hard_nll, lm_kd_loss, sampled_kl, topk_kl
 from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
-from kdstore.rundir import RunDir, RunResult, over_seeds, run_id
+from kdstore.lm_report import lm_over_seeds
+from kdstore.rundir import RunDir, RunResult, run_id
 from kdstore.store import Version, open_version
 from kdstore.store.remote import resolve_any
 from kdstore.targets import check_temperature
@@ -407,7 +408,7 @@ class LMTrainer:
                                "teacher": stats.get("teachers"), "runs": [asdict(r) for r in results],
                                "validation": self.validation_info()}
         if len(self.cfg.seeds) > 1:
-            out["over_seeds"] = over_seeds(results)
+            out["over_seeds"] = lm_over_seeds(results)
         scored = [r for r in results if r.val_nll is not None]
         if scored:
             best = min(scored, key=lambda r: r.val_nll)  # type: ignore[arg-type, return-value]

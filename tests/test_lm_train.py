@@ -79,6 +79,22 @@ def test_train_topk_sampled_hard_writes_a_run(store: Path, tmp_path: Path) -> No
     assert r2.exit_code == 0 and r2.output == r.output
 
 
+def test_seed_sweep_reports_mean_and_sd_and_plots(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    r = cli(["train", "--targets", store / "news", "--loss", "topk,hard", "-T", "1,2", "--seed", "0,1",
+             "--val-fraction", "0.25", "--out", out, "--student", "gpt:1-16-2", "--epochs", "1", "--batch-size", "8",
+             "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "mean +- SD over seeds:" in r.output
+    line = next(ln for ln in r.output.splitlines() if ln.strip().startswith("topk-T2-a1 "))
+    assert "seeds 0,1: val ppl" in line and "+-" in line and "tok/s" in line
+    assert (out / "sweep.png").stat().st_size > 0 and "sweep.png" in r.output.splitlines()[-1]
+    groups = json.loads((out / "summary.json").read_text())["over_seeds"]
+    assert [g["run"] for g in groups] == ["topk-T1-a1", "topk-T2-a1", "hard"]
+    runs = [json.loads((out / "runs" / f"topk-T2-a1-s{s}" / "result.json").read_text()) for s in (0, 1)]
+    assert groups[1]["val_perplexity_mean"] == pytest.approx(np.mean([x["extra"]["val_perplexity"] for x in runs]))
+
+
 def test_kd_moves_the_student_toward_the_teacher(store: Path, tmp_path: Path) -> None:
     """Distilling (alpha 1) lowers the held-out KL to the teacher below the untrained student's."""
     cfg = LMTrainConfig(targets=str(store / "news"), student="gpt:1-16-2", out=str(tmp_path / "r"), epochs=8,
@@ -138,6 +154,7 @@ def test_stream_and_memory_train(store: Path, tmp_path: Path) -> None:
              "--out", tmp_path / "s", *TRAIN])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "s" / "config.json").read_text())["mode"] == "stream"
+    assert not (tmp_path / "s" / "sweep.png").exists()  # one run: nothing to plot
 
 
 def small_vocab() -> nn.Module:
