@@ -154,10 +154,13 @@ class LMTrainer:
     def _eval_version(self, ref: str) -> Version:
         v = open_version(resolve_any(ref))
         t = v.manifest["targets"]
-        if t.get("kind") != "tokens" or int(t["vocab_size"]) != self.vocab_size or int(t["seq_len"]) > self.seq_len:
-            raise ConfigError(f"{arg('eval')} {v.ref}: {t.get('kind')} targets over {t.get('vocab_size')} ids in rows "
-                              f"of {t.get('seq_len')}; expected per-token targets over {self.vocab_size} ids in rows "
-                              f"of at most {self.seq_len} (labeled by the same teacher)")
+        if t.get("kind") != "tokens":
+            raise ConfigError(f"{arg('eval')} {v.ref}: holds {t.get('kind', 'classification')} targets; expected a "
+                              "per-token version of held-out text labeled by the same teacher")
+        if int(t["vocab_size"]) != self.vocab_size or int(t["seq_len"]) > self.seq_len:
+            raise ConfigError(f"{arg('eval')} {v.ref}: targets over {t['vocab_size']} ids in rows of {t['seq_len']}; "
+                              f"expected {self.vocab_size} ids in rows of at most {self.seq_len} (held-out text "
+                              "labeled by the same teacher)")
         fp = [x["tokenizer"].get("vocab_sha256") for x in (v.manifest["teachers"][0],
                                                              self.version.manifest["teachers"][0])
               if isinstance(x.get("tokenizer"), dict)]

@@ -268,3 +268,21 @@ def test_torchrun_ddp_matches_one_process(store: Path, tmp_path: Path, mode: str
     assert r2["extra"]["world_size"] == 2 and r2["extra"]["train_tokens"] == r1["extra"]["train_tokens"]
     assert r2["val_nll"] == pytest.approx(r1["val_nll"], rel=1e-3)
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2  # epochs, rank 0 only
+
+
+def test_eval_version_must_match_the_teacher(store: Path, tmp_path: Path, data: object) -> None:
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("\n".join(lf.TEXT[:3]) + "\n", "utf-8")
+    r = cli(["label", "--teacher", "tests.lm_fixtures:bigram_teacher", "--transfer", corpus, "--out", tmp_path / "s",
+             "--name", "other", "--seq-len", "16", "--top-k", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = cli(["train", "--targets", store / "news", "--eval", tmp_path / "s" / "other", "--out", tmp_path / "o",
+             *TRAIN])
+    assert_clean_error(r, r"--eval .*other@v1: targets over \d+ ids in rows of 16; expected 512 ids in rows of "
+                          r"at most 16")
+    from tests.helpers import run_label
+
+    digits = run_label(data.teacher_pt, data.parquet, tmp_path / "c", "digits").path  # type: ignore[attr-defined]
+    r = cli(["train", "--targets", store / "news", "--eval", digits, "--out", tmp_path / "o", *TRAIN])
+    assert_clean_error(r, r"--eval .*digits@v1: holds classification targets; expected a per-token version")
+    assert not (tmp_path / "o").exists()
