@@ -29,8 +29,8 @@ from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, TrainingDiverged, arg
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
 from kdstore.lm_losses import IGNORE, hard_nll, lm_kd_loss, sampled_kl, topk_kl
-from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
 from kdstore.lm_report import lm_over_seeds
+from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
 from kdstore.rundir import RunDir, RunResult, run_id
 from kdstore.store import Version, open_version
 from kdstore.store.remote import resolve_any
