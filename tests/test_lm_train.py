@@ -54,6 +54,9 @@ def test_train_topk_sampled_hard_writes_a_run(store: Path, tmp_path: Path) -> No
     assert [ln.split()[0].lstrip("*") for ln in lines[1:4]] == ["topk-T2-a0.5", "sampled-T2-a0.5", "hard"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "tokens" and len(summary["runs"]) == 3
+    config = json.loads((out / "config.json").read_text())  # --device auto: CUDA + bf16 when present
+    assert (config["device"], config["precision"]) == (("cuda", "bf16") if torch.cuda.is_available() else
+                                                       ("cpu", "fp32"))
     assert summary["validation"]["held_out"]["rows"] > 0 and summary["validation"]["eval"].endswith("held@v1")
     v = Version(store / "news")
     from kdstore.lm_data import holdout_rows
@@ -286,3 +289,17 @@ def test_eval_version_must_match_the_teacher(store: Path, tmp_path: Path, data: 
     r = cli(["train", "--targets", store / "news", "--eval", digits, "--out", tmp_path / "o", *TRAIN])
     assert_clean_error(r, r"--eval .*digits@v1: holds classification targets; expected a per-token version")
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_version_of_another_tokenizer_is_refused(store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "s" / "held"
+    shutil.copytree(store / "held", other)
+    manifest = other / "v1" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["teachers"][0]["tokenizer"]["vocab_sha256"] = "0" * 64  # the same sizes, other ids
+    manifest.write_text(json.dumps(m))
+    r = cli(["train", "--targets", store / "news", "--eval", other, "--out", tmp_path / "o", *TRAIN])
+    assert_clean_error(r, r"--eval .*: its tokenizer's vocabulary \(sha256 000000000000\) is not the training "
+                          r"version's")
