@@ -138,8 +138,20 @@ def test_resume_continues_from_the_last_epoch_bit_for_bit(store: Path, tmp_path:
     assert epochs == [1, 2, 3]
 
 
-def test_streaming_reads_each_training_row_once_per_epoch(store: Path) -> None:
+def test_streaming_reads_each_training_row_once_per_epoch(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     v = Version(store / "news")
+    reads: list[list[int] | None] = []
+    real = Version.read_file
+
+    def spy(self: Version, index: int, names: list[str], row_groups: list[int] | None = None, **kw: object) -> object:
+        reads.append(None if row_groups is None else list(row_groups))
+        return real(self, index, names, row_groups, **kw)
+
+    monkeypatch.setattr(Version, "read_file", spy)
+    list(stream_batches(v, "topk", 5, seed=0, epoch=0))
+    assert reads and all(r is not None and len(r) == 1 for r in reads)  # one row group at a time: flat memory
+    assert len(reads) == sum(len(v.row_groups(i)) for i in range(len(v.files)))
+    monkeypatch.setattr(Version, "read_file", real)
     keep = np.ones(v.num_rows, bool)
     keep[::4] = False
     batches = list(stream_batches(v, "sampled", 5, seed=1, epoch=0, keep=keep))
