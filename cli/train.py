@@ -14,10 +14,16 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
 @click.option("--targets", required=True, metavar="STORE/NAME[@vN]",
               help="Stored targets: STORE/NAME (latest version) or STORE/NAME@vN.")
 @click.option("--student", required=True, metavar="SPEC",
-              help="mlp:IN-H-...-C, cnn:HxW[xC]-C, or package.module:factory returning an nn.Module.")
-@click.option("--loss", "losses", type=ChoiceList(LOSSES), default="kd", show_default=True, metavar="LOSS[,LOSS...]",
+              help="mlp:IN-H-...-C, cnn:HxW[xC]-C, or package.module:factory returning an nn.Module. Per-token "
+                   "(language-model) targets: gpt:LAYERS-DIM-HEADS, hf:DIR (a Hugging Face config or model) or a "
+                   "factory.")
+@click.option("--loss", "losses", type=ChoiceList((*LOSSES, "sampled")), default="kd", show_default=True,
+              metavar="LOSS[,LOSS...]",
               help="kd: Hinton 2015 alpha*T^2*CE(soft)+(1-alpha)*CE(hard); topk: KD on the stored top-k "
                    "(Tang 2020); mse: L2 on logits (Ba & Caruana 2014); hard: labels only; ls: label smoothing. "
+                   "Per-token targets: topk (default; the exact tail), sampled (Anshumann 2025) or hard (true next "
+                   "tokens), with default T 1, alpha 1 and --batch-size 16 (sequences); --eval STORE/NAME is a "
+                   "held-out labeled version. "
                    "A list (hard,kd) joins the sweep: with --val-fraction one command shows whether distillation "
                    "beats the labels.")
 @click.option("--standardize", type=SWITCHES, default="off", is_flag=False, flag_value="on", show_default=True,
@@ -119,6 +125,12 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
     Writes RUN/config.json, RUN/metrics.jsonl (per epoch), RUN/summary.json, RUN/runs/<id>/student.safetensors
     and, for sweeps, RUN/sweep.png; prints one results table.
     """
+    from kdstore.lm_training import is_per_token
+
+    if is_per_token(targets):  # a language-model version: kdstore.lm_training (kdstore/cli/_train_lm.py)
+        from kdstore.cli._train_lm import train_language_model
+
+        return train_language_model(click.get_current_context())
     from kdstore.rundir import plot_sweep
     from kdstore.training import TrainConfig, Trainer
 

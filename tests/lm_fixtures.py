@@ -197,6 +197,15 @@ def bigram_only() -> nn.Module:
     return Bigram(len(tokenizer()))
 
 
+def sharp_bigram() -> tuple[nn.Module, Any]:
+    """Factory: a bigram teacher over 512 ids (the tokenizer's ~500 padded) with logits scaled up, so its
+    next-token distributions are far from uniform (a student visibly learns them; training tests)."""
+    model = Bigram(512)
+    with torch.no_grad():
+        model.out.weight.mul_(8.0)
+    return model, tokenizer()
+
+
 def llama_200k() -> tuple[nn.Module, Any]:
     """Factory: a transformers Llama with a 200,000-row vocabulary (the tokenizer uses its first ~500 ids)."""
     return _llama_200k(), tokenizer()

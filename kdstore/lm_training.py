@@ -1,0 +1,423 @@
+"""Train language-model students teacher-free from stored per-token targets (`kdstore train` on a version whose
+``targets.kind`` is ``tokens``). One plain loop per sweep point:
+
+    batch of sequences (ids, masks, stored top-k or draws) -> student logits (B, L, V) -> `lm_losses.lm_kd_loss`
+    -> backward -> clip -> AdamW step,
+
+then per epoch held-out metrics (perplexity on the true next tokens, KL to the teacher's stored targets at T = 1,
+top-1 agreement), a checkpoint and a metrics line. The run directory is `kdstore.rundir`'s, as for classification:
+config.json, metrics.jsonl, runs/<id>/{checkpoint.pt, student.safetensors, student.json, result.json},
+summary.json; `--resume` skips finished points and continues a point from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdstore import distributed
+from kdstore.device import autocast, resolve_device, resolve_precision
+from kdstore.errors import ConfigError, TrainingDiverged, arg
+from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
+from kdstore.lm_losses import IGNORE, hard_nll, lm_kd_loss, sampled_kl, topk_kl
+from kdstore.lm_report import lm_over_seeds
+from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
+from kdstore.rundir import RunDir, RunResult, run_id
+from kdstore.store import Version, open_version
+from kdstore.store.remote import resolve_any
+from kdstore.targets import check_temperature
+from kdstore.train_config import SweepPoint
+
+LM_LOSSES = ("topk", "sampled", "hard")
+Progress = Callable[[str, int, int], None]
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class LMTrainConfig:
+    """Everything an LM training run needs; validated on construction (every problem reported together)."""
+
+    targets: str
+    student: str
+    out: str
+    losses: tuple[str, ...] = ("topk",)
+    temperatures: tuple[float, ...] = (1.0,)
+    alphas: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: float = 0.05  # share of the run's steps with a linear learning-rate warm-up
+    grad_clip: float = 1.0
+    device: str = "auto"
+    precision: str = "auto"
+    top_k: int | None = None
+    val_fraction: float | None = None
+    val_seed: int = 0
+    eval: str | None = None  # a held-out per-token version of the same teacher (STORE/NAME[@vN])
+    data_mode: str = "auto"
+    memory_limit_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("losses", "temperatures", "alphas", "seeds"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        e = [f"{arg('losses')} {x!r}: per-token targets train with {', '.join(LM_LOSSES)} (a top-k with its exact "
+             "tail, or draws; full logits are never stored)" for x in self.losses if x not in LM_LOSSES]
+        e += [f"{arg(n)}: empty" for n in ("losses", "temperatures", "alphas", "seeds") if not getattr(self, n)]
+        for t in self.temperatures:
+            try:
+                check_temperature(t)
+            except ConfigError as err:
+                e.append(str(err.template))
+        e += [f"{arg('alphas')} {a:g}: must be in [0, 1]" for a in self.alphas if not 0.0 <= a <= 1.0]
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                e.append(f"{arg(name)} {getattr(self, name)}: must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            e.append(f"{arg('lr')} {self.lr}: must be > 0")
+        if self.schedule not in ("cosine", "constant"):
+            e.append(f"{arg('schedule')} {self.schedule!r}: expected cosine or constant")
+        if self.data_mode not in ("auto", "memory", "stream"):
+            e.append(f"{arg('data_mode')} {self.data_mode!r}: expected auto, memory or stream")
+        if self.top_k is not None and self.top_k < 1:
+            e.append(f"{arg('top_k')} {self.top_k}: must be >= 1")
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
+            e.append(f"{arg('val_fraction')} {self.val_fraction:g}: must be in (0, 1)")
+        if e:
+            raise ConfigError("; ".join(e))
+
+    def sweep(self) -> list[SweepPoint]:
+        """Every (loss, T, alpha, seed), seeds innermost; hard once per seed."""
+        pts = []
+        for loss in self.losses:
+            pairs = [(1.0, 0.0)] if loss == "hard" else [(t, a) for t in self.temperatures for a in self.alphas]
+            pts += [SweepPoint(t, a, s, loss) for t, a in pairs for s in self.seeds]
+        return pts
+
+    def run_id(self, p: SweepPoint) -> str:
+        return run_id(p.loss, p.temperature, p.alpha, p.seed if len(self.seeds) > 1 else None)
+
+
+def is_per_token(targets: str) -> bool:
+    """Whether STORE/NAME[@vN] names a per-token version (False when it cannot be opened: the caller reports it)."""
+    try:
+        return bool(open_version(resolve_any(targets), check=False).manifest["targets"].get("kind") == "tokens")
+    except Exception:  # not a version at all: the classification path produces the one-line error
+        return False
+
+
+class LMTrainer:
+    """Trains one language-model student per sweep point from a per-token version. Build, then `run()`."""
+
+    def __init__(self, config: LMTrainConfig) -> None:
+        self.cfg = config
+        self.out = Path(config.out)
+        self.rundir = RunDir(self.out)
+        self.dist, self.device = distributed.init(resolve_device(config.device))
+        self.precision = resolve_precision(config.precision, self.device)
+        self.version = open_version(resolve_any(config.targets))
+        t = self.version.manifest["targets"]
+        if t.get("kind") != "tokens":
+            raise ConfigError(f"{arg('targets')} {self.version.ref}: not a per-token version")
+        self.vocab_size, self.seq_len = int(t["vocab_size"]), int(t["seq_len"])
+        for loss in config.losses:
+            token_columns(self.version, "none" if loss == "hard" else loss)  # a missing kind of target: fail now
+        if config.top_k is not None and (self.version.top_k is None or config.top_k > self.version.top_k):
+            raise ConfigError(f"{arg('top_k')} {config.top_k}: {self.version.ref} stores top-"
+                              f"{self.version.top_k or 0}; choose k <= that")
+        self.metric_targets = "topk" if self.version.top_k else "sampled"  # how KL to the teacher is measured
+        n = self.version.num_rows
+        self.held_out = holdout_rows(self.version, config.val_fraction, config.val_seed) \
+            if config.val_fraction else np.zeros(n, bool)
+        self.train_rows = np.flatnonzero(~self.held_out)
+        self.eval_version = self._eval_version(config.eval) if config.eval else None
+        build_lm_student(config.student, self.vocab_size, self.seq_len)  # fail on a bad --student before --out
+        mode = config.data_mode
+        if mode == "auto":
+            size = sum(int(f["bytes"]) for f in self.version.files)  # compressed; decoded it is a few times larger
+            mode = "memory" if size * 4 < config.memory_limit_gb * 2**30 else "stream"
+        self.mode = mode
+        self._data: dict[str, TokenTargetDataset] = {}
+
+    def _eval_version(self, ref: str) -> Version:
+        v = open_version(resolve_any(ref))
+        t = v.manifest["targets"]
+        if t.get("kind") != "tokens":
+            raise ConfigError(f"{arg('eval')} {v.ref}: holds {t.get('kind', 'classification')} targets; expected a "
+                              "per-token version of held-out text labeled by the same teacher")
+        if int(t["vocab_size"]) != self.vocab_size or int(t["seq_len"]) > self.seq_len:
+            raise ConfigError(f"{arg('eval')} {v.ref}: targets over {t['vocab_size']} ids in rows of {t['seq_len']}; "
+                              f"expected {self.vocab_size} ids in rows of at most {self.seq_len} (held-out text "
+                              "labeled by the same teacher)")
+        fp = [x["tokenizer"].get("vocab_sha256") for x in (v.manifest["teachers"][0],
+                                                             self.version.manifest["teachers"][0])
+              if isinstance(x.get("tokenizer"), dict)]
+        if len(fp) == 2 and fp[0] != fp[1]:
+            raise ConfigError(f"{arg('eval')} {v.ref}: its tokenizer's vocabulary (sha256 {fp[0][:12]}) is not the "
+                              f"training version's ({fp[1][:12]}); label the held-out text with the same teacher")
+        return v
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def run(self, progress: Progress | None = None, resume: bool = False) -> list[RunResult]:
+        """Train every sweep point; write outputs under `out` (rank 0 under torchrun). One RunResult per point."""
+        try:
+            if self.dist.is_main:
+                self.rundir.prepare({"config": json.loads(json.dumps(asdict(self.cfg))), "kind": "tokens",
+                                     "targets": str(self.version.ref), "mode": self.mode, "device": str(self.device),
+                                     "precision": self.precision, "torch_version": torch.__version__,
+                                     "world_size": self.dist.world_size, "validation": self.validation_info()},
+                                    resume)
+        finally:
+            self.dist.barrier()
+        results: list[RunResult] = []
+        for point in self.cfg.sweep():
+            results.append(self._train_point(point, progress))
+            if self.dist.is_main:
+                self.rundir.write_summary(self._summary(results))
+        return results
+
+    def _train_point(self, point: SweepPoint, progress: Progress | None) -> RunResult:
+        rid = self.cfg.run_id(point)
+        self.dist.barrier()  # rank 0 may have just written result.json / checkpoint.pt
+        done = self.rundir.result(rid)
+        if done is not None:
+            return done
+        if self.dist.is_main:
+            self.rundir.start(rid)
+        model, opt, start, seconds, tokens = self._start(rid, point.seed)
+        net = self._parallel(model)
+        for epoch in range(start, self.cfg.epochs):
+            t0 = time.perf_counter()
+            train_loss, n_tokens = self._epoch(net, model, opt, point, epoch, rid, progress)
+            seconds.append(time.perf_counter() - t0)
+            tokens += n_tokens
+            val = self.measure(model, "val")
+            if not self.dist.is_main:
+                continue
+            self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                              "epoch": epoch, "epoch_seconds": seconds, "tokens": tokens})
+            line = {"run": rid, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
+                    "seed": point.seed, "epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"],
+                    "seconds": seconds[-1], "tokens_per_second": n_tokens / seconds[-1]}
+            line.update({f"val_{k}": v for k, v in (val or {}).items()})
+            self.rundir.append_metrics(line)
+        return self._finish(rid, point, model, seconds, tokens)
+
+    def _start(self, rid: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, int, list[float], int]:
+        """A new student and AdamW (no weight decay on vectors), or both restored from the run's checkpoint:
+        (model, optimizer, first epoch to train, seconds of the finished epochs, tokens trained so far)."""
+        torch.manual_seed(seed)
+        model = build_lm_student(self.cfg.student, self.vocab_size, self.seq_len).to(self.device)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        other = [p for p in model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                 {"params": other, "weight_decay": 0.0}], lr=self.cfg.lr)
+        state = self.rundir.load_checkpoint(rid, self.device)
+        if state is None:
+            return model, opt, 0, [], 0
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+        if self.dist.is_main:
+            self.rundir.truncate_metrics(rid, start)
+        return model, opt, start, [float(x) for x in state["epoch_seconds"]], int(state["tokens"])
+
+    def _epoch(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, point: SweepPoint, epoch: int,
+               rid: str, progress: Progress | None) -> tuple[float, int]:
+        """One pass over the training sequences: (mean training loss per sequence, real tokens trained), summed
+        over ranks. Under DDP each rank takes its share of every global batch; its loss (a mean per counted token)
+        is weighted by its share of the batch's sequences, so the averaged gradient is that of the global batch
+        (exactly so when the sequences count equally many tokens, as packed text does)."""
+        model.train()
+        steps = math.ceil(len(self.train_rows) / self.cfg.batch_size)
+        targets = "none" if point.loss == "hard" else point.loss
+        world, total, rows, tokens = self.dist.world_size, 0.0, 0, 0
+        for step, (batch, n_global) in enumerate(self._batches(targets, point.seed, epoch)):
+            for g in opt.param_groups:
+                g["lr"] = self._lr(epoch * steps + step, self.cfg.epochs * steps)
+            n_local = len(batch["input_ids"]) if batch else 0
+            if n_local:
+                with autocast(self.device, self.precision):
+                    logits = lm_logits(net, batch["input_ids"])
+                loss = lm_kd_loss(logits, batch, loss=point.loss, temperature=point.temperature, alpha=point.alpha)
+            else:  # no sequence of this global batch for this rank: still join the gradient all-reduce
+                loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
+            opt.zero_grad(set_to_none=True)
+            (loss * (n_local * world / n_global if self.dist.active else 1.0)).backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            opt.step()
+            total += float(loss.detach()) * n_local
+            rows += n_local
+            tokens += int(batch["attention_mask"].sum()) if n_local else 0
+            if progress and self.dist.is_main:
+                progress(rid, epoch, n_global)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        total, rows, tokens = self.dist.sum(total, rows, tokens)  # type: ignore[assignment]
+        train_loss = total / max(rows, 1)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"run {rid}: the loss became {train_loss} in epoch {epoch + 1}; lower "
+                                   f"{arg('lr')} (now {self.cfg.lr:g}) and train into a new {arg('out')}")
+        return train_loss, int(tokens)
+
+    def _parallel(self, model: nn.Module) -> nn.Module:
+        if not self.dist.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _lr(self, step: int, total: int) -> float:
+        warm = int(self.cfg.warmup * total)
+        if step < warm:
+            return self.cfg.lr * (step + 1) / warm
+        if self.cfg.schedule == "constant":
+            return self.cfg.lr
+        return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def _dataset(self, targets: str, which: str = "train") -> TokenTargetDataset:
+        key = f"{which}:{targets}"
+        if key not in self._data:
+            version = self.eval_version if which == "eval" else self.version
+            assert version is not None
+            rows = (self.train_rows if which == "train" else np.flatnonzero(self.held_out) if which == "val"
+                    else None)
+            k = self.cfg.top_k if targets == "topk" and which == "train" else None
+            self._data[key] = TokenTargetDataset(version, targets, k=k, rows=rows)
+        return self._data[key]
+
+    def _batches(self, targets: str, seed: int, epoch: int) -> Iterator[tuple[Batch, int]]:
+        """(this rank's share of a global batch, on the device, or {} if none; sequences in the global batch): in
+        memory (a permutation drawn from seed and epoch) or streamed by row group (`lm_data.stream_batches`)."""
+        bs, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world_size
+        if self.mode == "stream":
+            batches: Iterator[Any] = stream_batches(self.version, targets, bs, seed=seed, epoch=epoch,
+                                                    keep=~self.held_out,
+                                                    k=self.cfg.top_k if targets == "topk" else None)
+        else:
+            ds = self._dataset(targets)
+            order = np.random.default_rng([seed, epoch]).permutation(len(ds))
+            batches = (order[a : a + bs] for a in range(0, len(ds), bs))  # row indices, collated per rank below
+        for b in batches:
+            if isinstance(b, dict):  # a streamed global batch: every rank reads it and keeps its share
+                n, mine = len(b["input_ids"]), {k: v[rank::world] for k, v in b.items()}
+            else:
+                n, idx = len(b), b[rank::world]
+                mine = collate([ds[int(i)] for i in idx]) if len(idx) else {}
+            if mine and not len(mine["input_ids"]):
+                mine = {}
+            yield {k: v.to(self.device, non_blocking=True) for k, v in mine.items()}, n
+
+    # -- measurements ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self, model: nn.Module, which: str) -> dict[str, float] | None:
+        """On the held-out rows ("val") or the --eval version ("eval"): mean NLL and perplexity on the true next
+        tokens, next-token accuracy, KL(teacher || student) at T = 1 over the target positions (exact against the
+        stored top-k rebuild, else the unbiased sampled estimate), and top-1 agreement with the teacher (top-k)."""
+        if (which == "val" and not self.held_out.any()) or (which == "eval" and self.eval_version is None):
+            return None
+        ds = self._dataset(self.metric_targets, which)
+        model.eval()
+        nll = kl = correct = agree = 0.0
+        n_tok = n_pos = 0
+        for a in range(0, len(ds), self.cfg.batch_size):
+            b = {k: v.to(self.device) for k, v in collate([ds[i] for i in range(a, min(a + self.cfg.batch_size,
+                                                                                        len(ds)))]).items()}
+            with autocast(self.device, self.precision):
+                logits = lm_logits(model, b["input_ids"])
+            flat = logits.float().reshape(-1, logits.shape[-1])
+            lab, tm = b["labels"].reshape(-1), b["target_mask"].reshape(-1).bool()
+            counted = lab != IGNORE
+            nll += float(hard_nll(flat, lab)[counted].sum())
+            correct += float((flat.argmax(-1) == lab)[counted].sum())
+            n_tok += int(counted.sum())
+            if "topk_values" in b:
+                kk = b["topk_values"].shape[-1]
+                per = topk_kl(flat, b["topk_values"].reshape(-1, kk), b["topk_indices"].reshape(-1, kk),
+                              b["logsumexp"].reshape(-1), b["tail_logmass"].reshape(-1))
+                agree += float((flat.argmax(-1) == b["topk_indices"].reshape(-1, kk)[:, 0])[tm].sum())
+            else:
+                kk = b["sample_ids"].shape[-1]
+                per = sampled_kl(flat, b["sample_ids"].reshape(-1, kk), b["sample_counts"].reshape(-1, kk),
+                                 b["sample_logprobs"].reshape(-1, kk))
+            kl += float(per[tm].sum())
+            n_pos += int(tm.sum())
+        model.train()
+        mean = nll / max(n_tok, 1)
+        out = {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / max(n_tok, 1),
+               "kl_teacher": kl / max(n_pos, 1), "tokens": n_tok}
+        if self.metric_targets == "topk":
+            out["teacher_agreement"] = agree / max(n_pos, 1)
+        return out
+
+    def _finish(self, rid: str, point: SweepPoint, model: nn.Module, seconds: list[float], tokens: int) -> RunResult:
+        val, ev = self.measure(model, "val"), self.measure(model, "eval")
+        ref = ev or val or {}
+        for m in (val, ev):
+            if m is not None and not math.isfinite(m["nll"]):
+                raise TrainingDiverged(f"run {rid}: the trained student's outputs are not finite; lower "
+                                       f"{arg('lr')} (now {self.cfg.lr:g}) and train into a new {arg('out')}")
+        train_s = sum(seconds)
+        extra: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
+                                 "world_size": self.dist.world_size,
+                                 "train_tokens": tokens, "tokens_per_second": tokens / train_s if train_s else None,
+                                 "kind": "tokens"}
+        for name, m in (("val", val), ("eval", ev)):
+            if m is not None:
+                extra.update({f"{name}_perplexity": m["perplexity"], f"{name}_kl_teacher": m["kl_teacher"],
+                              f"{name}_tokens": m["tokens"]})
+        result = RunResult(rid, point.loss, point.temperature, point.alpha, self.cfg.epochs,
+                           ev["accuracy"] if ev else None, None, ev["nll"] if ev else None,
+                           float(ref.get("teacher_agreement", 0.0)), train_s, seconds, extra, point.seed, False,
+                           val["accuracy"] if val else None, None, val["nll"] if val else None)
+        info = {**describe_lm_student(self.cfg.student, model), "vocab_size": self.vocab_size,
+                "seq_len": self.seq_len, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
+                "seed": point.seed, "targets": str(self.version.ref)}
+        if not self.dist.is_main:
+            return result
+        # tied weights share storage, which safetensors refuses: store each tensor on its own
+        self.rundir.finish(rid, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, info, result)
+        return result
+
+    def validation_info(self) -> dict[str, Any] | None:
+        info: dict[str, Any] = {}
+        if self.held_out.any():
+            info["held_out"] = {"fraction": self.cfg.val_fraction, "seed": self.cfg.val_seed,
+                                "rows": int(self.held_out.sum()), "train_rows": len(self.train_rows)}
+        if self.eval_version is not None:
+            info["eval"] = str(self.eval_version.ref)
+        if info:
+            info["kl_teacher"] = ("exact KL to the stored top-k rebuild at T = 1" if self.metric_targets == "topk"
+                                  else "unbiased estimate from the stored draws at T = 1")
+        return info or None
+
+    def _summary(self, results: list[RunResult]) -> dict[str, Any]:
+        stats = self.version.manifest["statistics"]
+        out: dict[str, Any] = {"kind": "tokens", "targets": str(self.version.ref), "student": self.cfg.student,
+                               "teacher": stats.get("teachers"), "runs": [asdict(r) for r in results],
+                               "validation": self.validation_info()}
+        if len(self.cfg.seeds) > 1:
+            out["over_seeds"] = lm_over_seeds(results)
+        scored = [r for r in results if r.val_nll is not None]
+        if scored:
+            best = min(scored, key=lambda r: r.val_nll)  # type: ignore[arg-type, return-value]
+            out["best_by_validation"] = {"run": best.run, "val_nll": best.val_nll,
+                                         "val_perplexity": math.exp(best.val_nll or 0.0)}
+        return out
+
+
+__all__ = ["LM_LOSSES", "LMTrainConfig", "LMTrainer", "is_per_token"]
