@@ -152,13 +152,7 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
     hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdstore-hash")
     transfer_sha = hashing.submit(sha256_file, ts.path)
     hashing.shutdown(wait=False)
-    st = ts.path.stat()
-    key_material = {"meta": shard_meta, "transfer": [str(ts.path.resolve()), st.st_size, st.st_mtime_ns],
-                    "batch_size": config.batch_size, "device": device.type,
-                    "precision": precision, "tail": config.tail, "k": k, "inputs": ts.input_columns,
-                    "labels": ts.label_column, "shard_rows": config.shard_rows, "rg": config.row_group_rows,
-                    "views": plan.describe() if plan else None}
-    run_key = versioning.run_key(key_material)
+    run_key = _run_key(config, ts, shard_meta, device, precision, plan)
     # shards and row groups hold whole samples: counted in samples here, in rows (samples x views) on disk
     views = plan.count if plan else 1
     shard_samples, rg_rows = max(1, config.shard_rows // views), max(1, config.row_group_rows // views) * views
@@ -209,6 +203,18 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                                time.perf_counter() - t_start)
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
+
+
+def _run_key(config: LabelConfig, ts: TransferSet, shard_meta: dict[str, Any], device: torch.device, precision: str,
+             plan: ViewPlan | None) -> str:
+    """The resume key: every setting that changes the stored bytes, and the transfer set's identity (path, size,
+    mtime; its sha256 is computed on a thread while the teachers run)."""
+    st = ts.path.stat()
+    return versioning.run_key({"meta": shard_meta, "transfer": [str(ts.path.resolve()), st.st_size, st.st_mtime_ns],
+                               "batch_size": config.batch_size, "device": device.type, "precision": precision,
+                               "tail": config.tail, "k": config.top_k, "inputs": ts.input_columns,
+                               "labels": ts.label_column, "shard_rows": config.shard_rows,
+                               "rg": config.row_group_rows, "views": plan.describe() if plan else None})
 
 
 def _view_plan(config: LabelConfig, ts: TransferSet) -> ViewPlan | None:
