@@ -218,6 +218,8 @@ def main() -> None:
     ap.add_argument("--rows-timed", type=int, default=16, help="rows of 256 tokens per timed run")
     ap.add_argument("--rows-stored", type=int, default=32, help="rows of 256 tokens per stored version")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--parts", default="throughput,storage,memory",
+                    help="comma list of throughput, storage (bytes per token, also at V = 151,936), memory")
     ap.add_argument("--child", choices=("pure", "label", "wide"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -227,8 +229,34 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kdstore-lmbench-"))
     teacher = _teacher(args.gguf)
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    parts = set(args.parts.split(","))
+    if "throughput" in parts:
+        _report_throughput(results, teacher, args, tmp)
+    if "storage" in parts:
+        results["storage"] = storage(teacher, _corpus(args.corpus, teacher, args.rows_stored), tmp)
+        del teacher
+        results["wide"] = _run_child("wide", args)
+        for row in [*results["storage"], *results["wide"]["stored"]]:
+            cols = ", ".join(f"{k} {v:.1f}" for k, v in row["columns"].items() if v >= 0.05)
+            print(f"  V={row['vocab']} {row['stored']:<28} {row['bytes_per_token']:6.1f} B/token  ({cols})"
+                  + (f"; {row['distinct_per_position']:.1f} distinct/position" if row["distinct_per_position"] else
+                     ""))
+    if "memory" in parts:
+        results["memory"] = mem = {kind: _run_child(kind, args) for kind in ("pure", "label")}
+        print("peak RSS after loading the teacher (and including the load):")
+        rows = [("SmolLM2, inference only", mem["pure"]), ("SmolLM2, labeling top-64 + N=50", mem["label"])]
+        if "wide" in results:
+            rows.append(("V=151,936 tiny model, labeling", results["wide"]))
+        for what, r in rows:
+            print(f"  {what:<34} {r['peak_rss_mb']:.0f} MB ({r['peak_rss_with_load_mb']:.0f} MB; "
+                  f"{r['rss_after_load_mb']:.0f} MB after the load)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def _report_throughput(results: dict[str, Any], teacher: Any, args: argparse.Namespace, tmp: Path) -> None:
     results["throughput"] = t = throughput(teacher, _corpus(args.corpus, teacher, args.rows_timed), tmp,
-                                              args.rounds)
+                                           args.rounds)
     print(f"throughput over {t['tokens']} tokens ({args.rounds} interleaved rounds after a warm-up, "
           f"{t['threads']} threads): median (min-max)")
     for case in ("pure", "topk64", "sampled24"):
@@ -239,22 +267,6 @@ def main() -> None:
             line += (f"; throughput / pure: wall {median_spread(c['throughput_ratio_wall'])}, CPU "
                      f"{median_spread(c['throughput_ratio_cpu'])}")
         print(line)
-    results["storage"] = storage(teacher, _corpus(args.corpus, teacher, args.rows_stored), tmp)
-    del teacher
-    results["wide"] = _run_child("wide", args)
-    results["memory"] = {kind: _run_child(kind, args) for kind in ("pure", "label")}
-    for row in [*results["storage"], *results["wide"]["stored"]]:
-        cols = ", ".join(f"{k} {v:.1f}" for k, v in row["columns"].items() if v >= 0.05)
-        print(f"  V={row['vocab']} {row['stored']:<28} {row['bytes_per_token']:6.1f} B/token  ({cols})"
-              + (f"; {row['distinct_per_position']:.1f} distinct/position" if row["distinct_per_position"] else ""))
-    mem = results["memory"]
-    print("peak RSS after loading the teacher (and including the load):")
-    for what, r in (("SmolLM2, inference only", mem["pure"]), ("SmolLM2, labeling top-64 + N=50", mem["label"]),
-                    ("V=151,936 tiny model, labeling", results["wide"])):
-        print(f"  {what:<34} {r['peak_rss_mb']:.0f} MB ({r['peak_rss_with_load_mb']:.0f} MB; "
-              f"{r['rss_after_load_mb']:.0f} MB after the load)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
