@@ -16,7 +16,7 @@ from kdstore.lm_report import lm_over_seeds, plot_lm_sweep
 # ignores what was asked for.
 CLASSIFICATION_ONLY = ("standardize", "eval_input_columns", "eval_label_column", "val", "augment", "transfer", "tail",
                        "ensemble", "teacher_weights", "smoothing", "zero_mean", "momentum", "num_workers",
-                       "group_size", "eval_every", "checkpoint_every")  # the last three: #18's grouping, not yet for LMs
+                       "group_size", "eval_every", "checkpoint_every")  # the last 3: #18's grouping, not for LMs yet
 # Defaults that differ for language models (the classification ones are Hinton's MNIST settings).
 LM_DEFAULTS = {"temperatures": (1.0,), "alphas": (1.0,), "batch_size": 16, "losses": ("topk",)}
 

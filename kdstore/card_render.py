@@ -183,7 +183,8 @@ def _views_facts(m: dict[str, Any]) -> tuple[list[str], list[str]] | None:
     desc = [f"{n} per transfer-set row, sample-major (row s*{n}+v is view v of sample s); {first}; seed {v['seed']}",
             f"augment {v['augment']}",
             *augment.describe(augment.parse_augment(v["augment"], argument="views"), tuple(v["input_shape"]))]
-    acc = [f"{tid}: unaugmented {_pct(s['accuracy_identity_views'])}, augmented {_pct(s.get('accuracy_augmented_views'))}"
+    acc = [f"{tid}: unaugmented {_pct(s['accuracy_identity_views'])}, "
+           f"augmented {_pct(s.get('accuracy_augmented_views'))}"
            for tid, s in m["statistics"].get("teachers", {}).items() if s.get("accuracy_identity_views") is not None]
     return desc, acc
 
@@ -202,8 +203,8 @@ def _views_markdown(m: dict[str, Any]) -> list[str]:
     if facts is None:
         return []
     desc, acc = facts
-    lines = ["", "## Augmentation views", "", "`kdstore train` replays one stored view per row per epoch (its parameters "
-             "re-applied to the stored input, its targets used).", "", *(f"- {d}" for d in desc)]
+    lines = ["", "## Augmentation views", "", "`kdstore train` replays one stored view per row per epoch (its "
+             "parameters re-applied to the stored input, its targets used).", "", *(f"- {d}" for d in desc)]
     return lines + ([f"- teacher accuracy on views, {a}" for a in acc] if acc else [])
 
 def _fidelity_text(m: dict[str, Any]) -> list[str]:

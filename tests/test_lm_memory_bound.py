@@ -34,7 +34,8 @@ _CHILD = textwrap.dedent("""
     label_peak = status("VmHWM")
     conv = convert(ConvertConfig(str(res.path), top_k=0, sample=16, name="drawn"))
     print(json.dumps({"loaded_mb": loaded, "label_peak_mb": label_peak, "peak_mb": status("VmHWM"),
-                      "positions": res.manifest["num_rows"] * 64, "chunk": res.manifest["labeling"]["positions_per_chunk"],
+                      "positions": res.manifest["num_rows"] * 64,
+                      "chunk": res.manifest["labeling"]["positions_per_chunk"],
                       "drawn": conv.manifest["targets"]["sampled"]["draws"]}))
 """)
 
