@@ -202,7 +202,7 @@ def topk_reverse_kl(student_logits: Tensor, values: Tensor, indices: Tensor, lse
 def topk_jsd(student_logits: Tensor, values: Tensor, indices: Tensor, lse: Tensor, tail: Tensor,
              temperature: float = 1.0, beta: float = 0.5) -> Tensor:
     """Generalised Jensen-Shannon divergence per position, in the convention of Agarwal et al., ICLR 2024
-    ("On-Policy Distillation of Language Models", GKD, eq. 5) with p = the teacher's top-k rebuild q_T (module
+    ("On-Policy Distillation of Language Models", GKD) with p = the teacher's top-k rebuild q_T (module
     docstring) and q = the student s_T:
 
         ``JSD_beta(p || q) = beta KL(p || m) + (1 - beta) KL(q || m)``,  ``m = beta p + (1 - beta) q``.
