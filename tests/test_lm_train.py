@@ -140,10 +140,10 @@ def test_reverse_kl_and_jsd_option_errors(store: Path, tmp_path: Path, data: obj
     from tests.helpers import run_label
 
     digits = run_label(data.teacher_pt, data.parquet, tmp_path / "c", "digits").path  # type: ignore[attr-defined]
-    r = cli(["train", "--targets", digits, "--student", "mlp:16-8-10", "--loss", "rkl", "--out", tmp_path / "o",
+    r = cli(["train", "--targets", digits, "--student", "mlp:8-16-5", "--loss", "rkl", "--out", tmp_path / "o",
              "--quiet"])
     assert_clean_error(r, "--loss 'rkl': expected one of kd, topk, mse, hard, ls \\(it is for per-token targets")
-    r = cli(["train", "--targets", digits, "--student", "mlp:16-8-10", "--loss", "kd", "--jsd-beta", "0.5", "--out",
+    r = cli(["train", "--targets", digits, "--student", "mlp:8-16-5", "--loss", "kd", "--jsd-beta", "0.5", "--out",
              tmp_path / "o", "--quiet"])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "Error: --jsd-beta: only for --loss jsd on per-token targets" in r.output
