@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kdstore.cli._common import FLOATS, INTS, SWITCHES, ChoiceList, progress_bar, user_errors
-from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
+from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 
 
 @click.command("train")
@@ -17,12 +17,14 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
               help="mlp:IN-H-...-C, cnn:HxW[xC]-C, or package.module:factory returning an nn.Module. Per-token "
                    "(language-model) targets: gpt:LAYERS-DIM-HEADS, hf:DIR (a Hugging Face config or model) or a "
                    "factory.")
-@click.option("--loss", "losses", type=ChoiceList((*LOSSES, "sampled")), default="kd", show_default=True,
+@click.option("--loss", "losses", type=ChoiceList(tuple(dict.fromkeys((*LOSSES, *LM_LOSSES)))), default="kd",
+              show_default=True,
               metavar="LOSS[,LOSS...]",
               help="kd: Hinton 2015 alpha*T^2*CE(soft)+(1-alpha)*CE(hard); topk: KD on the stored top-k "
                    "(Tang 2020); mse: L2 on logits (Ba & Caruana 2014); hard: labels only; ls: label smoothing. "
-                   "Per-token targets: topk (default; the exact tail), sampled (Anshumann 2025) or hard (true next "
-                   "tokens), with default T 1, alpha 1 and --batch-size 16 (sequences); --eval STORE/NAME is a "
+                   "Per-token targets: topk (default; the exact tail), sampled (Anshumann 2025), hard (true next "
+                   "tokens), rkl (reverse KL to the top-k rebuild) or jsd (generalised JSD, Agarwal 2024; "
+                   "--jsd-beta), with default T 1, alpha 1 and --batch-size 16 (sequences); --eval STORE/NAME is a "
                    "held-out labeled version. "
                    "A list (hard,kd) joins the sweep: with --val-fraction one command shows whether distillation "
                    "beats the labels.")
@@ -65,7 +67,11 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISION
                    "the baseline beside students distilled from views a version stores (label --views N --augment "
                    "SPEC), whose views train replays without this option.")
 @click.option("--transfer", metavar="PATH", help="The transfer set, if it moved since labeling (fingerprint-checked).")
-@click.option("--top-k", type=int, default=None, help="For --loss topk: use the K largest (<= stored k).")
+@click.option("--top-k", type=int, default=None,
+              help="For --loss topk (per-token targets: also rkl, jsd): use the K largest (<= stored k).")
+@click.option("--jsd-beta", type=float, default=None, metavar="B",
+              help="Per-token --loss jsd: the teacher's weight in the mixture m = B*teacher + (1-B)*student, in "
+                   "(0, 1); default 0.5 (symmetric). Near 0 it acts as forward KL, near 1 as reverse KL.")
 @click.option("--tail", type=click.Choice(TAIL_MODELS), default=None,
               help="Top-k tail model: uniform (stored default) or drop (renormalise over the top-k).")
 @click.option("--ensemble", default="mean-prob", show_default=True,
@@ -94,7 +100,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
           optimizer: str, momentum: float, weight_decay: float, schedule: str, seeds: tuple[int, ...], device: str,
           precision: str, eval_path: str | None, eval_input_columns: tuple[str, ...], eval_label_column: str | None,
           val_fraction: float | None, val: str | None, val_seed: int, augment: str | None, transfer: str | None,
-          top_k: int | None,
+          top_k: int | None, jsd_beta: float | None,
           tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None, smoothing: float,
           zero_mean: bool, data_mode: str, num_workers: int, group_size: str, eval_every: int,
           checkpoint_every: int, out: str, resume: bool, quiet: bool) -> None:
@@ -131,6 +137,9 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
         from kdstore.cli._train_lm import train_language_model
 
         return train_language_model(click.get_current_context())
+    if jsd_beta is not None:
+        raise click.UsageError(f"--jsd-beta: only for --loss jsd on per-token targets, and {targets} holds "
+                               "classification targets; drop it")
     from kdstore.rundir import plot_sweep
     from kdstore.training import TrainConfig, Trainer
 

@@ -25,10 +25,11 @@ from kdstore.errors import ConfigError, ShapeMismatchError, arg
 from kdstore.sampling import draw_weights, sampled_cross_entropy
 from kdstore.targets import check_temperature
 
-__all__ = ["IGNORE", "hard_nll", "lm_kd_loss", "masked_mean", "next_token_labels", "sampled_ce", "sampled_kl",
-           "topk_ce", "topk_kl", "topk_teacher_logprobs"]
+__all__ = ["IGNORE", "SOFT_LOSSES", "hard_nll", "lm_kd_loss", "masked_mean", "next_token_labels", "sampled_ce",
+           "sampled_kl", "topk_ce", "topk_jsd", "topk_kl", "topk_reverse_kl", "topk_teacher_logprobs"]
 
 IGNORE = -100  # a label that counts for nothing (the Hugging Face convention)
+SOFT_LOSSES = ("topk", "sampled", "rkl", "jsd")  # soft terms of `lm_kd_loss`; rkl and jsd read the stored top-k
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -161,6 +162,83 @@ def topk_kl(student_logits: Tensor, values: Tensor, indices: Tensor, lse: Tensor
     return (q * log_q).sum(-1) + tail_ent - ((q * s_top).sum(-1) + tail_term)
 
 
+def _rebuild_and_student(student_logits: Tensor, values: Tensor, indices: Tensor, lse: Tensor, tail: Tensor,
+                         temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(log q (P, k), log q_tail (P,), log s_T (P, V), log s_T at the k ids (P, k), q_tail > 0 or k = V (P,))."""
+    _check_topk(student_logits, values, indices, lse, tail)
+    v, k = student_logits.shape[1], values.shape[1]
+    log_q, log_q_tail = topk_teacher_logprobs(values, lse, tail, v, temperature)
+    log_s = torch.log_softmax(_f32(student_logits) / temperature, -1)
+    finite = (log_q_tail > float("-inf")) | (k == v)  # k = V: no tail ids, nothing to lose
+    return log_q, log_q_tail, log_s, log_s.gather(1, indices.long()), finite
+
+
+def topk_reverse_kl(student_logits: Tensor, values: Tensor, indices: Tensor, lse: Tensor, tail: Tensor,
+                    temperature: float = 1.0) -> Tensor:
+    """Reverse KL, KL(s_T || q_T), per position, against the top-k rebuild (module docstring): mode-seeking, the
+    student is pushed off the ids the teacher finds unlikely rather than made to cover all of the teacher's mass.
+
+    Every tail id has the one log-prob ``l_t = log q_tail``, so with ``sum_v s_v = 1``
+    ``KL = sum_v s_v log s_v - l_t + sum_i s(x_i) (l_t - log q_i)``: one pass over the student's (P, V) log-probs,
+    O(k) for the teacher. A tail of mass 0 (t = -inf) with k < V gives +inf (the student has mass the teacher has
+    not); k = V gives the plain KL over the stored ids. Autograd gives the gradient.
+
+    Args:
+        student_logits: (P, V). values: (P, k) stored teacher logits, indices: (P, k) their ids. lse: (P,).
+        tail: (P,) exact log tail mass at T = 1.
+        temperature: T > 0, for teacher and student.
+
+    Returns:
+        float32 (P,) nats (>= 0 up to rounding); float64 for float64 inputs.
+    """
+    log_q, log_q_tail, log_s, s_top_log, finite = _rebuild_and_student(student_logits, values, indices, lse, tail,
+                                                                       temperature)
+    l_t = torch.where(finite & (log_q_tail > float("-inf")), log_q_tail, 0.0)  # no -inf: no NaN gradient
+    neg_entropy = (log_s.exp() * log_s).sum(-1)
+    kl = neg_entropy - l_t + (s_top_log.exp() * (l_t.unsqueeze(-1) - log_q)).sum(-1)
+    return torch.where(finite, kl, float("inf"))
+
+
+def topk_jsd(student_logits: Tensor, values: Tensor, indices: Tensor, lse: Tensor, tail: Tensor,
+             temperature: float = 1.0, beta: float = 0.5) -> Tensor:
+    """Generalised Jensen-Shannon divergence per position, in the convention of Agarwal et al., ICLR 2024
+    ("On-Policy Distillation of Language Models", GKD) with p = the teacher's top-k rebuild q_T (module
+    docstring) and q = the student s_T:
+
+        ``JSD_beta(p || q) = beta KL(p || m) + (1 - beta) KL(q || m)``,  ``m = beta p + (1 - beta) q``.
+
+    Bounded by ``h(beta) = -beta log beta - (1-beta) log(1-beta)`` (log 2 at beta = 0.5, where it is symmetric);
+    ``JSD / beta -> KL(p || q)`` (forward KL) as beta -> 0 and ``JSD / (1 - beta) -> KL(q || p)`` (reverse KL) as
+    beta -> 1. Tail ids share the teacher's one log-prob, so ``log m`` is computed V-wide with the tail value and
+    corrected at the k stored ids; the teacher side stays O(k). Autograd gives the gradient.
+
+    Args:
+        student_logits: (P, V). values: (P, k), indices: (P, k), lse: (P,), tail: (P,) as for `topk_ce`.
+        temperature: T > 0. beta: in (0, 1), the teacher's weight in the mixture.
+
+    Returns:
+        float32 (P,) nats in [0, h(beta)]; float64 for float64 inputs.
+    """
+    if not 0.0 < beta < 1.0:
+        raise ConfigError(f"{arg('beta')} {beta:g}: must be in (0, 1) (0 and 1 make the mixture one of the two "
+                          "distributions; use --loss topk or rkl for forward or reverse KL)")
+    log_q, log_q_tail, log_s, s_top_log, _ = _rebuild_and_student(student_logits, values, indices, lse, tail,
+                                                                  temperature)
+    lb, l1b = math.log(beta), math.log1p(-beta)
+    has_tail = log_q_tail > float("-inf")
+    l_t = torch.where(has_tail, log_q_tail, 0.0)  # no -inf in arithmetic whose gradient is taken
+    tail_p = torch.where(has_tail, lb + l_t, float("-inf")).unsqueeze(-1)
+    log_m = torch.logaddexp(l1b + log_s, tail_p)  # (P, V): m with the teacher's tail value at every id
+    log_m_top = torch.logaddexp(l1b + s_top_log, lb + log_q)  # (P, k): m at the stored ids
+    log_m_wrong = log_m.gather(1, indices.long())  # what log_m holds at the stored ids
+    kl_s = (log_s.exp() * (log_s - log_m)).sum(-1) + (s_top_log.exp() * (log_m_wrong - log_m_top)).sum(-1)
+    n_tail = student_logits.shape[1] - values.shape[1]
+    tail_sum = n_tail * l_t - (log_m.sum(-1) - log_m_wrong.sum(-1))  # sum over the tail ids of log q_t - log m
+    q_t = torch.where(has_tail, l_t.exp(), 0.0)
+    kl_p = (log_q.exp() * (log_q - log_m_top)).sum(-1) + torch.where(has_tail, q_t * tail_sum, 0.0)
+    return beta * kl_p + (1.0 - beta) * kl_s
+
+
 def sampled_ce(student_logits: Tensor, ids: Tensor, counts: Tensor, logprobs: Tensor,
                temperature: float = 1.0) -> Tensor:
     """Sampled KD (Anshumann et al., ACL 2025, "Sparse Logit Sampling"): per position, the estimate
@@ -243,24 +321,26 @@ def masked_mean(per_position: Tensor, mask: Tensor) -> Tensor:
 
 
 def lm_kd_loss(student_logits: Tensor, batch: dict[str, Tensor], *, loss: str, temperature: float,
-               alpha: float) -> Tensor:
+               alpha: float, beta: float = 0.5) -> Tensor:
     """The training loss of one batch of sequences:
-    ``alpha * T^2 * mean_{target positions} CE(teacher_T, student_T) + (1 - alpha) * mean_{labels} NLL(y)``
+    ``alpha * T^2 * mean_{target positions} D(teacher_T, student_T) + (1 - alpha) * mean_{labels} NLL(y)``
     (Hinton et al. 2015 mixing; the hard term at T = 1 on the true next tokens). ``loss="hard"`` is the NLL alone.
+    D is `topk_ce` ("topk"), `sampled_ce` ("sampled"), `topk_reverse_kl` ("rkl") or `topk_jsd` with `beta`
+    ("jsd"); every soft term is scaled by T^2.
 
     Args:
         student_logits: (B, L, V).
-        batch: from `kdstore.lm_data` (`collate`): ``labels`` (B, L); ``target_mask`` (B, L); for "topk"
-            ``topk_values``/``topk_indices`` (B, L, k), ``logsumexp``/``tail_logmass`` (B, L); for "sampled"
-            ``sample_ids``/``sample_counts``/``sample_logprobs`` (B, L, K).
-        loss: "topk", "sampled" or "hard".
-        temperature: T > 0. alpha: weight of the soft term in [0, 1].
+        batch: from `kdstore.lm_data` (`collate`): ``labels`` (B, L); ``target_mask`` (B, L); for "topk", "rkl"
+            and "jsd" ``topk_values``/``topk_indices`` (B, L, k), ``logsumexp``/``tail_logmass`` (B, L); for
+            "sampled" ``sample_ids``/``sample_counts``/``sample_logprobs`` (B, L, K).
+        loss: "topk", "sampled", "rkl", "jsd" or "hard".
+        temperature: T > 0. alpha: weight of the soft term in [0, 1]. beta: the JSD's teacher weight in (0, 1).
 
     Returns:
         Scalar float32.
     """
-    if loss not in ("topk", "sampled", "hard"):
-        raise ConfigError(f"{arg('loss')} {loss!r}: expected topk, sampled or hard")
+    if loss not in (*SOFT_LOSSES, "hard"):
+        raise ConfigError(f"{arg('loss')} {loss!r}: expected {', '.join(SOFT_LOSSES)} or hard")
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"{arg('alpha')} {alpha}: must be in [0, 1]")
     check_temperature(temperature)
@@ -271,15 +351,24 @@ def lm_kd_loss(student_logits: Tensor, batch: dict[str, Tensor], *, loss: str, t
     labels = batch["labels"].reshape(-1)
     if loss == "hard" or alpha == 0.0:
         return masked_mean(hard_nll(flat, labels), labels != IGNORE)
-    if loss == "topk":
-        k = batch["topk_values"].shape[-1]
-        soft = topk_ce(flat, batch["topk_values"].reshape(-1, k), batch["topk_indices"].reshape(-1, k),
-                       batch["logsumexp"].reshape(-1), batch["tail_logmass"].reshape(-1), temperature)
-    else:
-        k = batch["sample_ids"].shape[-1]
-        soft = sampled_ce(flat, batch["sample_ids"].reshape(-1, k), batch["sample_counts"].reshape(-1, k),
-                          batch["sample_logprobs"].reshape(-1, k), temperature)
+    soft = _soft_term(flat, batch, loss, temperature, beta)
     out = alpha * temperature**2 * masked_mean(soft, batch["target_mask"].reshape(-1))
     if alpha < 1.0:
         out = out + (1.0 - alpha) * masked_mean(hard_nll(flat, labels), labels != IGNORE)
     return out
+
+
+def _soft_term(flat: Tensor, batch: dict[str, Tensor], loss: str, temperature: float, beta: float) -> Tensor:
+    """The per-position soft term (P,) of `lm_kd_loss` for a soft `loss`, the batch's targets flattened to rows."""
+    if loss == "sampled":
+        k = batch["sample_ids"].shape[-1]
+        return sampled_ce(flat, batch["sample_ids"].reshape(-1, k), batch["sample_counts"].reshape(-1, k),
+                          batch["sample_logprobs"].reshape(-1, k), temperature)
+    k = batch["topk_values"].shape[-1]
+    args = (flat, batch["topk_values"].reshape(-1, k), batch["topk_indices"].reshape(-1, k),
+            batch["logsumexp"].reshape(-1), batch["tail_logmass"].reshape(-1), temperature)
+    if loss == "rkl":
+        return topk_reverse_kl(*args)
+    if loss == "jsd":
+        return topk_jsd(*args, beta)
+    return topk_ce(*args)

@@ -31,13 +31,13 @@ from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_ba
 from kdstore.lm_losses import IGNORE, hard_nll, lm_kd_loss, sampled_kl, topk_kl
 from kdstore.lm_report import lm_over_seeds
 from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
+from kdstore.options import LM_LOSSES
 from kdstore.rundir import RunDir, RunResult, run_id
 from kdstore.store import Version, open_version
 from kdstore.store.remote import resolve_any
 from kdstore.targets import check_temperature
 from kdstore.train_config import SweepPoint
 
-LM_LOSSES = ("topk", "sampled", "hard")
 Progress = Callable[[str, int, int], None]
 Batch = dict[str, Tensor]
 
@@ -68,6 +68,7 @@ class LMTrainConfig:
     eval: str | None = None  # a held-out per-token version of the same teacher (STORE/NAME[@vN])
     data_mode: str = "auto"
     memory_limit_gb: float = 4.0
+    jsd_beta: float | None = None  # the teacher's weight in --loss jsd's mixture, in (0, 1); None: 0.5
 
     def __post_init__(self) -> None:
         for name in ("losses", "temperatures", "alphas", "seeds"):
@@ -95,8 +96,25 @@ class LMTrainConfig:
             e.append(f"{arg('top_k')} {self.top_k}: must be >= 1")
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             e.append(f"{arg('val_fraction')} {self.val_fraction:g}: must be in (0, 1)")
+        e += self._beta_errors()
         if e:
             raise ConfigError("; ".join(e))
+
+    def _beta_errors(self) -> list[str]:
+        if self.jsd_beta is None:
+            return []
+        if "jsd" not in self.losses:
+            return [f"{arg('jsd_beta')} {self.jsd_beta:g}: only used by {arg('losses')} jsd, and the losses are "
+                    f"{','.join(self.losses)}; add jsd to them or drop {arg('jsd_beta')}"]
+        if not 0.0 < self.jsd_beta < 1.0:
+            return [f"{arg('jsd_beta')} {self.jsd_beta:g}: must be in (0, 1), the teacher's weight in the mixture "
+                    f"(near 0 the JSD acts as forward KL, near 1 as reverse KL: {arg('losses')} topk or rkl)"]
+        return []
+
+    @property
+    def beta(self) -> float:
+        """--jsd-beta, 0.5 when not given."""
+        return 0.5 if self.jsd_beta is None else self.jsd_beta
 
     def sweep(self) -> list[SweepPoint]:
         """Every (loss, T, alpha, seed), seeds innermost; hard once per seed."""
@@ -108,6 +126,11 @@ class LMTrainConfig:
 
     def run_id(self, p: SweepPoint) -> str:
         return run_id(p.loss, p.temperature, p.alpha, p.seed if len(self.seeds) > 1 else None)
+
+
+def _targets(loss: str) -> str:
+    """The stored targets a loss reads (`lm_data.token_columns`): rkl and jsd the top-k, hard none."""
+    return "none" if loss == "hard" else "topk" if loss in ("rkl", "jsd") else loss
 
 
 def is_per_token(targets: str) -> bool:
@@ -133,7 +156,11 @@ class LMTrainer:
             raise ConfigError(f"{arg('targets')} {self.version.ref}: not a per-token version")
         self.vocab_size, self.seq_len = int(t["vocab_size"]), int(t["seq_len"])
         for loss in config.losses:
-            token_columns(self.version, "none" if loss == "hard" else loss)  # a missing kind of target: fail now
+            if loss in ("rkl", "jsd") and not self.version.top_k:
+                raise ConfigError(f"{arg('losses')} {loss}: needs the stored top-k (reverse KL and JSD against its "
+                                  f"exact tail); {self.version.ref} stores sampled draws only; use {arg('losses')} "
+                                  "sampled, or label with --top-k")
+            token_columns(self.version, _targets(loss))  # a missing kind of target: fail now
         if config.top_k is not None and (self.version.top_k is None or config.top_k > self.version.top_k):
             raise ConfigError(f"{arg('top_k')} {config.top_k}: {self.version.ref} stores top-"
                               f"{self.version.top_k or 0}; choose k <= that")
@@ -242,7 +269,7 @@ class LMTrainer:
         (exactly so when the sequences count equally many tokens, as packed text does)."""
         model.train()
         steps = math.ceil(len(self.train_rows) / self.cfg.batch_size)
-        targets = "none" if point.loss == "hard" else point.loss
+        targets = _targets(point.loss)
         world, total, rows, tokens = self.dist.world_size, 0.0, 0, 0
         for step, (batch, n_global) in enumerate(self._batches(targets, point.seed, epoch)):
             for g in opt.param_groups:
@@ -251,7 +278,8 @@ class LMTrainer:
             if n_local:
                 with autocast(self.device, self.precision):
                     logits = lm_logits(net, batch["input_ids"])
-                loss = lm_kd_loss(logits, batch, loss=point.loss, temperature=point.temperature, alpha=point.alpha)
+                loss = lm_kd_loss(logits, batch, loss=point.loss, temperature=point.temperature, alpha=point.alpha,
+                                  beta=self.cfg.beta)
             else:  # no sequence of this global batch for this rank: still join the gradient all-reduce
                 loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
             opt.zero_grad(set_to_none=True)
@@ -387,6 +415,8 @@ class LMTrainer:
         info = {**describe_lm_student(self.cfg.student, model), "vocab_size": self.vocab_size,
                 "seq_len": self.seq_len, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
                 "seed": point.seed, "targets": str(self.version.ref)}
+        if point.loss == "jsd":
+            info["jsd_beta"] = self.cfg.beta
         if not self.dist.is_main:
             return result
         # tied weights share storage, which safetensors refuses: store each tensor on its own

@@ -9,6 +9,7 @@ TAIL_MODELS = ("uniform", "drop")  # how soft targets are rebuilt from a top-k (
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast
 LOSSES = ("kd", "topk", "mse", "hard", "ls")
+LM_LOSSES = ("topk", "sampled", "hard", "rkl", "jsd")  # per-token (language-model) targets
 ENSEMBLES = ("mean-prob", "mean-logit")  # or one member's id, t0, t1, ...
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")

@@ -7,7 +7,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, NamedTuple
 
 from kdstore.errors import ConfigError, arg
-from kdstore.options import DATA_MODES, ENSEMBLES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
+from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 from kdstore.rundir import run_id
 
 NO_TEMPERATURE = ("hard", "ls", "mse")  # losses without T or alpha: one run per seed (and per standardize, mse)
@@ -72,7 +72,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.losses, str):  # TrainConfig(losses="kd"): one loss
             object.__setattr__(self, "losses", (self.losses,))
-        e = [f"{arg('losses')} {x!r}: expected one of {', '.join(LOSSES)}" for x in self.losses if x not in LOSSES]
+        e = [f"{arg('losses')} {x!r}: expected one of {', '.join(LOSSES)}"
+             + (" (it is for per-token targets: a version labeled by a language model)" if x in LM_LOSSES else "")
+             for x in self.losses if x not in LOSSES]
         e += _once("losses", self.losses) + _once("standardize", self.standardize)
         if True in self.standardize and not set(self.losses) & set(SOFT):
             e.append(f"{arg('standardize')}: {arg('losses')} {','.join(self.losses)} reads no teacher logits, so "

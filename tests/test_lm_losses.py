@@ -187,3 +187,157 @@ def test_fused_losses_equal_autograd_through_log_softmax(T: float) -> None:
         (yb * w).sum().backward()
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)
     assert L.sampled_ce(s0, ids, counts, lp, T)[5] == 0  # no draws: nothing
+
+
+# -- reverse KL and generalised JSD against the top-k rebuild -----------------------------------------------------
+
+def _dense_divergences(s: torch.Tensor, v: torch.Tensor, i: torch.Tensor, lse: torch.Tensor, tail: torch.Tensor,
+                       T: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(s_T || q_T) and JSD_beta(q_T || s_T) with the teacher built V-wide (the reference)."""
+    log_q = torch.log_softmax(_dense_rebuild(v, i, lse, tail, s.shape[1]) / T, -1)
+    log_s = torch.log_softmax(s / T, -1)
+    p, q = log_q.exp(), log_s.exp()
+    log_m = (beta * p + (1 - beta) * q).log()
+    rkl = (q * (log_s - log_q)).sum(-1)
+    jsd = beta * (p * (log_q - log_m)).sum(-1) + (1 - beta) * (q * (log_s - log_m)).sum(-1)
+    return rkl, jsd
+
+
+def test_golden_reverse_kl_and_jsd_by_hand() -> None:
+    # V = 5, k = 2: teacher logits (2, 1, 0, 0, 0), so the uniform tail is exact: p = (e^2, e, 1, 1, 1) / Z,
+    # log Z = log(e^2 + e + 3) = 2.573172. A uniform student s = 1/5:
+    # KL(s || p) = sum_v (1/5)(log(1/5) - z_v + log Z) = log Z - log 5 - 3/5 = 0.363734.
+    # At T = 2 the teacher is softmax(1, 0.5, 0, 0, 0): log Z2 = log(e + e^0.5 + 3), KL = log Z2 - log 5 - 0.3.
+    # JSD with m = beta p + (1 - beta)/5, p = (0.563734, 0.207386, 0.076293 x 3):
+    # beta = 0.5: 0.5 sum p log(p/m) + 0.5 sum (1/5) log((1/5)/m) = 0.088202; beta = 0.25: 0.067095.
+    v, i, lse, tail = _stored(torch.tensor([[2.0, 1.0, 0.0, 0.0, 0.0]]), 2)
+    s = torch.zeros(1, 5)
+    assert L.topk_reverse_kl(s, v, i, lse, tail).item() == pytest.approx(0.363734, abs=1e-5)
+    assert L.topk_reverse_kl(s, v, i, lse, tail).item() == pytest.approx(
+        math.log(math.e**2 + math.e + 3) - math.log(5) - 0.6, abs=1e-5)
+    assert L.topk_reverse_kl(s, v, i, lse, tail, 2.0).item() == pytest.approx(
+        math.log(math.e + math.e**0.5 + 3) - math.log(5) - 0.3, abs=1e-5)
+    assert L.topk_jsd(s, v, i, lse, tail).item() == pytest.approx(0.088202, abs=1e-5)
+    assert L.topk_jsd(s, v, i, lse, tail, beta=0.25).item() == pytest.approx(0.067095, abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 16])
+@pytest.mark.parametrize("T", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_reverse_kl_and_jsd_equal_dense_rebuild(k: int, T: float, beta: float) -> None:
+    torch.manual_seed(k)
+    V = 16
+    z, s = torch.randn(7, V, dtype=torch.float64) * 3, torch.randn(7, V, dtype=torch.float64) * 2
+    v, i, lse, tail = _stored(z, k)
+    rkl, jsd = _dense_divergences(s, v, i, lse, tail, T, beta)
+    torch.testing.assert_close(L.topk_reverse_kl(s, v, i, lse, tail, T), rkl)
+    torch.testing.assert_close(L.topk_jsd(s, v, i, lse, tail, T, beta), jsd)
+    assert L.topk_reverse_kl(s.float(), v.float(), i, lse.float(), tail.float(), T).dtype == torch.float32
+
+
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_reverse_kl_and_jsd_gradients(T: float) -> None:
+    torch.manual_seed(0)
+    V, k, beta = 12, 4, 0.3
+    z = torch.randn(5, V, dtype=torch.float64) * 2
+    v, i, lse, tail = _stored(z, k)
+    s0 = torch.randn(5, V, dtype=torch.float64)
+    for j, fn in enumerate((lambda x: L.topk_reverse_kl(x, v, i, lse, tail, T),
+                            lambda x: L.topk_jsd(x, v, i, lse, tail, T, beta))):
+        a = s0.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(fn, (a,))
+        b = s0.clone().requires_grad_(True)
+        fn(a).sum().backward()
+        _dense_divergences(b, v, i, lse, tail, T, beta)[j].sum().backward()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_reverse_kl_and_jsd_vanish_at_the_rebuilt_teacher() -> None:
+    torch.manual_seed(2)
+    V, k, T = 20, 3, 2.0
+    v, i, lse, tail = _stored(torch.randn(4, V, dtype=torch.float64) * 3, k)
+    s = _dense_rebuild(v, i, lse, tail, V)  # student logits = the rebuild: s_T = q_T at every T
+    assert L.topk_reverse_kl(s, v, i, lse, tail, T).abs().max() < 1e-12
+    assert L.topk_jsd(s, v, i, lse, tail, T, 0.3).abs().max() < 1e-12
+    assert L.topk_reverse_kl(s + 1.0, v, i, lse, tail, T).abs().max() < 1e-12  # a shift changes nothing
+    assert L.topk_reverse_kl(s.flip(-1), v, i, lse, tail, T).min() > 1e-3  # another student is not the teacher
+
+
+def test_jsd_symmetric_at_half_and_bounded() -> None:
+    torch.manual_seed(4)
+    V, k = 9, 3
+    z1, z2 = torch.randn(6, V, dtype=torch.float64) * 4, torch.randn(6, V, dtype=torch.float64) * 4
+    st1, st2 = _stored(z1, k), _stored(z2, k)
+    r1, r2 = _dense_rebuild(*st1, V), _dense_rebuild(*st2, V)
+    for T in (0.5, 1.0, 2.0):  # swapping teacher and student: the same value at beta = 0.5, not at 0.2
+        torch.testing.assert_close(L.topk_jsd(r1, *st2, T), L.topk_jsd(r2, *st1, T))
+        assert not torch.allclose(L.topk_jsd(r1, *st2, T, 0.2), L.topk_jsd(r2, *st1, T, 0.2))
+    # near-disjoint teacher and student approach the bound log 2 from below; h(beta) bounds every beta
+    v, i, lse, tail = _stored(torch.tensor([[40.0, 0, 0, 0, 0]], dtype=torch.float64), 1)
+    far = torch.tensor([[0, 0, 0, 0, 40.0]], dtype=torch.float64)
+    got = L.topk_jsd(far, v, i, lse, tail).item()
+    assert math.log(2) - 1e-6 < got <= math.log(2)
+    for beta in (0.1, 0.5, 0.8):
+        h = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
+        vals = L.topk_jsd(torch.randn(6, V, dtype=torch.float64) * 10, *st1, 1.0, beta)
+        assert (vals >= -1e-12).all() and (vals <= h).all()
+        assert L.topk_jsd(far, v, i, lse, tail, 1.0, beta).item() == pytest.approx(h, abs=1e-6)
+
+
+def test_jsd_limits_are_forward_and_reverse_kl() -> None:
+    """JSD_beta / beta -> KL(teacher || student) as beta -> 0, JSD_beta / (1 - beta) -> KL(student || teacher) as
+    beta -> 1 (the convention of Agarwal et al. 2024 with the teacher first)."""
+    torch.manual_seed(5)
+    V, k, T = 10, 3, 1.5
+    v, i, lse, tail = _stored(torch.randn(4, V, dtype=torch.float64) * 2, k)
+    s = torch.randn(4, V, dtype=torch.float64)
+    fwd, rev = L.topk_kl(s, v, i, lse, tail, T), L.topk_reverse_kl(s, v, i, lse, tail, T)
+    assert not torch.allclose(fwd, rev, rtol=0.05)  # the two limits differ, so each check below says something
+    eps = 1e-6
+    torch.testing.assert_close(L.topk_jsd(s, v, i, lse, tail, T, eps) / eps, fwd, rtol=1e-4, atol=0)
+    torch.testing.assert_close(L.topk_jsd(s, v, i, lse, tail, T, 1 - eps) / eps, rev, rtol=1e-4, atol=0)
+
+
+def test_reverse_kl_with_an_empty_tail_and_with_k_equal_v() -> None:
+    torch.manual_seed(6)
+    V = 6
+    z, s = torch.randn(3, V, dtype=torch.float64), torch.randn(3, V, dtype=torch.float64)
+    v, i, lse, tail = _stored(z, V)  # k = V: the teacher itself, finite
+    torch.testing.assert_close(L.topk_reverse_kl(s, v, i, lse, tail),
+                               (torch.softmax(s, -1) * (torch.log_softmax(s, -1) - torch.log_softmax(z, -1))).sum(-1))
+    v, i, lse, tail = _stored(z, 2)
+    tail = torch.tensor([float("-inf"), tail[1], tail[2]], dtype=torch.float64)  # row 0: teacher mass 0 outside
+    x = s.clone().requires_grad_(True)
+    out = L.topk_reverse_kl(x, v, i, lse, tail)
+    assert out[0] == float("inf") and torch.isfinite(out[1:]).all()
+    assert torch.isfinite(L.topk_jsd(x, v, i, lse, tail)).all()
+    (out[1:].sum() + L.topk_jsd(x, v, i, lse, tail).sum()).backward()  # no NaN leaks from the -inf tail
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("loss", ["rkl", "jsd"])
+def test_lm_kd_loss_reverse_kl_and_jsd(loss: str) -> None:
+    s, batch = _batch()
+    T, a, beta = 2.0, 0.3, 0.7
+    flat, tm = s.reshape(-1, 11), batch["target_mask"].reshape(-1).bool()
+    args = (flat, batch["topk_values"].reshape(-1, 3), batch["topk_indices"].reshape(-1, 3),
+            batch["logsumexp"].reshape(-1), batch["tail_logmass"].reshape(-1), T)
+    soft = (L.topk_reverse_kl(*args) if loss == "rkl" else L.topk_jsd(*args, beta))[tm].mean()
+    lab = batch["labels"].reshape(-1)
+    hard = L.hard_nll(flat, lab)[lab != L.IGNORE].mean()
+    got = L.lm_kd_loss(s, batch, loss=loss, temperature=T, alpha=a, beta=beta)
+    assert got.item() == pytest.approx(a * T * T * soft.item() + (1 - a) * hard.item(), rel=1e-6)
+    got.backward()
+    assert s.grad is not None and s.grad[1, 3:].abs().max() == 0 and s.grad[1, 2].abs().max() > 0
+    junk = {**batch, "tail_logmass": batch["tail_logmass"].clone()}
+    junk["tail_logmass"][1, 3:] = float("-inf")  # whatever a masked position holds
+    x = s.detach().clone().requires_grad_(True)
+    L.lm_kd_loss(x, junk, loss=loss, temperature=T, alpha=1.0, beta=beta).backward()
+    assert torch.isfinite(x.grad).all() and x.grad[1, 3:].abs().max() == 0
+
+
+def test_jsd_beta_outside_the_open_interval_is_refused() -> None:
+    s, batch = _batch()
+    for beta in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match=rf"beta {beta:g}: must be in \(0, 1\)"):
+            L.lm_kd_loss(s, batch, loss="jsd", temperature=1.0, alpha=1.0, beta=beta)

@@ -101,13 +101,53 @@ def test_seed_sweep_reports_mean_and_sd_and_plots(store: Path, tmp_path: Path) -
 def test_kd_moves_the_student_toward_the_teacher(store: Path, tmp_path: Path) -> None:
     """Distilling (alpha 1) lowers the held-out KL to the teacher below the untrained student's."""
     cfg = LMTrainConfig(targets=str(store / "news"), student="gpt:1-16-2", out=str(tmp_path / "r"), epochs=8,
-                        batch_size=4, lr=1e-2, val_fraction=0.25, losses=("topk", "sampled"))
+                        batch_size=4, lr=1e-2, val_fraction=0.25, losses=("topk", "sampled", "rkl", "jsd"))
     trainer = LMTrainer(cfg)
     torch.manual_seed(0)
     before = trainer.measure(build_lm_student("gpt:1-16-2", 512, 16), "val")["kl_teacher"]
     results = trainer.run()
     for res in results:
         assert res.extra["val_kl_teacher"] < 0.7 * before, (res.run, before, res.extra["val_kl_teacher"])
+
+
+def test_reverse_kl_and_jsd_sweep_through_the_cli(store: Path, tmp_path: Path) -> None:
+    """--loss rkl,jsd (with --jsd-beta) trains one student per loss and temperature from the stored top-k."""
+    out = tmp_path / "div"
+    r = cli(["train", "--targets", store / "news", "--loss", "rkl,jsd", "--jsd-beta", "0.3", "-T", "1,2",
+             "--top-k", "4", "--val-fraction", "0.25", "--out", out, *TRAIN])
+    assert r.exit_code == 0, r.output
+    runs = ["rkl-T1-a1", "rkl-T2-a1", "jsd-T1-a1", "jsd-T2-a1"]
+    assert [ln.split()[0].lstrip("*") for ln in r.output.splitlines()[1:5]] == runs
+    for run in runs:
+        res = json.loads((out / "runs" / run / "result.json").read_text())
+        assert np.isfinite(res["val_nll"]) and res["extra"]["val_kl_teacher"] > 0
+        info = json.loads((out / "runs" / run / "student.json").read_text())
+        assert info["loss"] == run[:3] and info.get("jsd_beta") == (0.3 if run.startswith("jsd") else None)
+    assert json.loads((out / "config.json").read_text())["config"]["jsd_beta"] == 0.3
+    losses = [json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= x < 100 for x in losses)
+
+
+def test_reverse_kl_and_jsd_option_errors(store: Path, tmp_path: Path, data: object) -> None:
+    r = cli(["train", "--targets", store / "drawn", "--loss", "rkl", "--out", tmp_path / "o", *TRAIN])
+    assert_clean_error(r, r"--loss rkl: needs the stored top-k .* stores sampled draws only; use --loss sampled")
+    r = cli(["train", "--targets", store / "news", "--loss", "jsd", "--jsd-beta", "1", "--out", tmp_path / "o",
+             *TRAIN])
+    assert_clean_error(r, r"--jsd-beta 1: must be in \(0, 1\)")
+    r = cli(["train", "--targets", store / "news", "--loss", "topk,hard", "--jsd-beta", "0.3", "--out",
+             tmp_path / "o", *TRAIN])
+    assert_clean_error(r, "--jsd-beta 0.3: only used by --loss jsd, and the losses are topk,hard")
+    from tests.helpers import run_label
+
+    digits = run_label(data.teacher_pt, data.parquet, tmp_path / "c", "digits").path  # type: ignore[attr-defined]
+    r = cli(["train", "--targets", digits, "--student", "mlp:8-16-5", "--loss", "rkl", "--out", tmp_path / "o",
+             "--quiet"])
+    assert_clean_error(r, "--loss 'rkl': expected one of kd, topk, mse, hard, ls \\(it is for per-token targets")
+    r = cli(["train", "--targets", digits, "--student", "mlp:8-16-5", "--loss", "kd", "--jsd-beta", "0.5", "--out",
+             tmp_path / "o", "--quiet"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "Error: --jsd-beta: only for --loss jsd on per-token targets" in r.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_continues_from_the_last_epoch_bit_for_bit(store: Path, tmp_path: Path,
