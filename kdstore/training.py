@@ -77,7 +77,8 @@ class Trainer:
             mode = "memory" if self.data.input_bytes_estimate() < config.memory_limit_gb * 2**30 else "stream"
         self.mode = mode
         self.group_size, self.group_note = group_training.group_size(self)
-        self._views: dict[tuple[str, bool, float, float], Batch] = {}  # see _views_for
+        keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
+        self._views = soft_targets.ViewCache(self.plans, self.weights, keep)  # see _views_for
         self._val_memory: Batch | None = None  # the held-out rows, in memory mode
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class Trainer:
             self.rundir.start(rid)
         model, opt, start_epoch, epoch_seconds = self._start(rid, point.seed)
         net = self._parallel(model)
-        view = self._view_for(memory, point) if memory is not None else None
+        view = self._views_for(memory, [point])[0] if memory is not None else None
         t0, ev = time.perf_counter(), None
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
@@ -195,21 +196,9 @@ class Trainer:
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, len(batch["x"]) * world
 
-    def _view_for(self, memory: Batch, point: SweepPoint) -> Batch:
-        return self._views_for(memory, [point])[0]
-
     def _views_for(self, memory: Batch, points: list[SweepPoint]) -> list[Batch]:
-        """The in-memory training views of points, kept for the next pass: the seeds of a point come one after
-        another and share one, so a seed sweep computes the teacher's soft targets once per (loss, standardize, T,
-        alpha). Views no longer needed are freed before new ones are built."""
-        keys = [(p.loss, p.standardize, p.temperature, p.alpha) for p in points]
-        self._views = {k: v for k, v in self._views.items() if k in keys}
-        keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
-        for loss, std, t, alpha in keys:
-            if (loss, std, t, alpha) not in self._views:
-                self._views[loss, std, t, alpha] = soft_targets.training_view(
-                    memory, loss, t, alpha, self.plans[loss], self.weights, standardize=std, keep=keep)
-        return [self._views[k] for k in keys]
+        """The in-memory training views of points (soft_targets.ViewCache: one per (loss, standardize, T, alpha))."""
+        return self._views.get(memory, [(p.loss, p.standardize, p.temperature, p.alpha) for p in points])
 
     # -- students, optimizers, measurements ----------------------------------------------------------------------
     def _build_student(self) -> nn.Module:
