@@ -13,6 +13,7 @@ the files a run leaves behind (config, metrics, checkpoints, students, summary, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -69,7 +70,8 @@ class Trainer:
         self.eval_set = None if not config.eval else load_eval_set(
             config.eval, input_columns=config.eval_input_columns, label_column=config.eval_label_column,
             input_shape=self.input_shape, num_classes=self.num_classes)
-        self.val_set = None if not config.val else self._val_file(version.manifest, config.val)
+        self.val_set = None if not config.val else _val_file(version.manifest, config.val, self.input_shape,
+                                                             self.num_classes)
         self.train_rows = self.data.num_samples - (self.holdout.rows if self.holdout else 0)
         self._build_student()  # fail on a bad --student now, before --out is created
         mode = config.data_mode
@@ -110,7 +112,7 @@ class Trainer:
         if self.dist.is_main:
             self.rundir.start(rid)
         model, opt, start_epoch, epoch_seconds = self._start(rid, point.seed)
-        net = self._parallel(model)
+        net = _parallel(model, self.dist.active, self.device)
         view = self._views_for(memory, [point])[0] if memory is not None else None
         t0, ev = time.perf_counter(), None
         model.train()
@@ -232,13 +234,6 @@ class Trainer:
         if self.dist.is_main:
             self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_loss, opt, seconds, ev))
 
-    def _parallel(self, model: nn.Module) -> nn.Module:
-        if not self.dist.active:
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
     def evaluate(self, model: nn.Module) -> EvalResult | None:
         """(accuracy, errors, mean NLL) on the --eval set, or None without one."""
         return None if self.eval_set is None else evaluate(model, *self.eval_set, self.device, self.precision)
@@ -254,13 +249,6 @@ class Trainer:
             return evaluate(model, self._val_memory["x"], self._val_memory["label"], self.device, self.precision)
         stream = self.data.stream(4096, shuffle=False, holdout=self.holdout, part="val")
         return evaluate_batches(model, ((b["x"], b["label"]) for b in stream), self.device, self.precision)
-
-    def _val_file(self, manifest: dict[str, Any], path: str) -> tuple[Tensor, Tensor]:
-        """A --val file, read with the transfer set's input columns and its label column (or label / y)."""
-        label = manifest["transfer_set"]["label_column"]
-        return load_eval_set(path, input_columns=_stored_inputs(manifest), argument="val",
-                             label_column=None if label in (None, "label", "y") else label,
-                             input_shape=self.input_shape, num_classes=self.num_classes)
 
     def validation_info(self) -> dict[str, Any] | None:
         """Where the validation rows come from and how many there are (summary.json), or None."""
@@ -316,17 +304,27 @@ class Trainer:
                                      "device": str(self.device), "precision": self.precision,
                                      "source": ", ".join(sources), "validation": self.validation_info(),
                                      "grouping": {"group_size": self.group_size, "why": self.group_note},
-                                     "torch_version": torch.__version__}, resume, self._upgrade)
+                                     "torch_version": torch.__version__}, resume,
+                                    functools.partial(_upgrade, self.cfg))
         finally:
             self.dist.barrier()
 
-    def _upgrade(self, old: dict[str, Any]) -> dict[str, Any]:
-        """A run directory's options in today's fields, with the options that change only how the run executes
-        (EXECUTION: --group-size, --checkpoint-every) taken from this command: --resume accepts other values."""
-        new = TrainConfig.upgrade_record(old)
-        new.update({k: getattr(self.cfg, k) for k in EXECUTION})
-        return new
 
+def _val_file(manifest: dict[str, Any], path: str, input_shape: tuple[int, ...],
+              num_classes: int) -> tuple[Tensor, Tensor]:
+    """A --val file, read with the transfer set's input columns and its label column (or label / y)."""
+    label = manifest["transfer_set"]["label_column"]
+    return load_eval_set(path, input_columns=_stored_inputs(manifest), argument="val",
+                         label_column=None if label in (None, "label", "y") else label,
+                         input_shape=input_shape, num_classes=num_classes)
+
+
+def _upgrade(cfg: TrainConfig, old: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's options in today's fields, with the options that change only how the run executes
+    (EXECUTION: --group-size, --checkpoint-every) taken from this command (`cfg`): --resume accepts other values."""
+    new = TrainConfig.upgrade_record(old)
+    new.update({k: getattr(cfg, k) for k in EXECUTION})
+    return new
 
 
 def _stored_inputs(manifest: dict[str, Any]) -> tuple[str, ...]:
@@ -381,6 +379,15 @@ def _metrics_line(rid: str, point: SweepPoint, epoch: int, train_loss: float, op
     if ev:
         line.update(eval_accuracy=ev.accuracy, eval_errors=ev.errors, eval_nll=ev.nll)
     return line
+
+
+def _parallel(model: nn.Module, active: bool, device: torch.device) -> nn.Module:
+    """The model wrapped in DDP under torchrun, else itself."""
+    if not active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _join(net: nn.Module, uneven: bool) -> Any:
