@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from kdstore import distributed, ensemble, group_training, losses, soft_targets
-from kdstore.data import check_holdout, memory_batches, open_training_data, split_memory
+from kdstore.data import TrainingData, check_holdout, memory_batches, open_training_data, split_memory
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import TrainingDiverged, arg
 from kdstore.evaluation import AGREEMENT_BATCH, EvalResult, agreement_counts, evaluate, evaluate_batches, load_eval_set
@@ -74,10 +74,7 @@ class Trainer:
                                                              self.num_classes)
         self.train_rows = self.data.num_samples - (self.holdout.rows if self.holdout else 0)
         self._build_student()  # fail on a bad --student now, before --out is created
-        mode = config.data_mode
-        if mode == "auto":
-            mode = "memory" if self.data.input_bytes_estimate() < config.memory_limit_gb * 2**30 else "stream"
-        self.mode = mode
+        self.mode = _data_mode(config, self.data)
         self.group_size, self.group_note = group_training.group_size(self)
         keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
         self._views = soft_targets.ViewCache(self.plans, self.weights, keep)  # see _views_for
@@ -279,12 +276,9 @@ class Trainer:
         ev, val = ev or self.evaluate(model), self.validate(model)
         if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
-        result = RunResult(rid, point.loss, point.temperature, point.alpha, self.cfg.epochs,
-                           ev.accuracy if ev else None, ev.errors if ev else None, ev.nll if ev else None,
-                           self.agreement(model, memory) if agreement is None else agreement, seconds, epoch_seconds,
-                           {"parameters": count_parameters(model), "world_size": self.dist.world_size}, point.seed,
-                           point.standardize, val.accuracy if val else None, val.errors if val else None,
-                           val.nll if val else None)
+        agreement = self.agreement(model, memory) if agreement is None else agreement
+        result = _run_result(rid, point, self.cfg.epochs, ev, val, agreement, seconds, epoch_seconds,
+                             {"parameters": count_parameters(model), "world_size": self.dist.world_size})
         if self.dist.is_main:
             info = _student_info(self.cfg, self.num_classes, str(self.data.version.ref), result)
             self.rundir.finish(rid, model.state_dict(), info, result)
@@ -308,6 +302,24 @@ class Trainer:
                                     functools.partial(_upgrade, self.cfg))
         finally:
             self.dist.barrier()
+
+
+def _data_mode(c: TrainConfig, data: TrainingData) -> str:
+    """--data-mode, with auto resolved: in memory when the inputs fit --memory-limit-gb, else streamed."""
+    mode = c.data_mode
+    if mode == "auto":
+        mode = "memory" if data.input_bytes_estimate() < c.memory_limit_gb * 2**30 else "stream"
+    return mode
+
+
+def _run_result(rid: str, point: SweepPoint, epochs: int, ev: EvalResult | None, val: EvalResult | None,
+                agreement: float, seconds: float, epoch_seconds: list[float], extra: dict[str, Any]) -> RunResult:
+    """A finished point's RunResult: its sweep point, the --eval and validation measurements, agreement, times."""
+    return RunResult(rid, point.loss, point.temperature, point.alpha, epochs,
+                     ev.accuracy if ev else None, ev.errors if ev else None, ev.nll if ev else None,
+                     agreement, seconds, epoch_seconds, extra, point.seed,
+                     point.standardize, val.accuracy if val else None, val.errors if val else None,
+                     val.nll if val else None)
 
 
 def _val_file(manifest: dict[str, Any], path: str, input_shape: tuple[int, ...],
