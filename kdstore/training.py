@@ -7,7 +7,8 @@ evaluate, log a line to metrics.jsonl, checkpoint; at the end measure the valida
 set held out by `--val-fraction`, or a `--val` file), which picks the best point without the test set. What the
 run reads is `kdstore.plan`'s decision, soft targets are `kdstore.soft_targets`', batches `kdstore.data`'s, and
 the files a run leaves behind (config, metrics, checkpoints, students, summary, and how --resume picks them up)
-`kdstore.rundir`'s.
+`kdstore.rundir`'s. Points trained together as a group (#18) run the same loop with a stacked student in
+`kdstore.group_training`; `run` sends each group there.
 """
 
 from __future__ import annotations
