@@ -223,6 +223,21 @@ def open_training_data(
     unknown = [t for t in ids if t not in version.teacher_ids]
     if unknown:
         raise ConfigError(f"teacher {unknown[0]!r} is not in {version.ref}; it has {version.teacher_ids}")
+    _check_stored(version, need)
+    path = _transfer_path(version, transfer, verify_transfer)
+    data = TrainingData(version, path, ids, frozenset(need))
+    ts = data.open_transfer()
+    rows = ts.rows
+    ts.close()
+    if rows != data.num_samples:
+        views = f" ({data.num_samples} samples x {data.views} views)" if data.views > 1 else ""
+        raise InputError(f"{arg('transfer')} {path}: {rows} rows, but {version.ref} has {version.num_rows}{views}; "
+                         f"pass the transfer set it was labeled from")
+    return data
+
+
+def _check_stored(version: Version, need: Sequence[str]) -> None:
+    """Refuse a need the version cannot meet: full logits, top-k targets or labels it does not store."""
     if "logits" in need and not version.has_logits:
         raise ConfigError(f"{version.ref} stores only top-k targets, no full logits; this needs full logits: "
                           f"use {arg('loss')} kd/topk (rebuilt from the top-k), or relabel keeping the logits")
@@ -233,27 +248,24 @@ def open_training_data(
                           f"{version.manifest['transfer_set']['kind']!r}): hard-label terms need labels; "
                           f"use {arg('loss')} kd with {arg('alpha')} 1, {arg('loss')} mse or {arg('loss')} topk with "
                           f"{arg('alpha')} 1")
+
+
+def _transfer_path(version: Version, transfer: str | Path | None, verify: bool) -> Path:
+    """The transfer set's path (`transfer`, or the manifest's), checked to exist and, with `verify`, to have the
+    sha256 the manifest records."""
     ts_meta = version.manifest["transfer_set"]
     path = Path(transfer) if transfer else Path(ts_meta["path"])
     if not path.is_file():
         raise InputError(f"transfer set {path} (recorded in {version.ref}) not found; pass {arg('transfer')} PATH "
                          "to the file it was labeled from")
-    if verify_transfer:
+    if verify:
         digest = sha256_file(path)
         if digest != ts_meta["sha256"]:
             raise InputError(f"{arg('transfer')} {path}: sha256 {digest[:12]}... differs from "
                              f"{ts_meta['sha256'][:12]}... "
                              f"recorded in {version.ref}; the targets were made from another file — pass the right "
                              f"{arg('transfer')}, or relabel this one")
-    data = TrainingData(version, path, ids, frozenset(need))
-    ts = data.open_transfer()
-    rows = ts.rows
-    ts.close()
-    if rows != data.num_samples:
-        views = f" ({data.num_samples} samples x {data.views} views)" if data.views > 1 else ""
-        raise InputError(f"{arg('transfer')} {path}: {rows} rows, but {version.ref} has {version.num_rows}{views}; "
-                         f"pass the transfer set it was labeled from")
-    return data
+    return path
 
 
 def _assemble(raw: dict[str, np.ndarray], cols: dict[str, list[str]]) -> dict[str, torch.Tensor]:

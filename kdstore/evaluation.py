@@ -14,6 +14,8 @@ from kdstore.device import autocast
 from kdstore.errors import InputError, arg
 from kdstore.transfer import open_transfer
 
+AGREEMENT_BATCH = 4096  # rows per forward when measuring agreement with the teacher
+
 
 class EvalResult(NamedTuple):
     accuracy: float

@@ -132,20 +132,11 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None) ->
 
 def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision: str, t_start: float,
            progress: Callable[[int], None] | None) -> LabelResult:
-    teachers = [load_teacher(s) for s in config.teachers]
-    for t in teachers:
-        t.module.to(device)
-    num_classes = probe_classes(teachers, ts, device, precision)
-    if config.top_k is not None and config.top_k > num_classes:
-        raise ConfigError(f"{arg('top_k')} {config.top_k}: the teachers have {num_classes} classes; use "
-                          f"1..{num_classes}")
+    teachers, num_classes = _load_teachers(config, ts, device, precision)
     k = config.top_k
     ids = [f"t{i}" for i in range(len(teachers))]
     plan = _view_plan(config, ts)
-    columns = versioning.column_specs(ids, num_classes, k=k, keep_logits=config.keep_logits,
-                                      dtype=config.logits_dtype, labels=ts.has_labels)
-    if plan is not None:
-        columns[1:1] = plan.columns()  # after sample_id
+    columns = _columns(config, ts, ids, num_classes, plan)
     shard_meta = versioning.shard_metadata(config.name, columns, [t.sha256 for t in teachers])
     # The transfer set's sha256 is computed on a thread while the teachers run (hashing a large file first
     # would add its whole read time to the run); the resume key uses its identity (path, size, mtime) instead.
@@ -191,18 +182,50 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
         reference = "stored logits" if config.keep_logits else "teacher logits at label time (float32)"
         stats = versioning.TargetStatistics(ids, num_classes, k, config.tail).combine(parts, reference)
         manifest = _manifest(config, ts, teachers, ids, num_classes, columns, stats, device, precision, t_start)
-        manifest["num_rows"] = ts.rows * views
-        if plan is not None:
-            manifest["views"] = plan.describe()
-        manifest["storage"].update(shard_rows=shard_samples * views, row_group_rows=rg_rows)
-        manifest["labeling"].update(threads=int(writer.pinned["threads"]),
-                                    environments=reproducible.group_environments([p.get("environment") for p in parts]))
+        _record_layout(manifest, ts, plan, parts, shard_samples * views, rg_rows, int(writer.pinned["threads"]))
         path = writer.commit(manifest)
         if path is None:  # another job committed it first
             return LabelResult(None, {"shards_total": n_shards, "shards_done": n_shards}, len(done),
                                time.perf_counter() - t_start)
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
+
+
+def _load_teachers(config: LabelConfig, ts: TransferSet, device: torch.device,
+                   precision: str) -> tuple[list[Teacher], int]:
+    """The teachers on `device` and their number of classes (probed on the transfer set), with --top-k checked
+    against it."""
+    teachers = [load_teacher(s) for s in config.teachers]
+    for t in teachers:
+        t.module.to(device)
+    num_classes = probe_classes(teachers, ts, device, precision)
+    if config.top_k is not None and config.top_k > num_classes:
+        raise ConfigError(f"{arg('top_k')} {config.top_k}: the teachers have {num_classes} classes; use "
+                          f"1..{num_classes}")
+    return teachers, num_classes
+
+
+def _columns(config: LabelConfig, ts: TransferSet, ids: list[str], num_classes: int,
+             plan: ViewPlan | None) -> list[dict[str, Any]]:
+    """The version's columns: `versioning.column_specs`' (sample_id, label, each teacher's targets), with the view
+    columns after sample_id when labeling views."""
+    columns = versioning.column_specs(ids, num_classes, k=config.top_k, keep_logits=config.keep_logits,
+                                      dtype=config.logits_dtype, labels=ts.has_labels)
+    if plan is not None:
+        columns[1:1] = plan.columns()  # after sample_id
+    return columns
+
+
+def _record_layout(manifest: dict[str, Any], ts: TransferSet, plan: ViewPlan | None, parts: list[dict[str, Any]],
+                   shard_rows: int, row_group_rows: int, threads: int) -> None:
+    """Complete the manifest with what the run's layout decided: rows (samples x views), the views block, shard and
+    row-group sizes in rows, the pinned thread count and where the shards' floats were computed."""
+    manifest["num_rows"] = ts.rows * (plan.count if plan else 1)
+    if plan is not None:
+        manifest["views"] = plan.describe()
+    manifest["storage"].update(shard_rows=shard_rows, row_group_rows=row_group_rows)
+    manifest["labeling"].update(threads=threads,
+                                environments=reproducible.group_environments([p.get("environment") for p in parts]))
 
 
 def _run_key(config: LabelConfig, ts: TransferSet, shard_meta: dict[str, Any], device: torch.device, precision: str,

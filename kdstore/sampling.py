@@ -92,17 +92,45 @@ def sample_tokens(logits: torch.Tensor, *, seed: int, rows: Sequence[int] | torc
     # softmax works row by row with one fixed instruction sequence per row: a position's probabilities are the same
     # bits whatever the batch, chunk or thread count (a plain exp(z - max) is not: its vector/scalar split moves).
     p = torch.softmax(z, -1)
-    # Level 1: which block of BLOCK ids. Block masses are float32 sums of BLOCK terms; their running sum is float64.
-    nb, full = -(-vocab // BLOCK), (vocab // BLOCK) * BLOCK
+    mass, cum = _block_masses(p, vocab)
+    bad = ~(cum[:, -1] > 0)  # NaN logits give NaN masses; all -inf gives 0
+    if bool(bad.any()):
+        raise TeacherError(f"teacher logits with no finite probability distribution at {int(bad.sum())} of {n} "
+                           "positions (NaN, or all -inf)")
+    ids = _draw_ids(p, u, mass, cum)
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = new.reshape(-1).nonzero().squeeze(1)  # first draw of each run of equal ids
+    ends = torch.cat([starts[1:], torch.tensor([ids.numel()], dtype=torch.int64)])
+    flat_ids = ids.reshape(-1)[starts]
+    pos = starts // draws  # the position of each entry
+    # log-sum-exp: softmax multiplied exp(z - z_max) by 1 / S (S its float32 sum), so the largest probability is
+    # exactly fl(1 / S); the float64 total of the block masses corrects S's rounding: lse = z_max + log S + log total.
+    lse = z.amax(-1).double() - p.amax(-1).double().log() + cum[:, -1].log()
+    lp = z[pos, flat_ids].double() - lse[pos]
+    lse = lse.float().view(n_rows, n_pos)
+    return SampledTokens(draws, new.sum(-1).to(torch.int32).view(n_rows, n_pos), flat_ids.to(torch.int32),
+                         (ends - starts).to(torch.int32), lp.float(), lse)
+
+
+def _block_masses(p: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level 1's table: the (n, blocks) masses of each block of BLOCK ids (float32 sums of BLOCK terms, as float64)
+    and their float64 running sum."""
+    n, full = p.shape[0], (vocab // BLOCK) * BLOCK
     mass = p[:, :full].view(n, full // BLOCK, BLOCK).sum(-1)
     if full < vocab:
         mass = torch.cat([mass, p[:, full:].sum(-1, keepdim=True)], -1)
     mass = mass.double()
     cum = mass.cumsum(-1)  # (n, nb)
-    bad = ~(cum[:, -1] > 0)  # NaN logits give NaN masses; all -inf gives 0
-    if bool(bad.any()):
-        raise TeacherError(f"teacher logits with no finite probability distribution at {int(bad.sum())} of {n} "
-                           "positions (NaN, or all -inf)")
+    return mass, cum
+
+
+def _draw_ids(p: torch.Tensor, u: torch.Tensor, mass: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
+    """(n, N) ids, non-decreasing per position, for the sorted uniforms `u` (n, N): level 1 picks a block from the
+    running block masses `cum`, level 2 the id inside it from a float64 running sum of the block's terms."""
+    (n, vocab), draws = p.shape, u.shape[1]
+    nb, full = -(-vocab // BLOCK), (vocab // BLOCK) * BLOCK
+    # Level 1: which block of BLOCK ids.
     total = cum[:, -1:]
     t = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total even after rounding
     # right=True: the first block (then id) whose running mass exceeds the target; zero mass never qualifies.
@@ -119,19 +147,7 @@ def sample_tokens(logits: torch.Tensor, *, seed: int, rows: Sequence[int] | torc
     icum = inside.double().cumsum_(-1)
     off = torch.searchsorted(icum, (frac * icum[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     ids = (blk * BLOCK + off.clamp_(max=width - 1)).clamp_(max=vocab - 1)  # (n, N), non-decreasing
-    new = torch.ones_like(ids, dtype=torch.bool)
-    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    starts = new.reshape(-1).nonzero().squeeze(1)  # first draw of each run of equal ids
-    ends = torch.cat([starts[1:], torch.tensor([ids.numel()], dtype=torch.int64)])
-    flat_ids = ids.reshape(-1)[starts]
-    pos = starts // draws  # the position of each entry
-    # log-sum-exp: softmax multiplied exp(z - z_max) by 1 / S (S its float32 sum), so the largest probability is
-    # exactly fl(1 / S); the float64 total of the block masses corrects S's rounding: lse = z_max + log S + log total.
-    lse = z.amax(-1).double() - p.amax(-1).double().log() + cum[:, -1].log()
-    lp = z[pos, flat_ids].double() - lse[pos]
-    lse = lse.float().view(n_rows, n_pos)
-    return SampledTokens(draws, new.sum(-1).to(torch.int32).view(n_rows, n_pos), flat_ids.to(torch.int32),
-                         (ends - starts).to(torch.int32), lp.float(), lse)
+    return ids
 
 
 def to_padded(num_unique: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, logprobs: torch.Tensor,

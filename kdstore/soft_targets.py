@@ -137,3 +137,22 @@ def training_view(memory: Mapping[str, Tensor], loss: str, temperature: float, a
     elif loss == "mse":
         view["mse_target"] = torch.cat([mse_target(p, weights) for p in parts])
     return view
+
+
+class ViewCache:
+    """Training views (`training_view`) by (loss, standardize, T, alpha), kept for the next pass: the seeds of a
+    sweep point come one after another and share one, so a seed sweep computes the soft targets once per key. Views
+    no longer asked for are freed before new ones are built."""
+
+    def __init__(self, plans: Mapping[str, TargetPlan], weights: Tensor, keep: tuple[str, ...] = ()) -> None:
+        self.plans, self.weights, self.keep = plans, weights, keep
+        self.views: dict[tuple[str, bool, float, float], dict[str, Tensor]] = {}
+
+    def get(self, memory: Mapping[str, Tensor], keys: list[tuple[str, bool, float, float]]) -> list[dict[str, Tensor]]:
+        """The views of `keys` ((loss, standardize, T, alpha) each) over the in-memory set."""
+        self.views = {k: v for k, v in self.views.items() if k in keys}
+        for loss, std, t, alpha in keys:
+            if (loss, std, t, alpha) not in self.views:
+                self.views[loss, std, t, alpha] = training_view(
+                    memory, loss, t, alpha, self.plans[loss], self.weights, standardize=std, keep=self.keep)
+        return [self.views[k] for k in keys]

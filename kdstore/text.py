@@ -116,6 +116,29 @@ def tokenize_corpus(path: str | Path, tokenizer: Any, *, seq_len: int, field: st
             a chat without assistant turns, a document longer than a row (``document`` packing).
     """
     p = Path(path)
+    fmt = _check_request(p, seq_len, packing, max_context, option)
+    source, used, items = read_documents(p, fmt, field, encoding, option)
+    packing = packing or ("concat" if source == "text" else "document")
+    if source == "chat" and packing != "document":
+        raise ConfigError(f"{arg('packing')} {packing!r}: chat conversations are one per row, never split or packed "
+                          "together; use document")
+    nonempty = [(w, x) for w, x in items if len(x)]
+    if not nonempty:
+        raise InputError(f"{arg(option)} {p}: the corpus is empty (no non-empty {source}); it needs at least one")
+    pad = _pad_id(tokenizer)
+    docs, masks, prefix, sep = _encode_documents(tokenizer, source, nonempty, p, vocab_size, option)
+    wheres = [w for w, _ in nonempty]
+    if packing == "concat":
+        ids, att, lm, starts = _pack_concat(docs, masks, seq_len, pad)
+    else:
+        ids, att, lm, starts = _pack_document(docs, masks, wheres, seq_len, pad, max_context, f"{p}", option)
+    return TokenizedCorpus(p, fmt, source, used, encoding if fmt != "parquet" else None, seq_len, packing, ids, att,
+                           lm, starts, len(items) - len(nonempty), prefix, sep, pad, sha256_file(p))
+
+
+def _check_request(p: Path, seq_len: int, packing: str | None, max_context: int | None, option: str) -> str:
+    """The corpus file's format (from its suffix), after checking the request: a known suffix, 2 <= seq_len <=
+    max_context, a known packing, an existing file."""
     fmt = SUFFIXES.get(p.suffix.lower())
     if fmt is None:
         raise InputError(f"{arg(option)} {p}: unknown text file type {p.suffix!r}; expected one of "
@@ -129,15 +152,14 @@ def tokenize_corpus(path: str | Path, tokenizer: Any, *, seq_len: int, field: st
         raise ConfigError(f"{arg('packing')} {packing!r}: expected one of {', '.join(PACKINGS)}")
     if not p.is_file():
         raise InputError(f"{arg(option)} {p}: file not found; check the path")
-    source, used, items = read_documents(p, fmt, field, encoding, option)
-    packing = packing or ("concat" if source == "text" else "document")
-    if source == "chat" and packing != "document":
-        raise ConfigError(f"{arg('packing')} {packing!r}: chat conversations are one per row, never split or packed "
-                          "together; use document")
-    nonempty = [(w, x) for w, x in items if len(x)]
-    if not nonempty:
-        raise InputError(f"{arg(option)} {p}: the corpus is empty (no non-empty {source}); it needs at least one")
-    pad = _pad_id(tokenizer)
+    return fmt
+
+
+def _encode_documents(tokenizer: Any, source: str, nonempty: list[tuple[str, Any]], p: Path, vocab_size: int | None,
+                      option: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple[int, ...], int | None]:
+    """(token ids, loss masks, the tokenizer's added prefix, the separator) per document: text encoded with the
+    teacher's tokenizer, chats by turns (assistant tokens only in the mask), pre-tokenised ids checked against the
+    vocabulary."""
     prefix: tuple[int, ...] = ()
     sep: int | None = None
     if source == "text":
@@ -162,13 +184,7 @@ def tokenize_corpus(path: str | Path, tokenizer: Any, *, seq_len: int, field: st
                                  f"vocabulary is 0..{limit - 1}; tokenise with the teacher's tokenizer")
             docs.append(a.astype(np.int32))
         masks = [np.ones(len(d), np.uint8) for d in docs]
-    wheres = [w for w, _ in nonempty]
-    if packing == "concat":
-        ids, att, lm, starts = _pack_concat(docs, masks, seq_len, pad)
-    else:
-        ids, att, lm, starts = _pack_document(docs, masks, wheres, seq_len, pad, max_context, f"{p}", option)
-    return TokenizedCorpus(p, fmt, source, used, encoding if fmt != "parquet" else None, seq_len, packing, ids, att,
-                           lm, starts, len(items) - len(nonempty), prefix, sep, pad, sha256_file(p))
+    return docs, masks, prefix, sep
 
 
 # ---------------------------------------------------------------------------------------------- tokenising

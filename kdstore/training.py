@@ -7,12 +7,14 @@ evaluate, log a line to metrics.jsonl, checkpoint; at the end measure the valida
 set held out by `--val-fraction`, or a `--val` file), which picks the best point without the test set. What the
 run reads is `kdstore.plan`'s decision, soft targets are `kdstore.soft_targets`', batches `kdstore.data`'s, and
 the files a run leaves behind (config, metrics, checkpoints, students, summary, and how --resume picks them up)
-`kdstore.rundir`'s.
+`kdstore.rundir`'s. Points trained together as a group (#18) run the same loop with a stacked student in
+`kdstore.group_training`; `run` sends each group there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -24,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdstore import distributed, ensemble, grouped, losses, soft_targets
-from kdstore.data import check_holdout, memory_batches, open_training_data, split_memory
+from kdstore import distributed, ensemble, group_training, losses, soft_targets
+from kdstore.data import TrainingData, check_holdout, memory_batches, open_training_data, split_memory
 from kdstore.device import autocast, resolve_device, resolve_precision
-from kdstore.errors import ConfigError, TrainingDiverged, arg
-from kdstore.evaluation import EvalResult, agreement_counts, evaluate, evaluate_batches, load_eval_set
+from kdstore.errors import TrainingDiverged, arg
+from kdstore.evaluation import AGREEMENT_BATCH, EvalResult, agreement_counts, evaluate, evaluate_batches, load_eval_set
 from kdstore.plan import plan_targets
 from kdstore.replay import check_train_augment
 from kdstore.rundir import RunDir, RunResult, best_by_validation, over_seeds
@@ -40,7 +42,6 @@ from kdstore.train_config import DATA_MODES, EXECUTION, LOSSES, OPTIMIZERS, SCHE
 __all__ = ["DATA_MODES", "LOSSES", "OPTIMIZERS", "SCHEDULES", "SweepPoint", "TrainConfig", "Trainer"]
 
 Progress = Callable[[str, int, int], None]
-AGREEMENT_BATCH = 4096  # rows per forward when measuring agreement with the teacher
 Batch = dict[str, Tensor]
 
 
@@ -70,15 +71,14 @@ class Trainer:
         self.eval_set = None if not config.eval else load_eval_set(
             config.eval, input_columns=config.eval_input_columns, label_column=config.eval_label_column,
             input_shape=self.input_shape, num_classes=self.num_classes)
-        self.val_set = None if not config.val else self._val_file(version.manifest, config.val)
+        self.val_set = None if not config.val else _val_file(version.manifest, config.val, self.input_shape,
+                                                             self.num_classes)
         self.train_rows = self.data.num_samples - (self.holdout.rows if self.holdout else 0)
         self._build_student()  # fail on a bad --student now, before --out is created
-        mode = config.data_mode
-        if mode == "auto":
-            mode = "memory" if self.data.input_bytes_estimate() < config.memory_limit_gb * 2**30 else "stream"
-        self.mode = mode
-        self.group_size, self.group_note = self._group_size()
-        self._views: dict[tuple[str, bool, float, float], Batch] = {}  # see _views_for
+        self.mode = _data_mode(config, self.data)
+        self.group_size, self.group_note = group_training.group_size(self)
+        keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
+        self._views = soft_targets.ViewCache(self.plans, self.weights, keep)  # see _views_for
         self._val_memory: Batch | None = None  # the held-out rows, in memory mode
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class Trainer:
             if len(group) == 1:
                 results.append(self._train_point(group[0], memory, progress))
             else:
-                results += self._train_group(group, memory, progress)
+                results += group_training.train_group(self, group, memory, progress)
             if self.dist.is_main:
                 self.rundir.write_summary(_summary(self.cfg, self.data.version.ref, self.data.version.manifest,
                                                    results, self.validation_info()))
@@ -110,8 +110,8 @@ class Trainer:
         if self.dist.is_main:
             self.rundir.start(rid)
         model, opt, start_epoch, epoch_seconds = self._start(rid, point.seed)
-        net = self._parallel(model)
-        view = self._view_for(memory, point) if memory is not None else None
+        net = _parallel(model, self.dist.active, self.device)
+        view = self._views_for(memory, [point])[0] if memory is not None else None
         t0, ev = time.perf_counter(), None
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
@@ -119,11 +119,10 @@ class Trainer:
             train_loss = self._epoch(net, model, opt, view, epoch, point, rid, progress)
             epoch_seconds.append(time.perf_counter() - te)
             ev = self.evaluate(model) if self._due(self.cfg.eval_every, epoch) else None
-            if self.dist.is_main:
-                if self._due(self.cfg.checkpoint_every, epoch):
-                    self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                      "epoch": epoch, "epoch_seconds": epoch_seconds})
-                self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_loss, opt, epoch_seconds[-1], ev))
+            if self.dist.is_main and self._due(self.cfg.checkpoint_every, epoch):
+                self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                  "epoch": epoch, "epoch_seconds": epoch_seconds})
+            self._log_epoch(rid, point, epoch, train_loss, opt, epoch_seconds[-1], ev)
         return self._finish(rid, point, model, memory, time.perf_counter() - t0, epoch_seconds, ev=ev)
 
     def _epoch(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, view: Batch | None, epoch: int,
@@ -134,8 +133,7 @@ class Trainer:
         steps = math.ceil(self.train_rows / self.cfg.batch_size)
         with _join(net, self.dist.active and view is None):
             for step, (batch, n_global) in enumerate(self._batches(view, epoch, point.seed)):
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(self.cfg, epoch, step, steps)
+                self._set_lr(opt, epoch, step, steps)
                 n_local = len(batch["x"])
                 if n_local:
                     with autocast(self.device, self.precision):
@@ -158,127 +156,6 @@ class Trainer:
         if not math.isfinite(train_loss):
             raise TrainingDiverged(self._diverged(rid, f"the loss became {train_loss} in epoch {epoch + 1}"))
         return train_loss
-
-    # -- a group of points in one pass (kdstore.grouped) --------------------------------------------------------------
-    def _train_group(self, points: list[SweepPoint], memory: Batch | None,
-                     progress: Progress | None) -> list[RunResult]:
-        """Train the points together: per batch one forward, backward and optimizer step for all of them. Finished
-        points are skipped (--resume); points whose checkpoints stand at different epochs train in separate
-        passes."""
-        rids = [self.cfg.run_id(p) for p in points]
-        self.dist.barrier()
-        done = {rid: r for rid in rids if (r := self.rundir.result(rid)) is not None}
-        todo = [(p, rid) for p, rid in zip(points, rids, strict=True) if rid not in done]
-        starts = {}
-        for point, rid in todo:
-            if self.dist.is_main:
-                self.rundir.start(rid)
-            starts[rid] = self._start(rid, point.seed)
-        for first in sorted({s[2] for s in starts.values()}):
-            part = [(p, rid) for p, rid in todo if starts[rid][2] == first]
-            done.update(self._train_stack(part, [starts[rid] for _, rid in part], memory, progress))
-        return [done[rid] for rid in rids]
-
-    def _train_stack(self, todo: list[tuple[SweepPoint, str]], starts: list[Any], memory: Batch | None,
-                     progress: Progress | None) -> dict[str, RunResult]:
-        """Points started (or restored) at the same epoch, stacked and trained to the end. Each epoch's wall time is
-        shared equally among them; evaluation, checkpoints and metrics stay per point."""
-        points, rids = [p for p, _ in todo], [rid for _, rid in todo]
-        models, seconds = [s[0] for s in starts], [s[3] for s in starts]
-        group = grouped.StudentGroup(models)
-        opt = _optimizer(group.parameters(), self.cfg)
-        opt.load_state_dict(grouped.stack_optimizer_states([s[1].state_dict() for s in starts]))
-        n = len(group.points[0])
-        sources, which = self._group_sources(memory, points)
-        evs: list[EvalResult | None] = [None] * len(todo)  # the latest evaluation of each point
-        t0 = time.perf_counter()
-        for epoch in range(starts[0][2], self.cfg.epochs):
-            te = time.perf_counter()
-            train_losses = self._group_epoch(group, opt, sources, which, epoch, points, rids, progress)
-            share = (time.perf_counter() - te) / len(points)
-            state = opt.state_dict() if self._due(self.cfg.checkpoint_every, epoch) else None
-            for i, (point, rid) in enumerate(todo):
-                seconds[i].append(share)
-                due = self._due(self.cfg.eval_every, epoch)
-                ev = evs[i] = self.evaluate(group.load_into(models[i], i)) if due else None
-                if self.dist.is_main and state is not None:
-                    self.rundir.save_checkpoint(rid, {"model": group.state(i), "epoch": epoch,
-                                                      "optimizer": grouped.point_optimizer_state(state, i, n),
-                                                      "epoch_seconds": seconds[i]})
-                if self.dist.is_main:
-                    self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_losses[i], opt, share, ev))
-        agreement = self._group_agreement(group, memory)
-        each = (time.perf_counter() - t0) / len(points)
-        return {rid: self._finish(rid, point, group.load_into(models[i], i), memory, each, seconds[i], agreement[i],
-                                  evs[i]) for i, (point, rid) in enumerate(todo)}
-
-    def _group_epoch(self, group: grouped.StudentGroup, opt: torch.optim.Optimizer,
-                     sources: list[tuple[int, Batch | None]], which: list[int], epoch: int, points: list[SweepPoint],
-                     rids: list[str], progress: Progress | None) -> list[float]:
-        """One pass over the data for a group: per step one batch per seed (read once for the points that share
-        its order), every point's loss on its own batch, one backward and one optimizer step for all of them."""
-        totals = torch.zeros(len(points), dtype=torch.float64, device=self.device)
-        rows, steps, shared = 0, math.ceil(self.train_rows / self.cfg.batch_size), len(sources) == 1
-        streams = [self._batches(source, epoch, seed) for seed, source in sources]
-        for step, batches in enumerate(zip(*streams, strict=True)):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(self.cfg, epoch, step, steps)
-            x = batches[0][0]["x"] if shared else torch.stack([batches[k][0]["x"] for k in which])
-            with autocast(self.device, self.precision):
-                out = group(x, shared)
-            point_losses = torch.stack([self.loss(out[i], _point_batch(batches[which[i]][0], i), p)
-                                        for i, p in enumerate(points)])
-            opt.zero_grad(set_to_none=True)
-            group.backward(point_losses.sum())  # no parameter is shared: each point gets its own loss's gradient
-            opt.step()
-            n = len(batches[0][0]["x"])
-            totals += point_losses.detach().double() * n
-            rows += n
-            for rid in rids if progress else ():
-                progress(rid, epoch, batches[0][1])  # type: ignore[misc]
-        means = (totals / max(rows, 1)).tolist()
-        for rid, value in zip(rids, means, strict=True):
-            if not math.isfinite(value):
-                raise TrainingDiverged(self._diverged(rid, f"the loss became {value} in epoch {epoch + 1}"))
-        return means  # type: ignore[no-any-return]
-
-    def _group_sources(self, memory: Batch | None,
-                       points: list[SweepPoint]) -> tuple[list[tuple[int, Batch | None]], list[int]]:
-        """(seed, what its batches are cut from) per distinct seed of the points, and which one each point reads. In
-        memory: the rows with every point's precomputed targets under keys suffixed /i (a step gathers them with the
-        inputs in one index selection); streamed: None (the stream of that seed)."""
-        seeds = list(dict.fromkeys(p.seed for p in points))
-        which = [seeds.index(p.seed) for p in points]
-        if memory is None:
-            return [(seed, None) for seed in seeds], which
-        sources: list[tuple[int, Batch | None]] = [(seed, {}) for seed in seeds]
-        for i, view in enumerate(self._views_for(memory, points)):
-            source = sources[which[i]][1]
-            assert source is not None
-            source.update({key if key in memory else f"{key}/{i}": v for key, v in view.items()})
-        return sources, which
-
-    def _group_size(self) -> tuple[int, str]:
-        """Points per pass and why: --group-size, or automatic (up to grouped.AUTO_MAX, bounded by memory); 1 under
-        torchrun and for students a stacked forward cannot run."""
-        c, n = self.cfg, len(self.cfg.sweep())
-        if c.group_size == 1 or n == 1:
-            return 1, "one point at a time"
-        refusal = ("under torchrun every point trains alone: DDP's gradient all-reduce (and join for uneven streams) "
-                   "wraps one module" if self.dist.active else
-                   grouped.group_refusal(self._build_student(), torch.zeros(2, *self.input_shape, device=self.device)))
-        if refusal is not None and c.group_size is not None:
-            raise ConfigError(f"{arg('group_size')} {c.group_size}: {c.student} cannot train as a group: {refusal}; "
-                              f"use {arg('group_size')} 1")
-        if refusal is not None:
-            return 1, refusal
-        if c.group_size is not None:
-            return min(c.group_size, n), f"{arg('group_size')} {c.group_size}"
-        budget = (torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
-                  else int(c.memory_limit_gb * 2**30))
-        rows = self.train_rows if self.mode == "memory" else 0
-        per = grouped.per_point_bytes(self._build_student(), c.batch_size, rows, self.num_classes)
-        return grouped.auto_group_size(n, per, budget), "automatic (bounded by memory)"
 
     def _due(self, every: int, epoch: int) -> bool:
         """Whether a per-epoch task with cadence `every` (--eval-every, --checkpoint-every) runs after `epoch`: every
@@ -319,21 +196,9 @@ class Trainer:
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, len(batch["x"]) * world
 
-    def _view_for(self, memory: Batch, point: SweepPoint) -> Batch:
-        return self._views_for(memory, [point])[0]
-
     def _views_for(self, memory: Batch, points: list[SweepPoint]) -> list[Batch]:
-        """The in-memory training views of points, kept for the next pass: the seeds of a point come one after
-        another and share one, so a seed sweep computes the teacher's soft targets once per (loss, standardize, T,
-        alpha). Views no longer needed are freed before new ones are built."""
-        keys = [(p.loss, p.standardize, p.temperature, p.alpha) for p in points]
-        self._views = {k: v for k, v in self._views.items() if k in keys}
-        keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
-        for loss, std, t, alpha in keys:
-            if (loss, std, t, alpha) not in self._views:
-                self._views[loss, std, t, alpha] = soft_targets.training_view(
-                    memory, loss, t, alpha, self.plans[loss], self.weights, standardize=std, keep=keep)
-        return [self._views[k] for k in keys]
+        """The in-memory training views of points (soft_targets.ViewCache: one per (loss, standardize, T, alpha))."""
+        return self._views.get(memory, [(p.loss, p.standardize, p.temperature, p.alpha) for p in points])
 
     # -- students, optimizers, measurements ----------------------------------------------------------------------
     def _build_student(self) -> nn.Module:
@@ -343,7 +208,7 @@ class Trainer:
         """A new student and optimizer for a point, or both restored from the point's checkpoint."""
         torch.manual_seed(seed)
         model = self._build_student()
-        opt = _optimizer(model.parameters(), self.cfg)
+        opt = self._optimizer(model.parameters())
         state = self.rundir.load_checkpoint(rid, self.device)
         if state is None:
             return model, opt, 0, []
@@ -354,12 +219,18 @@ class Trainer:
             self.rundir.truncate_metrics(rid, start)
         return model, opt, start, [float(s) for s in state["epoch_seconds"]]
 
-    def _parallel(self, model: nn.Module) -> nn.Module:
-        if not self.dist.active:
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def _optimizer(self, params: Any) -> torch.optim.Optimizer:
+        return _optimizer(params, self.cfg)
 
-        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    def _set_lr(self, opt: torch.optim.Optimizer, epoch: int, step: int, steps: int) -> None:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(self.cfg, epoch, step, steps)
+
+    def _log_epoch(self, rid: str, point: SweepPoint, epoch: int, train_loss: float, opt: torch.optim.Optimizer,
+                   seconds: float, ev: EvalResult | None) -> None:
+        """The epoch's line in metrics.jsonl (rank 0 writes it)."""
+        if self.dist.is_main:
+            self.rundir.append_metrics(_metrics_line(rid, point, epoch, train_loss, opt, seconds, ev))
 
     def evaluate(self, model: nn.Module) -> EvalResult | None:
         """(accuracy, errors, mean NLL) on the --eval set, or None without one."""
@@ -376,13 +247,6 @@ class Trainer:
             return evaluate(model, self._val_memory["x"], self._val_memory["label"], self.device, self.precision)
         stream = self.data.stream(4096, shuffle=False, holdout=self.holdout, part="val")
         return evaluate_batches(model, ((b["x"], b["label"]) for b in stream), self.device, self.precision)
-
-    def _val_file(self, manifest: dict[str, Any], path: str) -> tuple[Tensor, Tensor]:
-        """A --val file, read with the transfer set's input columns and its label column (or label / y)."""
-        label = manifest["transfer_set"]["label_column"]
-        return load_eval_set(path, input_columns=_stored_inputs(manifest), argument="val",
-                             label_column=None if label in (None, "label", "y") else label,
-                             input_shape=self.input_shape, num_classes=self.num_classes)
 
     def validation_info(self) -> dict[str, Any] | None:
         """Where the validation rows come from and how many there are (summary.json), or None."""
@@ -401,19 +265,6 @@ class Trainer:
         agree_all, total_all = self.dist.sum(agree, total)
         return agree_all / max(total_all, 1)
 
-    @torch.no_grad()
-    def _group_agreement(self, group: grouped.StudentGroup, memory: Batch | None) -> list[float]:
-        """`agreement` of every point of a group in one pass: the teacher's argmax once per batch, the students'
-        in one stacked forward (grouping runs in one process, so there is nothing to sum over ranks)."""
-        agree = torch.zeros(group.size, dtype=torch.int64, device=self.device)
-        total = 0
-        for batch, _ in self._batches(memory, 0, self.cfg.seeds[0], AGREEMENT_BATCH):
-            with autocast(self.device, self.precision):
-                out = group(batch["x"], shared=True)
-            agree += (out.float().argmax(-1) == self._teacher_argmax(batch)).sum(1)
-            total += len(batch["x"])
-        return (agree.double() / max(total, 1)).tolist()  # type: ignore[no-any-return]
-
     def _teacher_argmax(self, batch: Batch) -> Tensor:
         if "logits" in batch or "topk_values" in batch:
             return soft_targets.batch_log_probs(batch, 1.0, self.plan, self.weights).argmax(1)
@@ -426,12 +277,9 @@ class Trainer:
         ev, val = ev or self.evaluate(model), self.validate(model)
         if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
-        result = RunResult(rid, point.loss, point.temperature, point.alpha, self.cfg.epochs,
-                           ev.accuracy if ev else None, ev.errors if ev else None, ev.nll if ev else None,
-                           self.agreement(model, memory) if agreement is None else agreement, seconds, epoch_seconds,
-                           {"parameters": count_parameters(model), "world_size": self.dist.world_size}, point.seed,
-                           point.standardize, val.accuracy if val else None, val.errors if val else None,
-                           val.nll if val else None)
+        agreement = self.agreement(model, memory) if agreement is None else agreement
+        result = _run_result(rid, point, self.cfg.epochs, ev, val, agreement, seconds, epoch_seconds,
+                             {"parameters": count_parameters(model), "world_size": self.dist.world_size})
         if self.dist.is_main:
             info = _student_info(self.cfg, self.num_classes, str(self.data.version.ref), result)
             self.rundir.finish(rid, model.state_dict(), info, result)
@@ -451,26 +299,45 @@ class Trainer:
                                      "device": str(self.device), "precision": self.precision,
                                      "source": ", ".join(sources), "validation": self.validation_info(),
                                      "grouping": {"group_size": self.group_size, "why": self.group_note},
-                                     "torch_version": torch.__version__}, resume, self._upgrade)
+                                     "torch_version": torch.__version__}, resume,
+                                    functools.partial(_upgrade, self.cfg))
         finally:
             self.dist.barrier()
 
-    def _upgrade(self, old: dict[str, Any]) -> dict[str, Any]:
-        """A run directory's options in today's fields, with the options that change only how the run executes
-        (EXECUTION: --group-size, --checkpoint-every) taken from this command: --resume accepts other values."""
-        new = TrainConfig.upgrade_record(old)
-        new.update({k: getattr(self.cfg, k) for k in EXECUTION})
-        return new
+
+def _data_mode(c: TrainConfig, data: TrainingData) -> str:
+    """--data-mode, with auto resolved: in memory when the inputs fit --memory-limit-gb, else streamed."""
+    mode = c.data_mode
+    if mode == "auto":
+        mode = "memory" if data.input_bytes_estimate() < c.memory_limit_gb * 2**30 else "stream"
+    return mode
 
 
+def _run_result(rid: str, point: SweepPoint, epochs: int, ev: EvalResult | None, val: EvalResult | None,
+                agreement: float, seconds: float, epoch_seconds: list[float], extra: dict[str, Any]) -> RunResult:
+    """A finished point's RunResult: its sweep point, the --eval and validation measurements, agreement, times."""
+    return RunResult(rid, point.loss, point.temperature, point.alpha, epochs,
+                     ev.accuracy if ev else None, ev.errors if ev else None, ev.nll if ev else None,
+                     agreement, seconds, epoch_seconds, extra, point.seed,
+                     point.standardize, val.accuracy if val else None, val.errors if val else None,
+                     val.nll if val else None)
 
-def _point_batch(batch: Batch, i: int) -> Batch:
-    """Point i's part of a group's batch: the shared keys and its own targets (keys suffixed /i, see
-    `Trainer._group_sources`) under their plain names."""
-    own = f"/{i}"
-    out = {k: v for k, v in batch.items() if "/" not in k}
-    out.update({k[: -len(own)]: v for k, v in batch.items() if k.endswith(own)})
-    return out
+
+def _val_file(manifest: dict[str, Any], path: str, input_shape: tuple[int, ...],
+              num_classes: int) -> tuple[Tensor, Tensor]:
+    """A --val file, read with the transfer set's input columns and its label column (or label / y)."""
+    label = manifest["transfer_set"]["label_column"]
+    return load_eval_set(path, input_columns=_stored_inputs(manifest), argument="val",
+                         label_column=None if label in (None, "label", "y") else label,
+                         input_shape=input_shape, num_classes=num_classes)
+
+
+def _upgrade(cfg: TrainConfig, old: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's options in today's fields, with the options that change only how the run executes
+    (EXECUTION: --group-size, --checkpoint-every) taken from this command (`cfg`): --resume accepts other values."""
+    new = TrainConfig.upgrade_record(old)
+    new.update({k: getattr(cfg, k) for k in EXECUTION})
+    return new
 
 
 def _stored_inputs(manifest: dict[str, Any]) -> tuple[str, ...]:
@@ -525,6 +392,15 @@ def _metrics_line(rid: str, point: SweepPoint, epoch: int, train_loss: float, op
     if ev:
         line.update(eval_accuracy=ev.accuracy, eval_errors=ev.errors, eval_nll=ev.nll)
     return line
+
+
+def _parallel(model: nn.Module, active: bool, device: torch.device) -> nn.Module:
+    """The model wrapped in DDP under torchrun, else itself."""
+    if not active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _join(net: nn.Module, uneven: bool) -> Any:
