@@ -30,7 +30,7 @@ from kdstore import distributed, ensemble, group_training, losses, soft_targets
 from kdstore.data import TrainingData, check_holdout, memory_batches, open_training_data, split_memory
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import TrainingDiverged, arg
-from kdstore.evaluation import AGREEMENT_BATCH, EvalResult, agreement_counts, evaluate, evaluate_batches, load_eval_set
+from kdstore.evaluation import AGREEMENT_BATCH, EvalResult, agreement_counts, evaluate, load_eval_set
 from kdstore.plan import plan_targets
 from kdstore.replay import check_train_augment
 from kdstore.rundir import RunDir, RunResult, best_by_validation, over_seeds
@@ -38,6 +38,7 @@ from kdstore.store import open_version
 from kdstore.store.remote import resolve_any
 from kdstore.students import build_student, count_parameters
 from kdstore.train_config import DATA_MODES, EXECUTION, LOSSES, OPTIMIZERS, SCHEDULES, SweepPoint, TrainConfig
+from kdstore.validation import Validation
 
 __all__ = ["DATA_MODES", "LOSSES", "OPTIMIZERS", "SCHEDULES", "SweepPoint", "TrainConfig", "Trainer"]
 
@@ -71,15 +72,13 @@ class Trainer:
         self.eval_set = None if not config.eval else load_eval_set(
             config.eval, input_columns=config.eval_input_columns, label_column=config.eval_label_column,
             input_shape=self.input_shape, num_classes=self.num_classes)
-        self.val_set = None if not config.val else _val_file(version.manifest, config.val, self.input_shape,
-                                                             self.num_classes)
         self.train_rows = self.data.num_samples - (self.holdout.rows if self.holdout else 0)
+        self.validation = Validation.open(self.data, self.holdout, config.val, self.input_shape, self.train_rows)
         self._build_student()  # fail on a bad --student now, before --out is created
         self.mode = _data_mode(config, self.data)
         self.group_size, self.group_note = group_training.group_size(self)
         keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
         self._views = soft_targets.ViewCache(self.plans, self.weights, keep)  # see _views_for
-        self._val_memory: Batch | None = None  # the held-out rows, in memory mode
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self, progress: Progress | None = None, resume: bool = False) -> list[RunResult]:
@@ -87,7 +86,7 @@ class Trainer:
         self._prepare_out(resume)
         memory = self.data.to_memory(self.device) if self.mode == "memory" else None
         if memory is not None and self.holdout is not None:
-            memory, self._val_memory = split_memory(memory, self.holdout)
+            memory, self.validation.memory = split_memory(memory, self.holdout)
         results: list[RunResult] = []
         points = self.cfg.sweep()
         for a in range(0, len(points), self.group_size):
@@ -98,7 +97,7 @@ class Trainer:
                 results += group_training.train_group(self, group, memory, progress)
             if self.dist.is_main:
                 self.rundir.write_summary(_summary(self.cfg, self.data.version.ref, self.data.version.manifest,
-                                                   results, self.validation_info()))
+                                                   results, self.validation.info()))
         return results
 
     def _train_point(self, point: SweepPoint, memory: Batch | None, progress: Progress | None) -> RunResult:
@@ -236,27 +235,6 @@ class Trainer:
         """(accuracy, errors, mean NLL) on the --eval set, or None without one."""
         return None if self.eval_set is None else evaluate(model, *self.eval_set, self.device, self.precision)
 
-    def validate(self, model: nn.Module) -> EvalResult | None:
-        """(accuracy, errors, mean NLL) on the validation set (--val, or the rows --val-fraction held out), or None
-        without one. This, not --eval, is what chooses the best sweep point."""
-        if self.val_set is not None:
-            return evaluate(model, *self.val_set, self.device, self.precision)
-        if self.holdout is None:
-            return None
-        if self._val_memory is not None:
-            return evaluate(model, self._val_memory["x"], self._val_memory["label"], self.device, self.precision)
-        stream = self.data.stream(4096, shuffle=False, holdout=self.holdout, part="val")
-        return evaluate_batches(model, ((b["x"], b["label"]) for b in stream), self.device, self.precision)
-
-    def validation_info(self) -> dict[str, Any] | None:
-        """Where the validation rows come from and how many there are (summary.json), or None."""
-        if self.val_set is not None:
-            return {"source": self.cfg.val, "rows": len(self.val_set[1])}
-        if self.holdout is None:
-            return None
-        return {"source": "held out of the transfer set (a hash of sample_id)", "fraction": self.holdout.fraction,
-                "seed": self.holdout.seed, "rows": self.holdout.rows, "train_rows": self.train_rows}
-
     def agreement(self, model: nn.Module, memory: Batch | None) -> float:
         """Fraction of transfer rows where the student's argmax equals the (ensembled) teacher's."""
         # the order does not matter here, and forward passes over large batches cost less per row
@@ -274,7 +252,7 @@ class Trainer:
                 epoch_seconds: list[float], agreement: float | None = None, ev: EvalResult | None = None) -> RunResult:
         """The point's result, student and files. `agreement` and `ev` (the last epoch's evaluation, of the same
         weights) are measured here when not given."""
-        ev, val = ev or self.evaluate(model), self.validate(model)
+        ev, val = ev or self.evaluate(model), self.validation.evaluate(model, self.device, self.precision)
         if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
         agreement = self.agreement(model, memory) if agreement is None else agreement
@@ -297,7 +275,7 @@ class Trainer:
                 self.rundir.prepare({"config": json.loads(json.dumps(asdict(self.cfg))),
                                      "targets": str(self.data.version.ref), "mode": self.mode,
                                      "device": str(self.device), "precision": self.precision,
-                                     "source": ", ".join(sources), "validation": self.validation_info(),
+                                     "source": ", ".join(sources), "validation": self.validation.info(),
                                      "grouping": {"group_size": self.group_size, "why": self.group_note},
                                      "torch_version": torch.__version__}, resume,
                                     functools.partial(_upgrade, self.cfg))
@@ -323,27 +301,12 @@ def _run_result(rid: str, point: SweepPoint, epochs: int, ev: EvalResult | None,
                      val.nll if val else None)
 
 
-def _val_file(manifest: dict[str, Any], path: str, input_shape: tuple[int, ...],
-              num_classes: int) -> tuple[Tensor, Tensor]:
-    """A --val file, read with the transfer set's input columns and its label column (or label / y)."""
-    label = manifest["transfer_set"]["label_column"]
-    return load_eval_set(path, input_columns=_stored_inputs(manifest), argument="val",
-                         label_column=None if label in (None, "label", "y") else label,
-                         input_shape=input_shape, num_classes=num_classes)
-
-
 def _upgrade(cfg: TrainConfig, old: dict[str, Any]) -> dict[str, Any]:
     """A run directory's options in today's fields, with the options that change only how the run executes
     (EXECUTION: --group-size, --checkpoint-every) taken from this command (`cfg`): --resume accepts other values."""
     new = TrainConfig.upgrade_record(old)
     new.update({k: getattr(cfg, k) for k in EXECUTION})
     return new
-
-
-def _stored_inputs(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """The transfer set's input columns as recorded (none for a bare array), for reading a --val file alike."""
-    cols = manifest["transfer_set"]["inputs"]["columns"]
-    return () if cols == ["<array>"] else tuple(cols)
 
 
 def _lr_at(c: TrainConfig, epoch: int, step: int, steps: int) -> float:
