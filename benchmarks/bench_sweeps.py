@@ -104,18 +104,23 @@ class Sweeps:
         return time.perf_counter() - t0
 
 
+def _labeled(args: argparse.Namespace, tmp: Path) -> tuple[Sweeps, float]:
+    """The synthetic transfer and eval sets, the teacher, its one labeling run (timed) and the sweeps over it."""
+    transfer = make_transfer(tmp / "mnist-like.parquet", args.rows)
+    eval_path = make_transfer(tmp / "eval.parquet", max(args.rows // 6, 1), seed=0)
+    spec = make_teacher(tmp / "t.safetensors", [784, 1200, 1200, 10])
+    t = time.perf_counter()
+    label(LabelConfig(teachers=(spec,), transfer=str(transfer), out=str(tmp / "s"), name="m", top_k=10,
+                      device=args.device, shard_rows=16384, row_group_rows=2048))
+    label_s = time.perf_counter() - t
+    return Sweeps(str(tmp / "s" / "m"), str(eval_path), spec, args.epochs, args.device), label_s
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="kdstore-bench-sweeps-"))
     try:
-        transfer = make_transfer(tmp / "mnist-like.parquet", args.rows)
-        eval_path = make_transfer(tmp / "eval.parquet", max(args.rows // 6, 1), seed=0)
-        spec = make_teacher(tmp / "t.safetensors", [784, 1200, 1200, 10])
-        t = time.perf_counter()
-        label(LabelConfig(teachers=(spec,), transfer=str(transfer), out=str(tmp / "s"), name="m", top_k=10,
-                          device=args.device, shard_rows=16384, row_group_rows=2048))
-        label_s = time.perf_counter() - t
-        s = Sweeps(str(tmp / "s" / "m"), str(eval_path), spec, args.epochs, args.device)
+        s, label_s = _labeled(args, tmp)
         cases = {
             "separate": lambda: s.kdstore("separate", 1),
             "grouped": lambda: s.kdstore("grouped", None),
@@ -141,12 +146,7 @@ def run_points(args: argparse.Namespace) -> list[str]:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="kdstore-bench-sweeps-"))
     try:
-        transfer = make_transfer(tmp / "mnist-like.parquet", args.rows)
-        eval_path = make_transfer(tmp / "eval.parquet", max(args.rows // 6, 1), seed=0)
-        spec = make_teacher(tmp / "t.safetensors", [784, 1200, 1200, 10])
-        label(LabelConfig(teachers=(spec,), transfer=str(transfer), out=str(tmp / "s"), name="m", top_k=10,
-                          device=args.device, shard_rows=16384, row_group_rows=2048))
-        s = Sweeps(str(tmp / "s" / "m"), str(eval_path), spec, args.epochs, args.device)
+        s, _ = _labeled(args, tmp)
         temps = tuple(1.0 + 19.0 * i / max(args.points - 1, 1) for i in range(args.points))
         walls = interleaved({"one": lambda: s.kdstore("one", None, temps=(4.0,)),
                              "group": lambda: s.kdstore("group", args.points, temps=temps)}, rounds=args.rounds)

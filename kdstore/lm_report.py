@@ -4,33 +4,19 @@ perplexity against T, one line per soft loss and alpha, the hard-token runs as a
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
-from kdstore.rundir import RunResult, run_id
+from kdstore.rundir import RunResult, over_seeds, save_sweep_plot
 
 LM_METRICS = ("val_perplexity", "val_kl_teacher", "eval_perplexity", "eval_kl_teacher", "tokens_per_second")
 
 
 def lm_over_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
-    """One entry per (loss, T, alpha): run id without the seed, the seeds, and ``<metric>_mean`` / ``<metric>_sd``
-    (sample SD; 0 for one seed) of each of `LM_METRICS` that every seed has, plus ``val_nll_mean``."""
-    groups: dict[tuple[str, float, float], list[RunResult]] = {}
-    for r in results:
-        groups.setdefault((r.loss, r.temperature, r.alpha), []).append(r)
-    out = []
-    for (loss, t, a), rs in groups.items():
-        entry: dict[str, Any] = {"run": run_id(loss, t, a), "loss": loss, "temperature": t, "alpha": a,
-                                 "seeds": [r.seed for r in rs]}
-        columns = {m: [r.extra.get(m) for r in rs] for m in LM_METRICS}
-        columns["val_nll"] = [r.val_nll for r in rs]
-        for m, values in columns.items():
-            if values and all(isinstance(v, (int, float)) for v in values):
-                entry[f"{m}_mean"] = statistics.fmean(values)
-                entry[f"{m}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        out.append(entry)
-    return out
+    """One entry per (loss, T, alpha) (`rundir.over_seeds`): run id without the seed, the seeds, and
+    ``<metric>_mean`` / ``<metric>_sd`` (sample SD; 0 for one seed) of each of `LM_METRICS` that every seed has,
+    plus ``val_nll``."""
+    return over_seeds(results, lambda r: {**{m: r.extra.get(m) for m in LM_METRICS}, "val_nll": r.val_nll})
 
 
 def plot_lm_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
@@ -55,17 +41,8 @@ def plot_lm_sweep(results: list[RunResult], path: Path, title: str) -> Path | No
         else:
             ax.errorbar([g["temperature"] for g in gs], y, yerr=err, marker="o", capsize=3,
                         label=f"{key[0]}, alpha={key[1]:g}")
-    n = max(len(g["seeds"]) for g in agg)
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel(("held-out version" if metric == "eval_perplexity" else "held-out rows") + " perplexity"
-                  + (f", mean of {n} seeds" if n > 1 else ""))
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_sweep_plot(fig, ax, path, title, ("held-out version" if metric == "eval_perplexity" else
+                                                  "held-out rows") + " perplexity", max(len(g["seeds"]) for g in agg))
 
 
 __all__ = ["LM_METRICS", "lm_over_seeds", "plot_lm_sweep"]

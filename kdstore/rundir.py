@@ -67,13 +67,16 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 METRICS = ("val_accuracy", "val_errors", "val_nll", "eval_accuracy", "eval_errors", "eval_nll", "teacher_agreement")
 
 
-def over_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
+def over_seeds(results: list[RunResult],
+               values: Callable[[RunResult], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One entry per (loss, standardize, T, alpha): its run id without the seed, the seeds, and the mean and
-    sample SD of each metric over them.
+    sample SD of each metric over them (``<metric>_mean``, ``<metric>_sd``; a metric only where every seed has a
+    number). `values` gives a run's metrics (default: the `METRICS` attributes; the LM trainer's, `lm_report`).
 
     A single run's test errors move by several errors from seed to seed, so comparing temperatures on one seed
     each can mislead; this is what a seed sweep (``--seed 0,1,2``) reports.
     """
+    values = values or (lambda r: {key: getattr(r, key) for key in METRICS})
     groups: dict[tuple[str, bool, float, float], list[RunResult]] = {}
     for r in results:
         groups.setdefault((r.loss, r.standardize, r.temperature, r.alpha), []).append(r)
@@ -81,10 +84,11 @@ def over_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
     for (loss, std, t, a), rs in groups.items():
         entry: dict[str, Any] = {"run": run_id(loss, t, a, standardize=std), "loss": loss, "standardize": std,
                                  "temperature": t, "alpha": a, "seeds": [r.seed for r in rs]}
-        for key in METRICS:
-            values = [getattr(r, key) for r in rs]
-            if all(v is not None for v in values):
-                entry[f"{key}_mean"], entry[f"{key}_sd"] = _mean_sd([float(v) for v in values])
+        per_run = [values(r) for r in rs]
+        for key in per_run[0]:
+            column = [v.get(key) for v in per_run]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column):
+                entry[f"{key}_mean"], entry[f"{key}_sd"] = _mean_sd([float(v) for v in column])
         out.append(entry)
     return out
 
@@ -219,10 +223,17 @@ def plot_sweep(results: list[RunResult], path: Path, title: str) -> Path | None:
         ax.set_xticks(temps)  # the swept T, written plainly (not 2 x 10^1)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-    n = max(len(g["seeds"]) for g in agg)
+    return save_sweep_plot(fig, ax, path, title, ("test" if metric == "eval_accuracy" else "validation")
+                           + " accuracy (%)", max(len(g["seeds"]) for g in agg))
+
+
+def save_sweep_plot(fig: Any, ax: Any, path: Path, title: str, ylabel: str, seeds: int) -> Path:
+    """Label (x: temperature; y: `ylabel`, with the seed count when > 1), title, grid and legend a sweep plot, and
+    write it to `path` (classification and LM sweeps alike)."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("temperature T")
-    ax.set_ylabel(("test" if metric == "eval_accuracy" else "validation") + " accuracy (%)"
-                  + (f", mean of {n} seeds" if n > 1 else ""))
+    ax.set_ylabel(ylabel + (f", mean of {seeds} seeds" if seeds > 1 else ""))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
