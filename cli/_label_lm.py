@@ -16,7 +16,11 @@ LM_ONLY = {"seq_len": "--seq-len", "packing": "--packing", "text_field": "--fiel
            "tokenizer": "--tokenizer", "gguf_cache": "--gguf-cache"}
 CLASSIFICATION_ONLY = {"input_columns": "--input-column", "label_column": "--label-column", "views": "--views",
                        "augment": "--augment", "augment_seed": "--augment-seed",
-                       "identity_view": "--identity-view/--no-identity-view", "tail": "--tail"}
+                       "identity_view": "--identity-view/--no-identity-view", "tail": "--tail",
+                       "features": "--features (a language model's hidden states are not stored yet)",
+                       "feature_pool": "--feature-pool", "feature_rank": "--feature-rank",
+                       "feature_variance": "--feature-variance", "feature_fit_rows": "--feature-fit-rows",
+                       "feature_dtype": "--feature-dtype"}
 
 _OPTIONS = [
     click.option("--seq-len", type=int, default=None, metavar="L",

@@ -76,6 +76,21 @@ if TYPE_CHECKING:
                    "same views).")
 @click.option("--identity-view/--no-identity-view", default=True, show_default=True,
               help="Make view 0 of every row the unaugmented input.")
+@click.option("--features", default=None, metavar="NAME[,NAME...]",
+              help="Also store the outputs of these modules of the (first) teacher for every row, names as in its "
+                   "named_modules() (e.g. net.2), for hint / feature distillation (kdstore train --hint). Needs a "
+                   "MODEL@WEIGHTS teacher. See docs/format.md, 'Features'.")
+@click.option("--feature-pool", type=click.Choice(("none", "avg", "max")), default="none", show_default=True,
+              help="Pool each feature map over its spatial axes first: (C, H, W) -> (C).")
+@click.option("--feature-rank", type=int, default=None, metavar="R",
+              help="Store each feature's coordinates on its top-R principal directions (PCA fitted on the first "
+                   "--feature-fit-rows samples; the directions are stored once in the version).")
+@click.option("--feature-variance", type=float, default=None, metavar="F",
+              help="Like --feature-rank, with the smallest R that keeps the fraction F of the variance, e.g. 0.95.")
+@click.option("--feature-fit-rows", type=int, default=8192, show_default=True,
+              help="Samples the projection is fitted on (the first rows of the transfer set).")
+@click.option("--feature-dtype", type=click.Choice(("float16", "float32")), default="float16", show_default=True,
+              help="Storage dtype of the features.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @LM_OPTIONS
 @user_errors(aliases={"format": "--format", "shard_index": "--shard", "num_shards": "--shard",
@@ -85,7 +100,9 @@ def label(ctx: click.Context, teachers: tuple[str, ...], transfer: str, out: str
           top_k: int | None, keep_logits: bool | None, logits_dtype: str, batch_size: int | None, device: str,
           precision: str, input_columns: tuple[str, ...], label_column: str | None, shard_rows: int | None,
           row_group_rows: int | None, tail: str, shard: str | None, views: int, augment: str | None,
-          augment_seed: int, identity_view: bool, quiet: bool, **lm: object) -> None:
+          augment_seed: int, identity_view: bool, features: str | None, feature_pool: str, feature_rank: int | None,
+          feature_variance: float | None, feature_fit_rows: int, feature_dtype: str, quiet: bool,
+          **lm: object) -> None:
     """Run one or more teachers ONCE over a transfer set; write logits and top-k targets as a new version.
 
     \b
@@ -128,7 +145,10 @@ def label(ctx: click.Context, teachers: tuple[str, ...], transfer: str, out: str
                       input_columns=input_columns, label_column=label_column, shard_rows=_or(shard_rows, 32768),
                       row_group_rows=_or(row_group_rows, 2048), tail=tail, shard_index=shard_index,
                       num_shards=num_shards, views=views, augment=augment, augment_seed=augment_seed,
-                      identity_view=identity_view)
+                      identity_view=identity_view,
+                      features=tuple(f.strip() for f in features.split(",")) if features is not None else (),
+                      feature_pool=feature_pool, feature_rank=feature_rank, feature_variance=feature_variance,
+                      feature_fit_rows=feature_fit_rows, feature_dtype=feature_dtype)
     ts = open_transfer(transfer, input_columns=input_columns or None, label_column=label_column)
     rows = ts.rows
     ts.close()  # only the row count is needed here; label() opens it again
@@ -165,6 +185,12 @@ def _report(result: LabelResult, num_shards: int) -> None:
         if s.get("accuracy_identity_views") is not None:
             click.echo(f"  {tid} on views: unaugmented {s['accuracy_identity_views']:.4f}, augmented "
                        f"{s['accuracy_augmented_views']:.4f}")
+    for layer in (m.get("features") or {}).get("layers", []):
+        kept = m["statistics"].get("features", {}).get(layer["column"], {}).get("variance_kept")
+        proj = layer["projection"]
+        how = (f"PCA rank {proj['rank']}, keeps {kept:.1%} of the variance" if proj and kept is not None
+               else "stored whole")
+        click.echo(f"  feature {layer['module']}: {layer['output_shape']} -> {layer['stored_shape']} ({how})")
     if result.pushed:
         click.echo(f"pushed -> {result.pushed}")
     if "ensemble" in m["statistics"]:

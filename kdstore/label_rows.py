@@ -15,11 +15,13 @@ import torch
 from kdstore import reproducible, versioning
 from kdstore.device import autocast
 from kdstore.errors import InputError, ShapeMismatchError, TeacherError, arg
+from kdstore.features import FeatureStatistics, capture
 from kdstore.teachers import Teacher
 from kdstore.transfer import TransferSet
 from kdstore.views import ViewPlan
 
 if TYPE_CHECKING:
+    from kdstore.label_features import LabelFeatures
     from kdstore.labeling import LabelConfig
 
 
@@ -72,7 +74,7 @@ class _Piece:
 def label_shard(
     teachers: list[Teacher], ids: list[str], ts: TransferSet, start: int, stop: int, c: int, k: int | None,
     cfg: LabelConfig, device: torch.device, precision: str, progress: Callable[[int], None] | None,
-    plan: ViewPlan | None = None,
+    plan: ViewPlan | None = None, feats: LabelFeatures | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Run the teachers over samples [start, stop) (each as its `plan` views, if any); return the shard's columns
     and partial statistics.
@@ -81,8 +83,23 @@ def label_shard(
     `versioning.CHUNK_ELEMENTS` logits: many batches at small C (a few large operations: on a CPU shared with other
     jobs every small multi-threaded operation can stall for a scheduler time slice), part of one batch at an
     LLM-sized C (memory bounded by the batch and the chunk, never by the shard or C; only the stored columns
-    accumulate: full logits when kept, else k values per row).
+    accumulate: full logits when kept, else k values per row). With `feats`, the first teacher's named modules are
+    captured during its forward pass and stored as feature columns (`kdstore.label_features`).
     """
+    if feats is not None:
+        feats.stats = FeatureStatistics()  # this shard's sums
+        with capture(teachers[0].module, feats.spec.modules, teachers[0].source) as got:
+            cols, partial = _label_shard(teachers, ids, ts, start, stop, c, k, cfg, device, precision, progress, plan,
+                                         (feats, got))
+        return cols, {**partial, "features": feats.stats.partial()}
+    return _label_shard(teachers, ids, ts, start, stop, c, k, cfg, device, precision, progress, plan, None)
+
+
+def _label_shard(
+    teachers: list[Teacher], ids: list[str], ts: TransferSet, start: int, stop: int, c: int, k: int | None,
+    cfg: LabelConfig, device: torch.device, precision: str, progress: Callable[[int], None] | None,
+    plan: ViewPlan | None, feats: tuple[LabelFeatures, dict[str, torch.Tensor]] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     stats = versioning.TargetStatistics(ids, c, k, cfg.tail)
     step = versioning.rows_per_chunk(c)
     views = plan.count if plan else 1
@@ -92,7 +109,7 @@ def label_shard(
     pending: list[_Piece] = []
     batch = plan.samples_per(cfg.batch_size) if plan else cfg.batch_size
     for first, x, y in _prefetch(ts.iter_batches(batch, start, stop)):
-        piece = _piece(teachers, x, y, first, c, ts, device, precision, plan)
+        piece = _piece(teachers, x, y, first, c, ts, device, precision, plan, feats)
         if len(piece) >= step:  # wide outputs: chunks of this batch alone, nothing carried to the next
             while len(piece):
                 head, rest = _take([piece], step)
@@ -114,8 +131,10 @@ def label_shard(
 
 
 def _piece(teachers: list[Teacher], x: np.ndarray, y: np.ndarray | None, first: int, c: int, ts: TransferSet,
-           device: torch.device, precision: str, plan: ViewPlan | None) -> _Piece:
-    """One batch of samples through the teachers (as its views, if any)."""
+           device: torch.device, precision: str, plan: ViewPlan | None,
+           feats: tuple[LabelFeatures, dict[str, torch.Tensor]] | None = None) -> _Piece:
+    """One batch of samples through the teachers (as its views, if any); with `feats`, the first teacher's
+    captured outputs become feature columns."""
     labels = _checked_labels(y, first, c, ts, device)
     meta: dict[str, np.ndarray] = {"sample_id": np.arange(first, first + len(x), dtype=np.int64)}
     views = plan.count if plan else 1
@@ -126,7 +145,10 @@ def _piece(teachers: list[Teacher], x: np.ndarray, y: np.ndarray | None, first: 
     if y is not None:
         meta["label"] = np.repeat(y.astype(np.int64), views)
     rows = torch.arange(first * views, first * views + len(x), device=device)  # version rows
-    zs = [_checked_logits(t, forward(t, x, device, precision), c, first, ts) for t in teachers]
+    zs = [_checked_logits(t, forward(t, x, device, precision), c, first, ts) for t in teachers[:1]]
+    if feats is not None:  # captured by the first teacher's forward pass
+        meta.update(feats[0].columns(feats[1], len(x)))
+    zs += [_checked_logits(t, forward(t, x, device, precision), c, first, ts) for t in teachers[1:]]
     return _Piece(zs, rows, meta, labels)
 
 

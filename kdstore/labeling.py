@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-from kdstore import memory, reproducible, targets, versioning
+from kdstore import label_features, memory, reproducible, targets, versioning
 from kdstore.augment import parse_augment
 from kdstore.device import resolve_device, resolve_precision
 from kdstore.errors import ConfigError, arg
+from kdstore.features import FeatureSpec, FeatureStatistics
+from kdstore.label_features import LabelFeatures
 from kdstore.label_rows import label_shard, probe_classes
 from kdstore.options import LOGITS_DTYPES
 from kdstore.store import FORMATS, VersionWriter, check_name, sha256_file
@@ -53,6 +55,12 @@ class LabelConfig:
     augment: str | None = None
     augment_seed: int = 0
     identity_view: bool = True
+    features: tuple[str, ...] = ()
+    feature_pool: str = "none"
+    feature_rank: int | None = None
+    feature_variance: float | None = None
+    feature_fit_rows: int = 8192
+    feature_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         errors = []
@@ -84,8 +92,20 @@ class LabelConfig:
                           "their augmentation (e.g. shift:2,flip)")
         if self.augment_seed < 0:
             errors.append(f"{arg('augment_seed')} {self.augment_seed}: must be >= 0")
+        if not self.features and (self.feature_rank is not None or self.feature_variance is not None
+                                  or self.feature_pool != "none"):
+            errors.append(f"{arg('feature_pool')}/{arg('feature_rank')}/{arg('feature_variance')} reduce the "
+                          f"features named by {arg('features')}; give {arg('features')} NAME[,NAME...] too")
         if errors:
             raise ConfigError("; ".join(errors))
+        self.feature_spec()  # raises on bad --feature-* options
+
+    def feature_spec(self) -> FeatureSpec | None:
+        """The --features settings (None without --features)."""
+        if not self.features:
+            return None
+        return FeatureSpec(self.features, self.feature_pool, self.feature_rank, self.feature_variance,
+                           self.feature_fit_rows, self.feature_dtype)
 
 
 @dataclass
@@ -136,14 +156,17 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
     k = config.top_k
     ids = [f"t{i}" for i in range(len(teachers))]
     plan = _view_plan(config, ts)
-    columns = _columns(config, ts, ids, num_classes, plan)
+    spec = config.feature_spec()
+    feats = None if spec is None else label_features.prepare(spec, teachers[0], ts, config.batch_size, device,
+                                                             precision)
+    columns = _columns(config, ts, ids, num_classes, plan) + (feats.column_specs() if feats else [])
     shard_meta = versioning.shard_metadata(config.name, columns, [t.sha256 for t in teachers])
     # The transfer set's sha256 is computed on a thread while the teachers run (hashing a large file first
     # would add its whole read time to the run); the resume key uses its identity (path, size, mtime) instead.
     hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdstore-hash")
     transfer_sha = hashing.submit(sha256_file, ts.path)
     hashing.shutdown(wait=False)
-    run_key = _run_key(config, ts, shard_meta, device, precision, plan)
+    run_key = _run_key(config, ts, shard_meta, device, precision, plan, feats)
     # shards and row groups hold whole samples: counted in samples here, in rows (samples x views) on disk
     views = plan.count if plan else 1
     shard_samples, rg_rows = max(1, config.shard_rows // views), max(1, config.row_group_rows // views) * views
@@ -154,6 +177,8 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                        shard_metadata=shard_meta, pinned={"threads": torch.get_num_threads()},
                        participant=f"shard-{config.shard_index}-of-{config.num_shards}" if sharded else "") as writer, \
             reproducible.pinned_compute(int(writer.pinned["threads"]), device):
+        if feats is not None:
+            feats.staged(writer, config.format)  # the first participant's projections, for every shard
         done = writer.completed()
         n_shards = math.ceil(ts.rows / shard_samples)
         # The shard plan depends only on shard_rows, never on the number of jobs: job i of N takes files
@@ -168,7 +193,7 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
             start = index * shard_samples
             stop = min(start + shard_samples, ts.rows)
             cols, stats = label_shard(teachers, ids, ts, start, stop, num_classes, k, config, device,
-                                       precision, progress, plan)
+                                       precision, progress, plan, feats)
             stats["environment"] = reproducible.environment(device)  # where this shard's floats were computed
             writer.write_async(index, start * views, cols, stats)
         writer.flush()
@@ -183,6 +208,9 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
         stats = versioning.TargetStatistics(ids, num_classes, k, config.tail).combine(parts, reference)
         manifest = _manifest(config, ts, teachers, ids, num_classes, columns, stats, device, precision, t_start)
         _record_layout(manifest, ts, plan, parts, shard_samples * views, rg_rows, int(writer.pinned["threads"]))
+        if feats is not None:
+            manifest["features"] = feats.describe(config.format)
+            manifest["statistics"]["features"] = FeatureStatistics.combine([p["features"] for p in parts])
         path = writer.commit(manifest)
         if path is None:  # another job committed it first
             return LabelResult(None, {"shards_total": n_shards, "shards_done": n_shards}, len(done),
@@ -229,7 +257,7 @@ def _record_layout(manifest: dict[str, Any], ts: TransferSet, plan: ViewPlan | N
 
 
 def _run_key(config: LabelConfig, ts: TransferSet, shard_meta: dict[str, Any], device: torch.device, precision: str,
-             plan: ViewPlan | None) -> str:
+             plan: ViewPlan | None, feats: LabelFeatures | None) -> str:
     """The resume key: every setting that changes the stored bytes, and the transfer set's identity (path, size,
     mtime; its sha256 is computed on a thread while the teachers run)."""
     st = ts.path.stat()
@@ -237,7 +265,8 @@ def _run_key(config: LabelConfig, ts: TransferSet, shard_meta: dict[str, Any], d
                                "batch_size": config.batch_size, "device": device.type, "precision": precision,
                                "tail": config.tail, "k": config.top_k, "inputs": ts.input_columns,
                                "labels": ts.label_column, "shard_rows": config.shard_rows,
-                               "rg": config.row_group_rows, "views": plan.describe() if plan else None})
+                               "rg": config.row_group_rows, "views": plan.describe() if plan else None,
+                               "features": feats.spec.describe() if feats else None})
 
 
 def _view_plan(config: LabelConfig, ts: TransferSet) -> ViewPlan | None:

@@ -242,6 +242,18 @@ def _read_hdf5(path: Path, names: Sequence[str], row_groups: Sequence[int] | Non
         return out
 
 
+def column_names(path: Path, fmt: str) -> list[str]:
+    """The column names of a file, from its metadata (no data read)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return list(f.keys())
+
+
 def count_rows(path: Path, fmt: str) -> int:
     """Row count from the file's own metadata (cheap; no data read)."""
     if fmt == "parquet":

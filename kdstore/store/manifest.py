@@ -41,7 +41,7 @@ def validate(manifest: dict[str, Any], where: str = "manifest") -> None:
             )
         raise ManifestError(f"{where}: format_version is {fv!r}, expected one of {SUPPORTED_FORMAT_VERSIONS}")
     # Path escapes first: they are a safety problem (UnsafePathError), not just a schema violation.
-    for key in ("files", "derived_files"):
+    for key in ("files", "derived_files", "attachments"):
         entries = manifest.get(key)
         for f in entries if isinstance(entries, list) else []:
             if isinstance(f, dict) and isinstance(f.get("path"), str):
@@ -58,6 +58,12 @@ def validate(manifest: dict[str, Any], where: str = "manifest") -> None:
     names = [c["name"] for c in manifest["columns"]]
     if len(set(names)) != len(names):
         raise ManifestError(f"{where}: duplicate column names in {names}")
+
+
+def attachments(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's attachments: checksummed files beside the data that are not shards (a feature projection);
+    empty for versions without them."""
+    return list(manifest.get("attachments") or [])
 
 
 def check_relative_path(rel: str, where: str = "manifest") -> None:

@@ -79,8 +79,8 @@ def push(source: str | Path | VersionRef, url: str, *, name: str | None = None,
     name = name or local.name
     check_name(name)
     store = RemoteStore(file_url_to_path(url) if is_url(url) and not is_remote(url) else url)
-    key = uploads.content_key(name, v.files)
-    total = sum(f["bytes"] for f in v.files)
+    key = uploads.content_key(name, v.files + v.attachments)
+    total = sum(f["bytes"] for f in v.files + v.attachments)
     got = _lease_or_published(store, name, key, v, str(local), on_wait)
     if isinstance(got, int):
         return PushResult(f"{store.url_of(name)}@v{got}", name, got, len(v.files), total, existing=True)
@@ -139,7 +139,7 @@ def _lease_or_published(store: RemoteStore, name: str, key: str, v: Version, sou
         if found is not None:
             return found
         record = uploads.new_record(key, name, purpose="push", files=len(v.files),
-                                    nbytes=sum(f["bytes"] for f in v.files), source=source)
+                                    nbytes=sum(f["bytes"] for f in v.files + v.attachments), source=source)
         got = uploads.acquire(store, name, key, record)
         if isinstance(got, Lease):
             found = published_version(store, name, v.files)  # the push we waited for may have finished just now
@@ -202,7 +202,7 @@ def _upload(store: RemoteStore, name: str, version: int, v: Version, lease: Leas
     there = store.find(name, vdir)
     done = lease.files_done
     skipped = sent = 0
-    for f, p in zip(v.files, v.file_paths, strict=True):
+    for f, p in zip(v.files + v.attachments, v.file_paths + v.attachment_paths, strict=True):
         parts = (name, vdir, f["path"])
         info = there.get(f["path"])
         if info is not None and info.get("size") == f["bytes"] and (

@@ -11,7 +11,7 @@ import numpy as np
 from kdstore.errors import StoreFormatError, StoreNotFoundError
 from kdstore.store import manifest as mf
 from kdstore.store.files import sha256_file
-from kdstore.store.formats import count_rows, decode_bfloat16, numpy_dtype, read_shard, shard_row_groups
+from kdstore.store.formats import column_names, count_rows, decode_bfloat16, numpy_dtype, read_shard, shard_row_groups
 from kdstore.store.layout import MANIFEST_NAME, VersionRef, existing_versions, resolve
 from kdstore.store.ragged import concat, empty
 
@@ -33,6 +33,10 @@ class Version:
         self.columns: dict[str, dict[str, Any]] = {c["name"]: c for c in self.manifest["columns"]}
         self.file_paths = [mf.resolve_inside(self.path, f["path"], str(self.path / MANIFEST_NAME))
                            for f in self.files]
+        # files beside the data (a feature projection, docs/format.md "Features"): checksummed, never shards
+        self.attachments: list[dict[str, Any]] = mf.attachments(self.manifest)
+        self.attachment_paths = [mf.resolve_inside(self.path, f["path"], str(self.path / MANIFEST_NAME))
+                                 for f in self.attachments]
         if check:
             problems = self.verify(full=False)
             if problems:
@@ -130,6 +134,14 @@ class Version:
             raise StoreFormatError(f"{self.ref}: no file holds rows [{start}, {stop})")
         return {n: concat([p[n] for p in parts]) if len(parts) > 1 else parts[0][n] for n in names}
 
+    def read_attachment(self, rel: str) -> dict[str, np.ndarray]:
+        """Every column of the attachment `rel` (a path listed in the manifest's ``attachments``)."""
+        for f, p in zip(self.attachments, self.attachment_paths, strict=True):
+            if f["path"] == rel:
+                return read_shard(p, self.fmt, column_names(p, self.fmt))
+        raise StoreFormatError(f"{self.ref}: no attachment {rel!r}; it lists "
+                               f"{', '.join(a['path'] for a in self.attachments) or 'none'}")
+
     def iter_blocks(self, names: Sequence[str], max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Yield `names` in row order one row group (HDF5 chunk) at a time, cut into blocks of at most `max_rows`
         rows: memory is bounded by a row group, whatever the shard size."""
@@ -160,19 +172,11 @@ class Version:
             if f["first_row"] != first:
                 problems.append(f"{f['path']}: first_row {f['first_row']}, expected {first}")
             first += f["rows"]
-            if not p.is_file():
-                problems.append(f"{f['path']}: missing")
-                continue
-            size = p.stat().st_size
-            if size != f["bytes"]:
-                problems.append(f"{f['path']}: {size} bytes, manifest says {f['bytes']} (truncated or replaced)")
+            problem = file_problem(p, f, full)
+            if problem:
+                problems.append(f"{f['path']}: {problem}")
                 continue
             if full:
-                digest = sha256_file(p)
-                if digest != f["sha256"]:
-                    problems.append(f"{f['path']}: sha256 {digest[:12]}..., "
-                                    f"manifest says {f['sha256'][:12]}... (corrupted)")
-                    continue
                 try:
                     n = count_rows(p, self.fmt)
                 except Exception as e:  # unreadable footer/header: report, don't crash
@@ -180,7 +184,25 @@ class Version:
                     continue
                 if n != f["rows"]:
                     problems.append(f"{f['path']}: {n} rows, manifest says {f['rows']}")
+        for f, p in zip(self.attachments, self.attachment_paths, strict=True):
+            problem = file_problem(p, f, full)
+            if problem:
+                problems.append(f"{f['path']}: {problem}")
         return problems
+
+
+def file_problem(path: Path, entry: dict[str, Any], full: bool) -> str | None:
+    """What is wrong with a file against its manifest entry (missing, size, and sha256 if `full`), or None."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{size} bytes, manifest says {entry['bytes']} (truncated or replaced)"
+    if full:
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            return f"sha256 {digest[:12]}..., manifest says {entry['sha256'][:12]}... (corrupted)"
+    return None
 
 
 def open_version(ref: VersionRef | str | Path, *, check: bool = True) -> Version:

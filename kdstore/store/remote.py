@@ -341,8 +341,9 @@ def fetch_files(
     """Stream every file of the (validated) manifest into `dest`, checking size and sha256; return the problems."""
     problems: list[str] = []
     where = store.url_of(name, f"v{version}", MANIFEST_NAME)
-    for f in manifest["files"]:
+    for f in manifest["files"] + mf.attachments(manifest):
         target = mf.resolve_inside(dest, f["path"], where)  # validated already; defence in depth
+        target.parent.mkdir(parents=True, exist_ok=True)  # data/, features/
         src = store.path(name, f"v{version}", f["path"])
         problem = _fetch_one(store, src, target, f)
         if problem:

@@ -34,7 +34,7 @@ import numpy as np
 from kdstore.errors import ConfigError, KdstoreError, StoreFormatError, arg
 from kdstore.store import manifest as mf
 from kdstore.store.files import atomic_path, atomic_write_json, create_exclusive, fsync_dir, sha256_file
-from kdstore.store.formats import EXTENSIONS, FORMATS, write_shard
+from kdstore.store.formats import EXTENSIONS, FORMATS, column_names, read_shard, write_shard
 from kdstore.store.layout import STAGING_PREFIX, check_name, existing_versions, version_dir_name
 
 
@@ -91,6 +91,7 @@ class VersionWriter:
         self._queue: queue.Queue[tuple[int, int, dict[str, np.ndarray], dict[str, Any]] | None] | None = None
         self._thread: threading.Thread | None = None
         self._failure: list[BaseException] = []
+        self._attachments: list[str] = []  # paths (in the version) of `attach`ed files, listed at commit
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> VersionWriter:
@@ -210,6 +211,37 @@ class VersionWriter:
         if self._failure:
             raise self._failure[0]
 
+    # -- attachments: checksummed files beside the data (a feature projection) -----------------------------------
+    def attach(self, rel: str, columns: dict[str, np.ndarray], specs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """Stage an attachment `rel` (e.g. ``features/t0_feature_fc1.parquet``) with `columns`, once: a resumed run
+        or another job of a sharded run that finds it staged already gets the staged columns back (the first
+        writer's), so every shard uses the same file. Listed in the manifest's ``attachments`` at commit."""
+        mf.check_relative_path(rel, "attachment")
+        target = self.staging / rel
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            write_shard(tmp, columns, specs, fmt=self.fmt, row_group_rows=max(1, len(next(iter(columns.values())))),
+                        metadata={"attachment": rel})
+            try:
+                os.link(tmp, target)  # fails if another participant staged it first: theirs is kept
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        got = self.staged_attachment(rel)
+        assert got is not None
+        return got
+
+    def staged_attachment(self, rel: str) -> dict[str, np.ndarray] | None:
+        """The columns of attachment `rel` if a participant staged it already (else None); it will be listed."""
+        target = self.staging / rel
+        if not target.is_file():
+            return None
+        if rel not in self._attachments:
+            self._attachments.append(rel)
+        return read_shard(target, self.fmt, column_names(target, self.fmt))
+
     # -- commit ----------------------------------------------------------------------------------
     def commit(self, manifest: dict[str, Any]) -> Path | None:
         """Finish the version: validate, drop staging-only files, write the manifest last, rename.
@@ -244,11 +276,14 @@ class VersionWriter:
         head = {"format_version": manifest["format_version"], "name": self.name, "version": 1,
                 "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         manifest = {**head, **{k: v for k, v in manifest.items() if k not in head}, "files": files}
+        if self._attachments:
+            manifest["attachments"] = [{"path": rel, "bytes": (self.staging / rel).stat().st_size,
+                                        "sha256": sha256_file(self.staging / rel)} for rel in self._attachments]
         mf.validate(manifest, f"manifest for {self.name!r}")  # before anything is removed
         for side in (self.staging / "data").glob("part-*.json"):
             side.unlink()
         (self.staging / "settings.json").unlink(missing_ok=True)
-        for stale in [*self.staging.glob(".*.tmp"), *(self.staging / "data").glob(".*.tmp")]:
+        for stale in [*self.staging.glob(".*.tmp"), *self.staging.glob("*/.*.tmp")]:
             stale.unlink(missing_ok=True)  # left by a process killed mid-write; never part of a version
         fsync_dir(self.staging / "data")
         while True:
