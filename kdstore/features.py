@@ -223,30 +223,44 @@ def fit_projection(f: Tensor, rank: int | None, variance: float | None, name: st
 
 
 class FeatureStatistics:
-    """Per feature: rows, the total squared deviation from the projection's mean and the part the stored
-    coordinates keep (partial sums per shard, combined at commit)."""
+    """Per feature, partial sums over the rows of a shard, combined at commit (`combine`): rows; for a projection,
+    the squared deviation of the outputs from its mean and the part its coordinates keep; for every feature, the
+    stored values' per-dimension sums and their sum of squares (their variance: the trainer's scale for a hint)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, list[float]] = {}
+        self.sums: dict[str, dict[str, Any]] = {}
 
     def add(self, column: str, f: Tensor, coords: Tensor, projection: Projection | None) -> None:
-        s = self.sums.setdefault(column, [0.0, 0.0, 0.0])
-        s[0] += len(f)
+        c = coords.double()
+        s = self.sums.setdefault(column, {"rows": 0, "total": 0.0, "kept": 0.0, "sum": [0.0] * c.shape[1],
+                                          "sumsq": 0.0})
+        s["rows"] += len(f)
         if projection is not None:
-            s[1] += float(((f.double() - projection.mean.to(f.device).double()) ** 2).sum())
-            s[2] += float((coords.double() ** 2).sum())
+            s["total"] += float(((f.double() - projection.mean.to(f.device).double()) ** 2).sum())
+            s["kept"] += float((c**2).sum())
+        s["sum"] = [a + b for a, b in zip(s["sum"], c.sum(0).tolist(), strict=True)]
+        s["sumsq"] += float((c**2).sum())
 
-    def partial(self) -> dict[str, list[float]]:
-        return {k: list(v) for k, v in self.sums.items()}
+    def partial(self) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self.sums.items()}
 
     @staticmethod
-    def combine(parts: Sequence[dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
+    def combine(parts: Sequence[dict[str, dict[str, Any]]], projected: dict[str, bool]) -> dict[str, dict[str, Any]]:
+        """The manifest's ``statistics.features``: per column, rows, ``variance_kept`` (projections: the share of
+        the outputs' variance about the projection's mean the coordinates keep over all rows; else null) and
+        ``stored_variance`` (the stored values' variance, averaged over their dimensions)."""
         out: dict[str, dict[str, Any]] = {}
         for column in parts[0] if parts else []:
-            rows, total, kept = (sum(p[column][i] for p in parts) for i in range(3))
+            ps = [p[column] for p in parts]
+            rows = sum(p["rows"] for p in ps)
+            total, kept = sum(p["total"] for p in ps), sum(p["kept"] for p in ps)
+            sums = np.sum([p["sum"] for p in ps], axis=0)
+            dims = len(sums)
+            variance = (sum(p["sumsq"] for p in ps) / rows - float((sums / rows) @ (sums / rows))) / dims
             out[column] = {"rows": int(rows),
-                           "variance_kept": (None if total == 0 and kept == 0 else
-                                             round(kept / total, 6) if total > 0 else 1.0)}
+                           "variance_kept": (round(kept / total, 6) if total > 0 else 1.0) if projected[column]
+                           else None,
+                           "stored_variance": float(f"{max(variance, 0.0):.6g}")}
         return out
 
 

@@ -17,7 +17,7 @@ from kdstore import label_features, memory, reproducible, targets, versioning
 from kdstore.augment import parse_augment
 from kdstore.device import resolve_device, resolve_precision
 from kdstore.errors import ConfigError, arg
-from kdstore.features import FeatureSpec, FeatureStatistics
+from kdstore.features import FeatureSpec
 from kdstore.label_features import LabelFeatures
 from kdstore.label_rows import label_shard, probe_classes
 from kdstore.options import LOGITS_DTYPES
@@ -210,7 +210,7 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
         _record_layout(manifest, ts, plan, parts, shard_samples * views, rg_rows, int(writer.pinned["threads"]))
         if feats is not None:
             manifest["features"] = feats.describe(config.format)
-            manifest["statistics"]["features"] = FeatureStatistics.combine([p["features"] for p in parts])
+            manifest["statistics"]["features"] = feats.combine([p["features"] for p in parts])
         path = writer.commit(manifest)
         if path is None:  # another job committed it first
             return LabelResult(None, {"shards_total": n_shards, "shards_done": n_shards}, len(done),
