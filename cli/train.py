@@ -91,6 +91,11 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
               help="Evaluate on --eval every N epochs (and after the last).")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
               help="Checkpoint every N epochs (and after the last); --resume restarts from the latest.")
+@click.option("--hint", "hints", multiple=True, metavar="LAYER:MODULE[:WEIGHT]",
+              help="FitNets hint: the student's module MODULE (a name in its named_modules(), e.g. layers.3) learns "
+                   "the teacher's stored feature LAYER (labeled with --features) through a learned linear "
+                   "regressor; its loss (MSE in units of the feature's variance) times WEIGHT [1] is added to the "
+                   "logit loss. Repeat for several layers.")
 @click.option("--out", required=True, metavar="RUN", help="Run directory (config, metrics, checkpoints, plot).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same options).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -103,7 +108,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
           top_k: int | None, jsd_beta: float | None,
           tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None, smoothing: float,
           zero_mean: bool, data_mode: str, num_workers: int, group_size: str, eval_every: int,
-          checkpoint_every: int, out: str, resume: bool, quiet: bool) -> None:
+          checkpoint_every: int, hints: tuple[str, ...], out: str, resume: bool, quiet: bool) -> None:
     """Train students on stored teacher targets: no teacher runs, and the points of a sweep (temperatures,
     alphas, seeds, losses) train together in one pass over the data, each as if alone (--group-size).
 
@@ -127,6 +132,12 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
     same augmentation draws fresh views:
       kdstore train --targets ./targets/mnist-views --student mlp:784-800-800-10 --loss kd -T 5 --alpha 1 ...
       kdstore train --targets ./targets/mnist --student mlp:784-800-800-10 --loss hard --augment shift:2 ...
+
+    \b
+    Hints (FitNets): a version labeled with --features layers.1 lets a thin, deep student learn the teacher's
+    middle layer as well as its outputs:
+      kdstore train --targets ./targets/mnist-feat --student mlp:784-100-100-100-100-10 --loss kd \
+          --hint layers.1:layers.2 ...
 
     Writes RUN/config.json, RUN/metrics.jsonl (per epoch), RUN/summary.json, RUN/runs/<id>/student.safetensors
     and, for sweeps, RUN/sweep.png; prints one results table.
@@ -152,7 +163,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
         transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble, teacher_weights=teacher_weights or (),
         smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers, val=val,
         val_fraction=val_fraction, val_seed=val_seed, augment=augment, group_size=_group_size(group_size),
-        eval_every=eval_every, checkpoint_every=checkpoint_every,
+        eval_every=eval_every, checkpoint_every=checkpoint_every, hints=hints,
     )
     trainer = Trainer(cfg)
     quiet = quiet or not trainer.dist.is_main  # under torchrun, rank 0 alone reports

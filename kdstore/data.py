@@ -117,6 +117,7 @@ class TrainingData:
     transfer_path: Path
     teachers: list[str]
     need: frozenset[str]
+    features: tuple[str, ...] = ()  # stored feature columns to read (train --hint), batch keys "feature:COLUMN"
 
     @property
     def num_rows(self) -> int:
@@ -157,6 +158,8 @@ class TrainingData:
             if need in self.need:
                 for key, role in role_keys[need]:
                     out[key] = [v.column_for(role, t) or "" for t in self.teachers]
+        for column in self.features:
+            out[f"feature:{column}"] = [column]
         return out
 
     def input_bytes_estimate(self) -> int:
@@ -167,6 +170,7 @@ class TrainingData:
             per_row += m * c * 4
         if "topk" in self.need:
             per_row += m * (k * 12 + 4)
+        per_row += sum(4 * int(np.prod(self.version.columns[c]["shape"])) for c in self.features)
         return per_row * self.num_rows + int(np.prod(shape)) * 4 * self.num_samples
 
     def to_memory(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -200,6 +204,7 @@ def open_training_data(
     teachers: Sequence[str] | None = None,
     transfer: str | Path | None = None,
     verify_transfer: bool = True,
+    features: Sequence[str] = (),
 ) -> TrainingData:
     """Open a version for training and find (and fingerprint-check) its transfer set.
 
@@ -209,6 +214,7 @@ def open_training_data(
         teachers: teacher ids to read (default: all).
         transfer: the transfer set's path if it moved since labeling (default: the manifest's).
         verify_transfer: compare the file's sha256 with the manifest's.
+        features: stored feature columns to read as well (batch keys ``feature:COLUMN``).
 
     Raises:
         ConfigError: a needed target is not stored (e.g. logits in a top-k-only store, labels in an unlabeled one).
@@ -225,7 +231,11 @@ def open_training_data(
         raise ConfigError(f"teacher {unknown[0]!r} is not in {version.ref}; it has {version.teacher_ids}")
     _check_stored(version, need)
     path = _transfer_path(version, transfer, verify_transfer)
-    data = TrainingData(version, path, ids, frozenset(need))
+    missing = [c for c in features if c not in version.columns]
+    if missing:
+        raise ConfigError(f"{version.ref} has no feature column {missing[0]!r}; relabel with "
+                          "`kdstore label --features`")
+    data = TrainingData(version, path, ids, frozenset(need), tuple(features))
     ts = data.open_transfer()
     rows = ts.rows
     ts.close()
@@ -274,6 +284,9 @@ def _assemble(raw: dict[str, np.ndarray], cols: dict[str, list[str]]) -> dict[st
     for key, names in cols.items():
         if key in ("sample_id", "label", "view") or key.startswith("aug"):  # ids and views' parameters
             out[key] = torch.from_numpy(np.ascontiguousarray(raw[names[0]]).astype(np.int64))
+            continue
+        if key.startswith("feature:"):  # one teacher's feature (N, D): kept in its stored dtype, like half logits
+            out[key] = torch.from_numpy(np.require(raw[names[0]], requirements=["C", "W"]))
             continue
         arrays = [raw[n] for n in names]
         stacked = np.stack(arrays, axis=1)

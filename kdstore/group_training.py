@@ -39,6 +39,8 @@ def group_size(tr: Trainer) -> tuple[int, str]:
         return 1, "one point at a time"
     refusal = ("under torchrun every point trains alone: DDP's gradient all-reduce (and join for uneven streams) "
                "wraps one module" if tr.dist.active else
+               "hints (--hint) capture the student's modules with hooks, which a stacked forward does not run"
+               if tr.hints else
                grouped.group_refusal(tr._build_student(), torch.zeros(2, *tr.input_shape, device=tr.device)))
     if refusal is not None and c.group_size is not None:
         raise ConfigError(f"{arg('group_size')} {c.group_size}: {c.student} cannot train as a group: {refusal}; "

@@ -64,8 +64,8 @@ def stored_features(specs: Sequence[HintSpec], manifest: Mapping[str, Any], wher
     """
     block = manifest.get("features")
     if not block:
-        raise ConfigError(f"{arg('hint')}: {where} stores no teacher features; relabel with {arg('features')} "
-                          f"NAME[,NAME...] (kdstore label --help)")
+        raise ConfigError(f"{arg('hint')}: {where} stores no teacher features; relabel with `kdstore label "
+                          "--features NAME[,NAME...]`")
     layers = {layer["module"]: layer for layer in block["layers"]}
     stats = manifest["statistics"].get("features", {})
     out = []

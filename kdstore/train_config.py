@@ -7,6 +7,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, NamedTuple
 
 from kdstore.errors import ConfigError, arg
+from kdstore.hints import HintSpec
 from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 from kdstore.rundir import run_id
 
@@ -68,6 +69,7 @@ class TrainConfig:
     group_size: int | None = None  # points per pass; None: automatic (bounded by memory), 1: one at a time
     eval_every: int = 1
     checkpoint_every: int = 1
+    hints: tuple[str, ...] = ()  # LAYER:STUDENT_MODULE[:WEIGHT] (kdstore.hints)
 
     def __post_init__(self) -> None:
         if isinstance(self.losses, str):  # TrainConfig(losses="kd"): one loss
@@ -114,6 +116,11 @@ class TrainConfig:
         if self.num_workers < 0:
             e.append(f"{arg('num_workers')} {self.num_workers}: must be >= 0")
         e += self._check_cadence()
+        for h in self.hints:
+            try:
+                HintSpec.parse(h)
+            except ConfigError as err:
+                e.append(err.template)
         if self.precision not in PRECISIONS:
             e.append(f"{arg('precision')} {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if e:

@@ -31,6 +31,7 @@ from kdstore.data import TrainingData, check_holdout, memory_batches, open_train
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import TrainingDiverged, arg
 from kdstore.evaluation import AGREEMENT_BATCH, EvalResult, agreement_counts, evaluate, load_eval_set
+from kdstore.hints import HintedStudent, HintSpec, stored_features
 from kdstore.plan import plan_targets
 from kdstore.replay import check_train_augment
 from kdstore.rundir import RunDir, RunResult, best_by_validation, over_seeds
@@ -65,8 +66,10 @@ class Trainer:
         self.replay = check_train_augment(config.augment, version.manifest, config.losses, str(version.ref))
         self.holdout = check_holdout(version, config.val_fraction, config.val_seed)
         need = set().union(*(p.need for p in self.plans.values())) | ({"label"} if self.holdout else set())
+        self.hints = [HintSpec.parse(h) for h in config.hints]
+        self.hint_features = stored_features(self.hints, version.manifest, str(version.ref)) if self.hints else []
         self.data = open_training_data(version, need=sorted(need), teachers=self.plan.teachers,
-                                       transfer=config.transfer)
+                                       transfer=config.transfer, features=[f.column for f in self.hint_features])
         self.num_classes = self.data.num_classes
         self.input_shape = tuple(version.manifest["transfer_set"]["inputs"]["shape"])
         self.eval_set = None if not config.eval else load_eval_set(
@@ -78,6 +81,7 @@ class Trainer:
         self.mode = _data_mode(config, self.data)
         self.group_size, self.group_note = group_training.group_size(self)
         keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
+        keep += tuple(f"feature:{f.column}" for f in self.hint_features)
         self._views = soft_targets.ViewCache(self.plans, self.weights, keep)  # see _views_for
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -138,6 +142,8 @@ class Trainer:
                     with autocast(self.device, self.precision):
                         out = net(batch["x"])
                     loss = self.loss(out, batch, point)
+                    if self.hints:  # FitNets hints: the regressed student features against the stored ones
+                        loss = loss + model.hint_loss(batch)  # type: ignore[operator]
                 else:  # a rank with no rows in the last global batch still joins the gradient all-reduce
                     loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
                 # DDP averages gradients over ranks; weighting by n_local / n_global * world makes the update the
@@ -201,7 +207,11 @@ class Trainer:
 
     # -- students, optimizers, measurements ----------------------------------------------------------------------
     def _build_student(self) -> nn.Module:
-        return build_student(self.cfg.student, self.input_shape, self.num_classes).to(self.device)
+        """The student (with --hint, wrapped with its hint regressors: `kdstore.hints.HintedStudent`)."""
+        student = build_student(self.cfg.student, self.input_shape, self.num_classes)
+        if self.hints:
+            student = HintedStudent(student, self.hints, self.hint_features, torch.zeros(2, *self.input_shape))
+        return student.to(self.device)
 
     def _start(self, rid: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, int, list[float]]:
         """A new student and optimizer for a point, or both restored from the point's checkpoint."""
@@ -256,11 +266,12 @@ class Trainer:
         if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
         agreement = self.agreement(model, memory) if agreement is None else agreement
+        student = model.student if isinstance(model, HintedStudent) else model  # saved without hint regressors
         result = _run_result(rid, point, self.cfg.epochs, ev, val, agreement, seconds, epoch_seconds,
-                             {"parameters": count_parameters(model), "world_size": self.dist.world_size})
+                             {"parameters": count_parameters(student), "world_size": self.dist.world_size})
         if self.dist.is_main:
             info = _student_info(self.cfg, self.num_classes, str(self.data.version.ref), result)
-            self.rundir.finish(rid, model.state_dict(), info, result)
+            self.rundir.finish(rid, student.state_dict(), info, result)
         return result
 
     def _diverged(self, rid: str, what: str) -> str:
