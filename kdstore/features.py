@@ -165,9 +165,11 @@ class Projection:
     def rank(self) -> int:
         return int(self.components.shape[0])
 
-    def project(self, f: Tensor) -> Tensor:
-        """(N, D) -> (N, r) coordinates."""
-        return (f - self.mean.to(f.device)) @ self.components.to(f.device).T
+    def project(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, D) -> the (N, r) coordinates and the (N,) float64 squared norms of f about the mean (what the
+        coordinates keep of them is their own squared norm: the directions are orthonormal)."""
+        centred = f - self.mean.to(f.device)
+        return centred @ self.components.to(f.device).T, torch.linalg.vector_norm(centred, dim=1).double() ** 2
 
     def columns(self) -> dict[str, np.ndarray]:
         """The attachment's rows: index -1 is the mean, 0..r-1 the directions (docs/format.md, "Features")."""
@@ -197,10 +199,9 @@ def fit_projection(f: Tensor, rank: int | None, variance: float | None, name: st
     if d > MAX_PCA_DIM:
         raise ConfigError(f"{arg('features')} {name}: {d} values per row; a projection is fitted up to "
                           f"{MAX_PCA_DIM}; pool it first ({arg('feature_pool')} avg) or capture a smaller module")
-    x = f.double()
-    mean = x.mean(0)
-    centred = x - mean
-    cov = centred.T @ centred / max(n - 1, 1)
+    mean = f.mean(0, dtype=torch.float64)
+    centred = f - mean.float()
+    cov = (centred.T @ centred).double() / max(n - 1, 1)  # a float32 product: 4x faster than float64, ~1e-6 relative
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
     total = float(evals.sum())
@@ -230,16 +231,19 @@ class FeatureStatistics:
     def __init__(self) -> None:
         self.sums: dict[str, dict[str, Any]] = {}
 
-    def add(self, column: str, f: Tensor, coords: Tensor, projection: Projection | None) -> None:
+    def add(self, column: str, coords: Tensor, centred_energy: Tensor | None) -> None:
+        """A batch's stored values `coords` (N, r); for a projection, `centred_energy` is the (N,) squared norms
+        of the outputs about its mean (float64)."""
         c = coords.double()
         s = self.sums.setdefault(column, {"rows": 0, "total": 0.0, "kept": 0.0, "sum": [0.0] * c.shape[1],
                                           "sumsq": 0.0})
-        s["rows"] += len(f)
-        if projection is not None:
-            s["total"] += float(((f.double() - projection.mean.to(f.device).double()) ** 2).sum())
-            s["kept"] += float((c**2).sum())
+        s["rows"] += len(c)
+        sumsq = float((c**2).sum())
+        if centred_energy is not None:
+            s["total"] += float(centred_energy.sum())
+            s["kept"] += sumsq
         s["sum"] = [a + b for a, b in zip(s["sum"], c.sum(0).tolist(), strict=True)]
-        s["sumsq"] += float((c**2).sum())
+        s["sumsq"] += sumsq
 
     def partial(self) -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in self.sums.items()}

@@ -61,8 +61,8 @@ class LabelFeatures:
         for m in self.spec.modules:
             f = features.reduce_output(got[m], self.spec.pool, m, rows)
             p = self.projections[m]
-            coords = p.project(f) if p is not None else f
-            self.stats.add(features.column_name(m), f, coords, p)
+            coords, energy = p.project(f) if p is not None else (f, None)
+            self.stats.add(features.column_name(m), coords, energy)
             out[features.column_name(m)] = _stored(coords, dtype, m, self.source)
         return out
 

@@ -64,7 +64,7 @@ def kdstore_columns(vdir: Path) -> dict[str, np.ndarray]:
 
 def test_every_doc_test_snippet_is_tested() -> None:
     tokens = ["tokens-duckdb", "tokens-polars", "tokens-numpy"]  # tests/test_format_doc_tokens.py
-    assert sorted(snippets()) == sorted([*ENGINES, "h5py", "soft-targets", "fidelity", *tokens])
+    assert sorted(snippets()) == sorted([*ENGINES, "h5py", "soft-targets", "fidelity", "features", *tokens])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -109,3 +109,25 @@ def test_recorded_fidelity_is_reproduced_from_the_stored_data(versions: dict[str
     assert recorded.keys() == ns["fidelity"].keys()
     for t, value in recorded.items():
         assert ns["fidelity"][t] == pytest.approx(value, rel=1e-5), t
+
+
+def test_features_snippet_reconstructs_the_teachers_outputs(data: Data, tmp_path: Path) -> None:
+    """The Features section's reader rebuilds the captured outputs from the stored coordinates and the attachment
+    as kdstore's own projection does, and their error matches the recorded variance kept."""
+    from safetensors.torch import load_file
+
+    from tests import fixtures_models as fm
+
+    res = run_label(f"tests.fixtures_models:tiny_teacher@{data.weights}", data.parquet, tmp_path, "feat", top_k=3,
+                    features=("0",), feature_variance=0.9, shard_rows=40, row_group_rows=16)
+    ns = run("features", res.path)
+    m = fm.tiny_teacher()
+    m.load_state_dict(load_file(str(data.weights)))
+    import torch
+
+    with torch.no_grad():
+        f = m[0](torch.from_numpy(data.x)).numpy()
+    mean = ns["mean"]
+    kept = 1 - ((f - ns["features"]) ** 2).sum() / ((f - mean) ** 2).sum()
+    stated = Version(res.path).manifest["statistics"]["features"]["t0_feature_0"]["variance_kept"]
+    assert ns["features"].shape == f.shape and kept == pytest.approx(stated, abs=2e-3)
