@@ -32,11 +32,15 @@ from kdstore.options import FORMATS, LOGITS_DTYPES
                    "(top-k exact, tail uniform; not the teacher's exact distribution). Use --top-k 0 to keep only the "
                    "draws.")
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the --sample draws.")
+@click.option("--drop-features", is_flag=True, help="Leave out the stored teacher features (and their projections).")
+@click.option("--feature-rank", type=int, default=None, metavar="R",
+              help="Cut each projected teacher feature to its first R principal directions (exact: they are stored "
+                   "largest first).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors(aliases={"format": "--to", "source": "STORE/NAME[@vN]", "keep_logits": "--logits/--no-logits"})
 def convert(ref: str, to: str | None, top_k: int | None, logits_dtype: str | None, keep_logits: bool | None,
             name: str | None, out: str | None, shard_rows: int | None, row_group_rows: int | None,
-            sample: int | None, sample_seed: int, quiet: bool) -> None:
+            sample: int | None, sample_seed: int, drop_features: bool, feature_rank: int | None, quiet: bool) -> None:
     """Write a NEW version converted from a stored one: another format (--to), top-k (--top-k), dtype, with or
     without full logits. The source is never changed; the new manifest's `parent` names it and the settings.
 
@@ -45,6 +49,7 @@ def convert(ref: str, to: str | None, top_k: int | None, logits_dtype: str | Non
       kdstore convert ./targets/mnist@v1 --to hdf5                 # same targets, HDF5 files: mnist@v2
       kdstore convert ./targets/mnist@v1 --top-k 3 --no-logits --name mnist-top3
       kdstore convert s3://team-bucket/targets/mnist --to parquet --out ./targets
+      kdstore convert ./targets/mnist-feat@v1 --feature-rank 8 --name mnist-feat8   # fewer PCA directions
 
     When the stored top-k changes, its probability mass and fidelity (KL of the soft targets rebuilt from it, per
     temperature) are recomputed against the full logits; without full logits the fidelity is recorded as null.
@@ -62,7 +67,7 @@ def convert(ref: str, to: str | None, top_k: int | None, logits_dtype: str | Non
 
     cfg = ConvertConfig(source=ref, to=to, top_k=top_k, logits_dtype=logits_dtype, keep_logits=keep_logits,
                         name=name, out=out, shard_rows=shard_rows, row_group_rows=row_group_rows, sample=sample,
-                        sample_seed=sample_seed)
+                        sample_seed=sample_seed, drop_features=drop_features, feature_rank=feature_rank)
     with progress_bar(0, "convert", "rows", disable=quiet) as bar:
         result = run_convert(cfg, progress=bar.update)
     m = result.manifest

@@ -96,6 +96,9 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
                    "the teacher's stored feature LAYER (labeled with --features) through a learned linear "
                    "regressor; its loss (MSE in units of the feature's variance) times WEIGHT [1] is added to the "
                    "logit loss. Repeat for several layers.")
+@click.option("--hint-epochs", type=int, default=0, show_default=True, metavar="N",
+              help="FitNets' two stages: the first N epochs train on the hints alone (the layers below each hinted "
+                   "module and the regressors), the rest on the logit loss plus the hints.")
 @click.option("--out", required=True, metavar="RUN", help="Run directory (config, metrics, checkpoints, plot).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same options).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -108,7 +111,8 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
           top_k: int | None, jsd_beta: float | None,
           tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None, smoothing: float,
           zero_mean: bool, data_mode: str, num_workers: int, group_size: str, eval_every: int,
-          checkpoint_every: int, hints: tuple[str, ...], out: str, resume: bool, quiet: bool) -> None:
+          checkpoint_every: int, hints: tuple[str, ...], hint_epochs: int, out: str, resume: bool,
+          quiet: bool) -> None:
     """Train students on stored teacher targets: no teacher runs, and the points of a sweep (temperatures,
     alphas, seeds, losses) train together in one pass over the data, each as if alone (--group-size).
 
@@ -164,6 +168,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
         smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers, val=val,
         val_fraction=val_fraction, val_seed=val_seed, augment=augment, group_size=_group_size(group_size),
         eval_every=eval_every, checkpoint_every=checkpoint_every, hints=hints,
+        hint_epochs=hint_epochs,
     )
     trainer = Trainer(cfg)
     quiet = quiet or not trainer.dist.is_main  # under torchrun, rank 0 alone reports

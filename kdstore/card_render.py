@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdstore import __version__, augment
+from kdstore import __version__, augment, features
 from kdstore.store.catalog import class_names, human_bytes, short_source, targets_text
 
 if TYPE_CHECKING:
@@ -83,6 +83,10 @@ def card_text(m: dict[str, Any], where: str, stats: CardStatistics | None = None
     out += _provenance_text(m)
     out += _statistics_text(m, stats)
     out += _views_text(m)
+    feats = features.facts(m)
+    if feats:
+        out += ["", f"teacher features (from {m['features']['teacher']}; kdstore train --hint LAYER:MODULE)",
+                *(f"  {line}" for line in feats)]
     out += _fidelity_text(m)
     if stats:
         pairs = stats.similar_pairs(class_names(m))
@@ -241,6 +245,10 @@ def card_markdown(m: dict[str, Any], stats: CardStatistics, plots: list[str]) ->
     lines += _provenance_markdown(m)
     lines += _statistics_markdown(m, stats)
     lines += _views_markdown(m)
+    feats = features.facts(m)
+    if feats:
+        lines += ["", "## Teacher features", "", f"Intermediate outputs of teacher {m['features']['teacher']}, for "
+                  "hint distillation (`kdstore train --hint LAYER:MODULE`):", "", *(f"- {line}" for line in feats)]
     lines += _fidelity_markdown(m)
     if stats.advice:
         lines += _advice_markdown(stats.advice, f"{m['name']}@v{m['version']}", bool(tg["labels"]))

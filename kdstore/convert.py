@@ -29,6 +29,8 @@ import torch
 
 from kdstore import memory, versioning
 from kdstore.errors import ConfigError, arg
+from kdstore.feature_convert import FeaturePlan, plan_features, stored_variance
+from kdstore.features import FeatureStatistics
 from kdstore.options import LOGITS_DTYPES
 from kdstore.soft_targets import tensor
 from kdstore.store import FORMATS, Version, VersionWriter, check_name
@@ -51,6 +53,8 @@ class ConvertConfig:
         shard_rows, row_group_rows: layout of the new files.
         sample, sample_seed: per-token versions only: draw `sample` tokens per position from the stored top-k's
             rebuilt distribution (`kdstore.token_convert`).
+        drop_features, feature_rank: stored teacher features dropped, or their projections cut to `feature_rank`
+            directions (`kdstore.feature_convert`); kept as they are by default.
     """
 
     source: str
@@ -64,6 +68,8 @@ class ConvertConfig:
     row_group_rows: int | None = None
     sample: int | None = None
     sample_seed: int = 0
+    drop_features: bool = False
+    feature_rank: int | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -130,14 +136,15 @@ def _plan(src: Version, cfg: ConvertConfig) -> _Plan:
                  cfg.shard_rows or storage["shard_rows"], cfg.row_group_rows or storage["row_group_rows"])
 
 
-def _columns(src: Version, plan: _Plan) -> list[dict[str, Any]]:
-    """Column specs of the new version, in the order `kdstore label` writes them; unknown roles are kept."""
+def _columns(src: Version, plan: _Plan, feats: FeaturePlan | None) -> list[dict[str, Any]]:
+    """Column specs of the new version, in the order `kdstore label` writes them; unknown roles are kept, features
+    as `feats` says."""
     c = src.num_classes
     cols = versioning.column_specs(src.teacher_ids, c, k=plan.k, keep_logits=plan.keep_logits, dtype=plan.dtype,
                                    labels=src.column_for("label") is not None)
-    known = {"sample_id", "label", *TEACHER_ROLES}
+    known = {"sample_id", "label", "feature", *TEACHER_ROLES}
     cols += [dict(col) for col in src.manifest["columns"] if col["role"] not in known]
-    return cols
+    return cols + (feats.columns(src) if feats else [])
 
 
 def convert(cfg: ConvertConfig, progress: Callable[[int], None] | None = None) -> ConvertResult:
@@ -163,45 +170,61 @@ def convert(cfg: ConvertConfig, progress: Callable[[int], None] | None = None) -
         raise ConfigError(f"{arg('sample')}: {src.ref} is a classification version; sampled targets are per token "
                           "(language-model versions)")
     plan = _plan(src, cfg)
-    columns = _columns(src, plan)
+    feats = plan_features(src, cfg.drop_features, cfg.feature_rank)
+    columns = _columns(src, plan, feats)
     shard_meta = versioning.shard_metadata(name, columns, [t["sha256"] for t in src.manifest["teachers"]])
     run_key = versioning.run_key({"source_files": [f["sha256"] for f in src.files], "format": 2,
-                                  "settings": {**asdict(plan), "name": name}})
+                                  "settings": {**asdict(plan), "name": name,
+                                               "features": feats.widths if feats else None}})
     tail = (src.manifest["targets"]["top_k"] or {}).get("tail", "uniform")
     with VersionWriter(out, name, run_key=run_key, fmt=plan.fmt, columns=columns, shard_rows=plan.shard_rows,
                        row_group_rows=plan.row_group_rows, shard_metadata=shard_meta) as writer:
+        if feats is not None:
+            feats.stage(src, writer, plan.fmt)
         done = writer.completed()
         n_shards = math.ceil(src.num_rows / plan.shard_rows)
         for index in range(n_shards):
             start, stop = index * plan.shard_rows, min((index + 1) * plan.shard_rows, src.num_rows)
             if index not in done:
                 stats = versioning.TargetStatistics(src.teacher_ids, src.num_classes, plan.k, tail)
-                cols = _convert_rows(src, start, stop, columns, plan, stats)
-                writer.write(index, start, cols, stats.partial())
+                cols, fsums = _convert_rows(src, start, stop, columns, plan, stats, feats)
+                writer.write(index, start, cols, {**stats.partial(), "features": fsums})
             if progress:
                 progress(stop - start)
         infos = writer.completed()
         stats = versioning.TargetStatistics(src.teacher_ids, src.num_classes, plan.k, tail)
         reference = ("stored logits" if plan.keep_logits else "stored logits of the parent" if src.has_logits
                      else None)
-        statistics = stats.combine([infos[i]["stats"] for i in sorted(infos)], reference)
-        path = writer.commit(_manifest(src, plan, columns, statistics, shown_ref(cfg.source, src.ref)))
+        parts = [infos[i]["stats"] for i in sorted(infos)]
+        statistics = stats.combine(parts, reference)
+        manifest = _manifest(src, plan, columns, statistics, shown_ref(cfg.source, src.ref))
+        if feats is not None:
+            _feature_manifest(manifest, src, plan.fmt, feats, [p["features"] for p in parts])
+        path = writer.commit(manifest)
     return ConvertResult(path, json.loads((path / "manifest.json").read_text("utf-8")), shown_ref(cfg.source, src.ref),
                          len(done))
 
 
 def _convert_rows(src: Version, start: int, stop: int, columns: list[dict[str, Any]], plan: _Plan,
-                  stats: versioning.TargetStatistics) -> dict[str, np.ndarray]:
+                  stats: versioning.TargetStatistics,
+                  feats: FeaturePlan | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The new version's columns for rows [start, stop), read and converted one source row group at a time (memory
-    bounded by a row group, whatever C); statistics are added to `stats` as they go."""
+    bounded by a row group, whatever C), and the features' partial sums; statistics are added to `stats` as they
+    go."""
     names = [col["name"] for col in src.manifest["columns"]]
     wanted = [col["name"] for col in columns]
     step = src.manifest["storage"]["row_group_rows"]
     idx_dtype = versioning.index_dtype(src.num_classes)
     parts = []
+    norms: dict[str, list[float]] = {}
+    fstats = FeatureStatistics()
     for a in range(start, stop, step):
         block = src.read_rows(a, min(a + step, stop), names)
         out: dict[str, np.ndarray] = {n: block[n] for n in wanted if n in block}  # sample_id, label, unknown roles
+        if feats is not None:
+            out.update(feats.rows(block, norms))
+            for col in feats.widths:
+                fstats.add(col, torch.from_numpy(out[col].astype(np.float32)), None)
         stored, refs = {}, {}
         for tid in src.teacher_ids:
             stored[tid], refs[tid] = _teacher_rows(src, tid, block, plan)
@@ -209,7 +232,7 @@ def _convert_rows(src: Version, start: int, stop: int, columns: list[dict[str, A
         labels = torch.from_numpy(block["label"].astype(np.int64)) if "label" in block else None
         stats.add(torch.from_numpy(block["sample_id"].astype(np.int64)), labels, stored, refs)
         parts.append({n: out[n] for n in wanted})
-    return {n: np.concatenate([p[n] for p in parts]) for n in wanted}
+    return {n: np.concatenate([p[n] for p in parts]) for n in wanted}, {"norms": norms, "sums": fstats.partial()}
 
 
 def _teacher_rows(src: Version, tid: str, block: dict[str, np.ndarray],
@@ -233,11 +256,21 @@ def _teacher_rows(src: Version, tid: str, block: dict[str, np.ndarray],
     return st, (z if not plan.keep_logits else None)
 
 
+def _feature_manifest(m: dict[str, Any], src: Version, fmt: str, feats: FeaturePlan,
+                      parts: list[dict[str, Any]]) -> None:
+    """The converted version's ``features`` block and ``statistics.features`` (see `kdstore.feature_convert`)."""
+    m["features"], stats = feats.manifest(src, fmt, [p["norms"] for p in parts])
+    fresh = stored_variance(feats, [p["sums"] for p in parts])
+    for col, s in stats.items():
+        s["stored_variance"] = fresh[col]["stored_variance"]
+    m["statistics"]["features"] = stats
+
+
 def _manifest(src: Version, plan: _Plan, columns: list[dict[str, Any]], statistics: dict[str, Any],
               source: str) -> dict[str, Any]:
     m = copy.deepcopy(src.manifest)
-    for key in ("name", "version", "created_at", "files", "derived_files"):
-        m.pop(key, None)
+    for key in ("name", "version", "created_at", "files", "derived_files", "attachments", "features"):
+        m.pop(key, None)  # attachments and features: the writer and `_feature_manifest` write the new ones
     tail = (m["targets"]["top_k"] or {}).get("tail", "uniform")
     c = src.num_classes
     m.update(versioning.manifest_head())

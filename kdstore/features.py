@@ -268,6 +268,23 @@ class FeatureStatistics:
         return out
 
 
+def facts(manifest: dict[str, Any]) -> list[str]:
+    """One line per stored feature of a version (for `inspect` and the card); empty without features."""
+    block = manifest.get("features")
+    if not block:
+        return []
+    stats = manifest["statistics"].get("features", {})
+    lines = []
+    for layer in block["layers"]:
+        s, p = stats.get(layer["column"], {}), layer["projection"]
+        pool = f", {layer['pool']}-pooled" if layer["pool"] != "none" else ""
+        how = (f"PCA rank {p['rank']} (fitted on {p['fit_rows']} rows), keeps {s.get('variance_kept', 0):.1%} of the "
+               f"variance over all rows" if p else "stored whole")
+        lines.append(f"{layer['module']} ({layer['column']}): {layer['output_shape']}{pool} -> "
+                     f"{layer['stored_shape']} {layer['dtype']}, {how}")
+    return lines
+
+
 def stored_shape(output_shape: Sequence[int], pool: str, projection: Projection | None) -> list[int]:
     """The stored shape of a feature per row."""
     if projection is not None:

@@ -66,10 +66,11 @@ class LabelFeatures:
             out[features.column_name(m)] = _stored(coords, dtype, m, self.source)
         return out
 
-    def combine(self, parts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """The manifest's ``statistics.features`` from the shards' partial sums."""
-        return FeatureStatistics.combine(parts, {features.column_name(m): p is not None
-                                                 for m, p in self.projections.items()})
+    def record(self, manifest: dict[str, Any], fmt: str, parts: list[dict[str, Any]]) -> None:
+        """Add the ``features`` block and ``statistics.features`` (from the shards' partial sums) to `manifest`."""
+        manifest["features"] = self.describe(fmt)
+        manifest["statistics"]["features"] = FeatureStatistics.combine(
+            parts, {features.column_name(m): p is not None for m, p in self.projections.items()})
 
     def describe(self, fmt: str) -> dict[str, Any]:
         """The manifest's ``features`` block."""

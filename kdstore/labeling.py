@@ -156,9 +156,7 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
     k = config.top_k
     ids = [f"t{i}" for i in range(len(teachers))]
     plan = _view_plan(config, ts)
-    spec = config.feature_spec()
-    feats = None if spec is None else label_features.prepare(spec, teachers[0], ts, config.batch_size, device,
-                                                             precision)
+    feats = _features(config, teachers[0], ts, device, precision)
     columns = _columns(config, ts, ids, num_classes, plan) + (feats.column_specs() if feats else [])
     shard_meta = versioning.shard_metadata(config.name, columns, [t.sha256 for t in teachers])
     # The transfer set's sha256 is computed on a thread while the teachers run (hashing a large file first
@@ -209,14 +207,20 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
         manifest = _manifest(config, ts, teachers, ids, num_classes, columns, stats, device, precision, t_start)
         _record_layout(manifest, ts, plan, parts, shard_samples * views, rg_rows, int(writer.pinned["threads"]))
         if feats is not None:
-            manifest["features"] = feats.describe(config.format)
-            manifest["statistics"]["features"] = feats.combine([p["features"] for p in parts])
+            feats.record(manifest, config.format, [p["features"] for p in parts])
         path = writer.commit(manifest)
         if path is None:  # another job committed it first
             return LabelResult(None, {"shards_total": n_shards, "shards_done": n_shards}, len(done),
                                time.perf_counter() - t_start)
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
+
+
+def _features(config: LabelConfig, teacher: Teacher, ts: TransferSet, device: torch.device,
+              precision: str) -> LabelFeatures | None:
+    """With --features: the modules' output shapes and fitted projections (`kdstore.label_features.prepare`)."""
+    spec = config.feature_spec()
+    return None if spec is None else label_features.prepare(spec, teacher, ts, config.batch_size, device, precision)
 
 
 def _load_teachers(config: LabelConfig, ts: TransferSet, device: torch.device,

@@ -70,6 +70,7 @@ class TrainConfig:
     eval_every: int = 1
     checkpoint_every: int = 1
     hints: tuple[str, ...] = ()  # LAYER:STUDENT_MODULE[:WEIGHT] (kdstore.hints)
+    hint_epochs: int = 0  # FitNets stage 1: the first N epochs train on the hints alone
 
     def __post_init__(self) -> None:
         if isinstance(self.losses, str):  # TrainConfig(losses="kd"): one loss
@@ -116,6 +117,12 @@ class TrainConfig:
         if self.num_workers < 0:
             e.append(f"{arg('num_workers')} {self.num_workers}: must be >= 0")
         e += self._check_cadence()
+        if self.hint_epochs and not self.hints:
+            e.append(f"{arg('hint_epochs')} {self.hint_epochs}: trains on the hints alone, and no {arg('hint')} is "
+                     "given; add --hint LAYER:MODULE or drop it")
+        if not 0 <= self.hint_epochs < self.epochs:
+            e.append(f"{arg('hint_epochs')} {self.hint_epochs}: must be in [0, {arg('epochs')} {self.epochs}): the "
+                     "epochs after it train on the logit loss too")
         for h in self.hints:
             try:
                 HintSpec.parse(h)

@@ -141,9 +141,7 @@ class Trainer:
                 if n_local:
                     with autocast(self.device, self.precision):
                         out = net(batch["x"])
-                    loss = self.loss(out, batch, point)
-                    if self.hints:  # FitNets hints: the regressed student features against the stored ones
-                        loss = loss + model.hint_loss(batch)  # type: ignore[operator]
+                    loss = self._loss_with_hints(model, out, batch, point, epoch)
                 else:  # a rank with no rows in the last global batch still joins the gradient all-reduce
                     loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
                 # DDP averages gradients over ranks; weighting by n_local / n_global * world makes the update the
@@ -161,6 +159,14 @@ class Trainer:
         if not math.isfinite(train_loss):
             raise TrainingDiverged(self._diverged(rid, f"the loss became {train_loss} in epoch {epoch + 1}"))
         return train_loss
+
+    def _loss_with_hints(self, model: nn.Module, out: Tensor, batch: Batch, point: SweepPoint, epoch: int) -> Tensor:
+        """The point's loss plus, with --hint, the hints' (FitNets: the student's regressed features against the
+        stored ones); during the first --hint-epochs the hints' alone (FitNets' stage 1)."""
+        if not self.hints:
+            return self.loss(out, batch, point)
+        hint = model.hint_loss(batch)  # type: ignore[operator]
+        return hint if epoch < self.cfg.hint_epochs else self.loss(out, batch, point) + hint
 
     def _due(self, every: int, epoch: int) -> bool:
         """Whether a per-epoch task with cadence `every` (--eval-every, --checkpoint-every) runs after `epoch`: every

@@ -315,7 +315,8 @@ def test_hint_resume_is_bit_identical(hinted_store: Path, tmp_path: Path, monkey
 def test_hint_errors(hinted_store: Path, data: Data, store: Path, tmp_path: Path) -> None:
     plain = run_label(_teacher_spec(data), data.parquet, store, "plain", top_k=3).path.parent
     assert_clean_error(_train(plain, tmp_path / "a", "--hint", "0:layers.1"),
-                       r"^Error: --hint: \S+plain@v1 stores no teacher features; relabel with `kdstore label --features NAME\[,NAME...\]`$")
+                       r"^Error: --hint: \S+plain@v1 stores no teacher features; relabel with "
+                       r"`kdstore label --features NAME\[,NAME...\]`$")
     assert_clean_error(_train(hinted_store, tmp_path / "b", "--hint", "2:layers.1"),
                        r"--hint 2:layers.1: \S+feat@v1 stores features of 0, not '2'$")
     assert_clean_error(_train(hinted_store, tmp_path / "c", "--hint", "0:layers.7"),
@@ -343,3 +344,108 @@ class _Flat(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.flat(x.sum(1))
         return self.lin(x)
+
+
+# --- convert and sharing -------------------------------------------------------------------------------------------
+
+
+def test_convert_cuts_drops_or_keeps_features(data: Data, store: Path) -> None:
+    from kdstore.convert import ConvertConfig, convert
+
+    src = run_label(_teacher_spec(data), data.parquet, store, top_k=3, features=("0",), feature_rank=6).path
+    v = Version(src)
+    cut = Version(convert(ConvertConfig(str(src), feature_rank=2, name="cut")).path)
+    old, new = (x.read_all(["t0_feature_0"])["t0_feature_0"] for x in (v, cut))
+    assert np.array_equal(new, old[:, :2])  # the first directions' coordinates, bit for bit
+    p_old = features.Projection.from_columns(v.read_attachment("features/t0_feature_0.parquet"))
+    p_new = features.Projection.from_columns(cut.read_attachment("features/t0_feature_0.parquet"))
+    assert torch.equal(p_new.components, p_old.components[:2]) and torch.equal(p_new.mean, p_old.mean)
+    layer = cut.manifest["features"]["layers"][0]
+    assert layer["stored_shape"] == [2] and layer["projection"]["rank"] == 2
+    f = _hidden(data, 0)
+    back = p_new.mean.numpy() + new.astype(np.float32) @ p_new.components.numpy()
+    kept = 1 - ((f - back) ** 2).sum() / ((f - p_new.mean.numpy()) ** 2).sum()
+    assert cut.manifest["statistics"]["features"]["t0_feature_0"]["variance_kept"] == pytest.approx(kept, abs=3e-3)
+    h5 = Version(convert(ConvertConfig(str(src), to="hdf5", name="h5")).path)
+    assert [a["path"] for a in h5.attachments] == ["features/t0_feature_0.h5"]
+    assert np.array_equal(h5.read_all(["t0_feature_0"])["t0_feature_0"], old) and verify(h5.path).ok
+    dropped = Version(convert(ConvertConfig(str(src), drop_features=True, name="dropped")).path)
+    assert "features" not in dropped.manifest and dropped.attachments == []
+    assert not any(c.startswith("t0_feature") for c in dropped.columns) and verify(dropped.path).ok
+    with pytest.raises(ConfigError, match=r"feature_rank 7: 0 is stored on 6 principal directions; a projection can "
+                                          r"only be cut, use 1..6"):
+        convert(ConvertConfig(str(src), feature_rank=7, name="x"))
+
+
+def test_push_and_pull_carry_the_attachment(data: Data, store: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdstore.store import open_version, publish
+    from kdstore.store.remote import resolve_any
+
+    monkeypatch.setenv("KDSTORE_CACHE", str(tmp_path / "cache"))
+    src = run_label(_teacher_spec(data), data.parquet, store, top_k=3, features=("0",), feature_rank=3).path
+    url = (tmp_path / "remote").as_uri()
+    pushed = publish.push(src, url)
+    assert (tmp_path / "remote" / "ds" / "v1" / "features" / "t0_feature_0.parquet").is_file()
+    assert verify(pushed.url).ok
+    pulled = open_version(resolve_any(pushed.url))
+    assert pulled.read_attachment("features/t0_feature_0.parquet")["vector"].shape == (4, 16)
+    assert pulled.verify(full=True) == []
+    r = _train(pushed.url, tmp_path / "run", "--hint", "0:layers.1")
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_end_to_end_label_inspect_train(data: Data, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    r = cli(["label", "--teacher", _teacher_spec(data), "--transfer", data.parquet, "--out", store, "--name", "feat",
+             "--top-k", "3", "--features", "0", "--feature-variance", "0.9", "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("  feature 0:"))
+    assert re_match(r"  feature 0: \[16\] -> \[\d+\] \(PCA rank \d+, keeps 9\d\.\d% of the variance\)", line)
+    r = cli(["inspect", store / "feat"])
+    assert r.exit_code == 0 and "teacher features (from t0; kdstore train --hint LAYER:MODULE)" in r.output
+    assert re_match(r"  0 \(t0_feature_0\): \[16\] -> \[\d+\] float16, PCA rank \d+ \(fitted on 100 rows\), keeps",
+                    r.output.split("teacher features")[1].splitlines()[1])
+    r = _train(store / "feat", tmp_path / "run", "--hint", "0:layers.0:0.5", "--loss", "hard,kd")
+    assert r.exit_code == 0, r.output
+    assert [x["run"] for x in json.loads((tmp_path / "run" / "summary.json").read_text())["runs"]] == \
+        ["hard", "kd-T4-a0.9"]
+
+
+def re_match(pattern: str, text: str) -> bool:
+    import re
+
+    return re.match(pattern, text) is not None
+
+
+def test_hint_epochs_train_only_below_the_hinted_module_first(hinted_store: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """FitNets' stage 1 (--hint-epochs): the hint alone moves the layers up to the hinted module and the regressor;
+    the layers above it keep their initial weights until the logit loss joins."""
+    from kdstore.students import build_student
+    from kdstore.training import Trainer
+
+    real = Trainer._loss_with_hints
+
+    def stop_in_epoch_2(self: Trainer, model: Any, out: Any, batch: Any, point: Any, epoch: int) -> torch.Tensor:
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, model, out, batch, point, epoch)
+
+    monkeypatch.setattr(Trainer, "_loss_with_hints", stop_in_epoch_2)
+    r = _train(hinted_store, tmp_path / "run", "--hint", "0:layers.0", "--hint-epochs", "1", epochs=2)
+    assert r.exit_code != 0 and "interrupted" in r.output
+    state = torch.load(tmp_path / "run" / "runs" / "kd-T4-a0.9" / "checkpoint.pt", weights_only=True)["model"]
+    torch.manual_seed(0)
+    init = build_student("mlp:8-24-24-5", (8,), 5).state_dict()
+    for name in ("layers.1.weight", "layers.2.weight", "layers.2.bias"):
+        assert torch.equal(state[f"student.{name}"], init[name]), name
+    assert not torch.equal(state["student.layers.0.weight"], init["layers.0.weight"])
+    assert "regressors.0.weight" in state
+
+
+def test_hint_epochs_errors(hinted_store: Path, tmp_path: Path) -> None:
+    assert_clean_error(_train(hinted_store, tmp_path / "a", "--hint-epochs", "1"),
+                       r"--hint-epochs 1: trains on the hints alone, and no --hint is given")
+    assert_clean_error(_train(hinted_store, tmp_path / "b", "--hint", "0:layers.0", "--hint-epochs", "2", epochs=2),
+                       r"--hint-epochs 2: must be in \[0, --epochs 2\)")
