@@ -449,3 +449,17 @@ def test_hint_epochs_errors(hinted_store: Path, tmp_path: Path) -> None:
                        r"--hint-epochs 1: trains on the hints alone, and no --hint is given")
     assert_clean_error(_train(hinted_store, tmp_path / "b", "--hint", "0:layers.0", "--hint-epochs", "2", epochs=2),
                        r"--hint-epochs 2: must be in \[0, --epochs 2\)")
+
+
+def test_features_with_views_are_each_views_own(data: Data, store: Path, tmp_path: Path) -> None:
+    """With --views, a row's feature is the teacher's output on that view: view 0 (the identity) matches the
+    unaugmented input's, the noisy views do not; training with a hint replays them."""
+    res = run_label(_teacher_spec(data), data.parquet, store, top_k=3, features=("0",), feature_dtype="float32",
+                    views=3, augment="noise:0.5")
+    cols = Version(res.path).read_all(["view", "t0_feature_0"])
+    f = _hidden(data, 0)
+    ident = cols["t0_feature_0"][cols["view"] == 0]
+    assert np.allclose(ident, f, atol=1e-5)
+    noisy = cols["t0_feature_0"][cols["view"] == 1]
+    assert np.abs(noisy - f).mean() > 0.05
+    assert _train(res.path.parent, tmp_path / "run", "--hint", "0:layers.0").exit_code == 0
