@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SMALL_ARGS, assert_clean_error, cli, data_bytes, subprocess_env
+from tests.helpers import FIX, SMALL_ARGS, assert_clean_error, cli, data_bytes, run_label, subprocess_env
 
 LABEL_ARGS = ["--top-k", "3", *SMALL_ARGS]
 
@@ -137,3 +137,20 @@ def test_ddp_resumes_a_checkpoint(data, tmp_path: Path, monkeypatch: pytest.Monk
     assert epochs == [1, 2, 3]
     result = json.loads((tmp_path / "run" / "runs" / "kd-T2-a0.9" / "result.json").read_text())
     assert result["extra"]["world_size"] == 2 and result["eval_accuracy"] is not None
+
+
+def test_ddp_training_with_a_hint_matches_one_process(data, tmp_path: Path) -> None:
+    """FitNets hints under DDP: the hint regressors live inside the DDP-wrapped module (their gradients are
+    all-reduced), so 2 processes land where 1 does."""
+    run_label(f"{FIX}:tiny_teacher@{data.weights}", data.parquet, tmp_path / "s", "feat", top_k=3, features=("0",),
+              feature_rank=4)
+    args = ["train", "--targets", tmp_path / "s" / "feat", "--student", "mlp:8-32-5", "--hint", "0:layers.0",
+            "-T", "2", "--epochs", "4", "--batch-size", "16", "--eval", data.parquet, "--device", "cpu",
+            "--data", "memory", "--quiet"]
+    one = cli([*args, "--out", tmp_path / "one"])
+    assert one.exit_code == 0, one.output
+    p = _torchrun(2, [*args, "--out", tmp_path / "two"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r1, r2 = (json.loads((tmp_path / d / "summary.json").read_text())["runs"][0] for d in ("one", "two"))
+    assert r2["extra"]["world_size"] == 2
+    assert r2["eval_accuracy"] == pytest.approx(r1["eval_accuracy"], abs=0.02)
