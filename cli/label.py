@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 import click
 
 from kdstore.cli._common import parse_shard, progress_bar, user_errors
-from kdstore.cli._label_lm import LM_OPTIONS, is_language_model, label_language_model, reject_options
+from kdstore.cli._label_lm import (
+    LM_OPTIONS,
+    feature_options,
+    is_language_model,
+    label_language_model,
+    reject_options,
+)
 from kdstore.options import FORMATS, LOGITS_DTYPES, PRECISIONS, TAIL_MODELS
 
 if TYPE_CHECKING:
@@ -135,7 +141,8 @@ def label(ctx: click.Context, teachers: tuple[str, ...], transfer: str, out: str
     if is_language_model(teachers, transfer, lm.get("seq_len")):
         reject_options(ctx, language_model=True)
         label_language_model(teachers, transfer, out, name, fmt, top_k, logits_dtype, batch_size, device,
-                             shard_rows, row_group_rows, shard_index, num_shards, quiet, lm)
+                             shard_rows, row_group_rows, shard_index, num_shards, quiet,
+                             {**lm, **feature_options(ctx)})
         return
     reject_options(ctx, language_model=False)
     cfg = LabelConfig(teachers=teachers, transfer=transfer, out=out, name=name, format=fmt,
