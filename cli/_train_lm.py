@@ -41,7 +41,7 @@ def train_language_model(ctx: click.Context) -> None:
         alphas=p["alphas"], seeds=p["seeds"], epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
         weight_decay=p["weight_decay"], schedule=p["schedule"], device=p["device"], precision=p["precision"],
         top_k=p["top_k"], val_fraction=p["val_fraction"], val_seed=p["val_seed"], eval=p["eval_path"],
-        data_mode=p["data_mode"], jsd_beta=p["jsd_beta"])
+        data_mode=p["data_mode"], jsd_beta=p["jsd_beta"], hints=tuple(p.get("hints") or ()))
     trainer = LMTrainer(cfg)
     total = len(cfg.sweep()) * cfg.epochs * len(trainer.train_rows)
     quiet = p["quiet"] or not trainer.dist.is_main  # under torchrun, rank 0 alone reports

@@ -91,6 +91,11 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
               help="Evaluate on --eval every N epochs (and after the last).")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
               help="Checkpoint every N epochs (and after the last); --resume restarts from the latest.")
+@click.option("--hint", "hints", multiple=True, metavar="LAYER:MODULE[:WEIGHT]",
+              help="FitNets hint: the student's module MODULE (a name in its named_modules(), e.g. layers.3) learns "
+                   "the teacher's stored feature LAYER (labeled with --features) through a learned linear "
+                   "regressor; its loss (MSE in units of the feature's variance) times WEIGHT [1] is added to the "
+                   "logit loss. Repeat for several layers.")
 @click.option("--out", required=True, metavar="RUN", help="Run directory (config, metrics, checkpoints, plot).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same options).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -103,7 +108,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
           top_k: int | None, jsd_beta: float | None,
           tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None, smoothing: float,
           zero_mean: bool, data_mode: str, num_workers: int, group_size: str, eval_every: int,
-          checkpoint_every: int, out: str, resume: bool, quiet: bool) -> None:
+          checkpoint_every: int, hints: tuple[str, ...], out: str, resume: bool, quiet: bool) -> None:
     """Train students on stored teacher targets: no teacher runs, and the points of a sweep (temperatures,
     alphas, seeds, losses) train together in one pass over the data, each as if alone (--group-size).
 

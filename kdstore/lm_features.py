@@ -110,12 +110,12 @@ def _forward(teacher: LMTeacher, ids: np.ndarray) -> None:
 
 @torch.inference_mode()
 def prepare(spec: FeatureSpec, teacher: LMTeacher, corpus: TokenizedCorpus, batch_size: int) -> TokenFeatures:
-    """Each module's output width (probed on one sequence) and its projection, fitted on the real tokens of the
+    """Each module's output width (probed on two sequences) and its projection, fitted on the real tokens of the
     first ``spec.fit_rows`` sequences, before anything is written."""
-    seq_len = corpus.seq_len
+    seq_len, probe = corpus.seq_len, min(2, corpus.rows)  # two rows: an output without a batch axis is refused now
     with features.capture(teacher.module, spec.modules, teacher.source) as got:
-        _forward(teacher, corpus.input_ids[0:1])
-        shapes = {m: [seq_len, int(token_output(got.get(m), m, 1, seq_len).shape[-1])] for m in spec.modules}
+        _forward(teacher, corpus.input_ids[0:probe])
+        shapes = {m: [seq_len, int(token_output(got.get(m), m, probe, seq_len).shape[-1])] for m in spec.modules}
     projections: dict[str, Projection | None] = dict.fromkeys(spec.modules)
     fitted, tokens = 0, 0
     if spec.projected:
