@@ -285,3 +285,12 @@ def test_cli_label_features_then_train_hint(corpus: Path, tmp_path: Path) -> Non
     r = cli(["train", "--targets", tmp_path / "s" / "h", "--student", "gpt:2-16-2", "--hint", "model.norm:ln",
              "--out", tmp_path / "bad", "--quiet"])
     assert r.exit_code != 0 and "stores features of model.layers.1, not 'model.norm'" in r.output
+
+
+def test_convert_of_a_version_with_features_drops_them(projected: Path, tmp_path: Path) -> None:
+    r = cli(["convert", projected, "--top-k", "4", "--out", tmp_path, "--name", "c", "--quiet"])
+    assert r.exit_code == 0, r.output
+    m = Version(tmp_path / "c").manifest
+    assert "features" not in m and "attachments" not in m and "features" not in m["statistics"]
+    assert not any(c["role"] == "feature" for c in m["columns"])
+    assert cli(["verify", tmp_path / "c"]).exit_code == 0
