@@ -107,13 +107,14 @@ def train(a: argparse.Namespace, targets: Path, held: Path, tmp: Path) -> list[d
     from kdstore.lm_training import LMTrainConfig, LMTrainer
 
     hints = tuple(a.hints.split(","))
+    lrs = {"logits-only": a.lr, "hint": a.lr, **{f"logits-only-lr{x}": float(x) for x in a.control_lrs.split(",") if x}}
     runs = []
     for seed in map(int, a.seeds.split(",")):
-        order = ["logits-only", "hint"]
+        order = [c for c in lrs if c in a.cases.split(",") or c.startswith("logits-only-lr")]
         random.Random(seed).shuffle(order)
         for case in order:
             cfg = LMTrainConfig(targets=str(targets), student=a.student, out=str(tmp / f"{case}-{seed}"),
-                                seeds=(seed,), epochs=a.epochs, batch_size=4, lr=a.lr, eval=str(held),
+                                seeds=(seed,), epochs=a.epochs, batch_size=4, lr=lrs[case], eval=str(held),
                                 data_mode="memory", device="cpu", hints=hints if case == "hint" else ())
             res = LMTrainer(cfg).run()[0]
             metrics = [json.loads(x) for x in (tmp / f"{case}-{seed}" / "metrics.jsonl").read_text().splitlines()]
@@ -126,7 +127,7 @@ def train(a: argparse.Namespace, targets: Path, held: Path, tmp: Path) -> list[d
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
-    for case in ("logits-only", "hint"):
+    for case in sorted({r["case"] for r in runs}):
         rs = [r for r in runs if r["case"] == case]
         out[case] = {m: {"mean": statistics.mean(r[m] for r in rs), "sd": statistics.stdev(r[m] for r in rs),
                          "min": min(r[m] for r in rs), "max": max(r[m] for r in rs)}
@@ -153,6 +154,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--cases", default="logits-only,hint")
+    ap.add_argument("--control-lrs", default="",
+                    help="also logits-only at these learning rates (a control: the hint's gradient shares the "
+                         "global gradient-norm clip, which lowers the logit loss's effective step)")
     ap.add_argument("--out", default="bench_lm_features.json")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -171,7 +176,7 @@ def main() -> None:
         label_s = time.perf_counter() - t0
         held = label_lm(LMLabelConfig(transfer=str(test_txt), name="test", **common))
         assert targets.path is not None and held.path is not None
-        speed = throughput(a, train_txt, tmp)
+        speed = throughput(a, train_txt, tmp) if a.rounds else None
         runs = train(a, targets.path, held.path, tmp)
         m = targets.manifest
         report = {"args": vars(a), "torch": torch.__version__, "label_seconds": label_s,
