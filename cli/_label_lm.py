@@ -17,10 +17,8 @@ LM_ONLY = {"seq_len": "--seq-len", "packing": "--packing", "text_field": "--fiel
 CLASSIFICATION_ONLY = {"input_columns": "--input-column", "label_column": "--label-column", "views": "--views",
                        "augment": "--augment", "augment_seed": "--augment-seed",
                        "identity_view": "--identity-view/--no-identity-view", "tail": "--tail",
-                       "features": "--features (a language model's hidden states are not stored yet)",
-                       "feature_pool": "--feature-pool", "feature_rank": "--feature-rank",
-                       "feature_variance": "--feature-variance", "feature_fit_rows": "--feature-fit-rows",
-                       "feature_dtype": "--feature-dtype"}
+                       "feature_pool": "--feature-pool (a language model's features are stored per token)"}
+FEATURE_OPTIONS = ("features", "feature_rank", "feature_variance", "feature_fit_rows", "feature_dtype")
 
 _OPTIONS = [
     click.option("--seq-len", type=int, default=None, metavar="L",
@@ -92,6 +90,18 @@ def reject_options(ctx: click.Context, *, language_model: bool) -> None:
         raise click.UsageError(f"{', '.join(wrong)}: not for {kind} ({fix})")
 
 
+def feature_options(ctx: click.Context) -> dict[str, Any]:
+    """The --features options of the command line for a language-model run; --feature-fit-rows counts sequences
+    and, when not given, is `lm_features.DEFAULT_FIT_ROWS`."""
+    from kdstore.lm_features import DEFAULT_FIT_ROWS
+
+    p = {k: ctx.params.get(k) for k in FEATURE_OPTIONS}
+    p["features"] = tuple(f.strip() for f in p["features"].split(",")) if p["features"] is not None else ()
+    if not _given(ctx, "feature_fit_rows"):
+        p["feature_fit_rows"] = DEFAULT_FIT_ROWS
+    return p
+
+
 def label_language_model(teachers: tuple[str, ...], transfer: str, out: str, name: str, fmt: str,
                          top_k: int | None, logits_dtype: str, batch_size: int | None, device: str,
                          shard_rows: int | None, row_group_rows: int | None, shard_index: int, num_shards: int,
@@ -107,7 +117,8 @@ def label_language_model(teachers: tuple[str, ...], transfer: str, out: str, nam
         sample=lm["sample"] or None, sample_seed=lm["sample_seed"], sample_logprobs=lm["sample_logprobs"],
         logits_dtype=logits_dtype, packing=lm["packing"], text_field=lm["text_field"], encoding=lm["encoding"],
         tokenizer=lm["tokenizer"], device=device, gguf_cache=lm["gguf_cache"], shard_index=shard_index,
-        num_shards=num_shards, **{k: v for k, v in given.items() if v is not None})
+        num_shards=num_shards, **{k: v for k, v in given.items() if v is not None},
+        **{k: lm[k] for k in FEATURE_OPTIONS if k in lm})
     with progress_bar(0, "label", "rows", disable=quiet) as bar:
         def started(rows: int) -> None:
             bar.total = rows
@@ -134,6 +145,13 @@ def summary(m: dict[str, Any], path: str, seconds: float, resumed: int, num_shar
     lines = [f"wrote {path}  ({m['num_rows']} rows x {tg['seq_len']} tokens, {st['tokens']} tokens, vocabulary "
              f"{tg['vocab_size']}, {size / 1e6:.2f} MB = {size / max(st['tokens'], 1):.1f} B/token, "
              f"{seconds:.1f} s{extra})"]
+    for layer in (m.get("features") or {}).get("layers", []):
+        kept = st.get("features", {}).get(layer["column"], {}).get("variance_kept")
+        proj, width = layer["projection"], layer["stored_shape"][-1]
+        how = (f"PCA rank {proj['rank']}, keeps {kept:.1%} of the variance" if proj and kept is not None
+               else "stored whole")
+        lines.append(f"  feature {layer['module']}: {layer['output_shape'][-1]} -> {width} per token ({how}, "
+                     f"{2 * width if layer['dtype'] == 'float16' else 4 * width} B/token before compression)")
     for tid, s in st["teachers"].items():
         ppl = f"perplexity {s['perplexity']:.3f}" if s["perplexity"] is not None else "no next tokens"
         acc = f", next-token accuracy {s['accuracy']:.4f}" if s["accuracy"] is not None else ""

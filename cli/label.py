@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 import click
 
 from kdstore.cli._common import parse_shard, progress_bar, user_errors
-from kdstore.cli._label_lm import LM_OPTIONS, is_language_model, label_language_model, reject_options
+from kdstore.cli._label_lm import (
+    LM_OPTIONS,
+    feature_options,
+    is_language_model,
+    label_language_model,
+    reject_options,
+)
 from kdstore.options import FORMATS, LOGITS_DTYPES, PRECISIONS, TAIL_MODELS
 
 if TYPE_CHECKING:
@@ -79,7 +85,8 @@ if TYPE_CHECKING:
 @click.option("--features", default=None, metavar="NAME[,NAME...]",
               help="Also store the outputs of these modules of the (first) teacher for every row, names as in its "
                    "named_modules() (e.g. net.2), for hint / feature distillation (kdstore train --hint). Needs a "
-                   "MODEL@WEIGHTS teacher. See docs/format.md, 'Features'.")
+                   "MODEL@WEIGHTS teacher. A language model's are stored per token (e.g. model.layers.14, "
+                   "model.norm: hidden states). See docs/format.md, 'Features', and docs/lm.md.")
 @click.option("--feature-pool", type=click.Choice(("none", "avg", "max")), default="none", show_default=True,
               help="Pool each feature map over its spatial axes first: (C, H, W) -> (C).")
 @click.option("--feature-rank", type=int, default=None, metavar="R",
@@ -87,8 +94,9 @@ if TYPE_CHECKING:
                    "--feature-fit-rows samples; the directions are stored once in the version).")
 @click.option("--feature-variance", type=float, default=None, metavar="F",
               help="Like --feature-rank, with the smallest R that keeps the fraction F of the variance, e.g. 0.95.")
-@click.option("--feature-fit-rows", type=int, default=8192, show_default=True,
-              help="Samples the projection is fitted on (the first rows of the transfer set).")
+@click.option("--feature-fit-rows", type=int, default=8192,
+              help="Samples the projection is fitted on (the first rows of the transfer set; for a language model, "
+                   "the real tokens of the first sequences). [default: 8192; a language model: 64 sequences]")
 @click.option("--feature-dtype", type=click.Choice(("float16", "float32")), default="float16", show_default=True,
               help="Storage dtype of the features.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -135,7 +143,8 @@ def label(ctx: click.Context, teachers: tuple[str, ...], transfer: str, out: str
     if is_language_model(teachers, transfer, lm.get("seq_len")):
         reject_options(ctx, language_model=True)
         label_language_model(teachers, transfer, out, name, fmt, top_k, logits_dtype, batch_size, device,
-                             shard_rows, row_group_rows, shard_index, num_shards, quiet, lm)
+                             shard_rows, row_group_rows, shard_index, num_shards, quiet,
+                             {**lm, **feature_options(ctx)})
         return
     reject_options(ctx, language_model=False)
     cfg = LabelConfig(teachers=teachers, transfer=transfer, out=out, name=name, format=fmt,

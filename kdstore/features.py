@@ -196,12 +196,25 @@ def fit_projection(f: Tensor, rank: int | None, variance: float | None, name: st
     the smallest r whose directions explain at least `variance` of the total. Each direction's sign makes its
     largest-magnitude entry positive, so the result does not depend on the eigensolver's sign choice."""
     n, d = f.shape
-    if d > MAX_PCA_DIM:
-        raise ConfigError(f"{arg('features')} {name}: {d} values per row; a projection is fitted up to "
-                          f"{MAX_PCA_DIM}; pool it first ({arg('feature_pool')} avg) or capture a smaller module")
+    check_pca_dim(d, name)
     mean = f.mean(0, dtype=torch.float64)
     centred = f - mean.float()
     cov = (centred.T @ centred).double() / max(n - 1, 1)  # a float32 product: 4x faster than float64, ~1e-6 relative
+    return projection_from_covariance(mean, cov, n, rank, variance, name)
+
+
+def check_pca_dim(d: int, name: str) -> None:
+    """Refuse a projection of more than `MAX_PCA_DIM` values per row (its covariance would not fit)."""
+    if d > MAX_PCA_DIM:
+        raise ConfigError(f"{arg('features')} {name}: {d} values per row; a projection is fitted up to "
+                          f"{MAX_PCA_DIM}; pool it first ({arg('feature_pool')} avg) or capture a smaller module")
+
+
+def projection_from_covariance(mean: Tensor, cov: Tensor, n: int, rank: int | None, variance: float | None,
+                               name: str) -> Projection:
+    """`fit_projection` from a fit sample's mean (D,) and covariance (D, D) (float64) over `n` samples, e.g.
+    accumulated a batch at a time when the sample does not fit in memory (per-token features)."""
+    d = int(mean.shape[0])
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
     total = float(evals.sum())

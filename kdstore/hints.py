@@ -75,7 +75,7 @@ def stored_features(specs: Sequence[HintSpec], manifest: Mapping[str, Any], wher
                               f"{', '.join(layers)}, not {s.layer!r}")
         layer = layers[s.layer]
         variance = float(stats.get(layer["column"], {}).get("stored_variance") or 1.0)
-        out.append(StoredFeature(s.layer, layer["column"], int(layer["stored_shape"][0]), layer["pool"],
+        out.append(StoredFeature(s.layer, layer["column"], int(layer["stored_shape"][-1]), layer["pool"],
                                  variance if variance > 0 else 1.0))
     return out
 

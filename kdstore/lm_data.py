@@ -9,6 +9,7 @@ Usable without kdstore's trainer, e.g. inside a Hugging Face ``Trainer`` (docs/l
     # batch: input_ids, attention_mask, loss_mask, target_mask, labels (B, L);
     #        topk_values, topk_indices (B, L, k), logsumexp, tail_logmass (B, L)   [targets="topk"]
     #        sample_ids, sample_counts, sample_logprobs (B, L, K)                 [targets="sampled"]
+    #        feature:COLUMN (B, L, D) float16/32, the stored per-token features    [features=(COLUMN, ...)]
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ class TokenTargetDataset(Dataset[dict[str, Any]]):
         targets: "topk", "sampled" or "none" (ids and masks only: hard next-token training).
         k: use the first k of a stored top-k (the dropped entries join the exact tail, `targets.truncate_topk`).
         rows: which rows (default all), e.g. a training or held-out split.
+        features: stored per-token feature columns to read too (item ``feature:COLUMN``, (L, D)).
     """
 
     def __init__(self, version: Version, targets: str = "topk", *, k: int | None = None,
-                 rows: Sequence[int] | np.ndarray | None = None, teacher: str = "t0") -> None:
+                 rows: Sequence[int] | np.ndarray | None = None, teacher: str = "t0",
+                 features: Sequence[str] = ()) -> None:
         self.version, self.targets = version, targets
-        self.roles = token_columns(version, targets, teacher)
+        self.roles = {**token_columns(version, targets, teacher), **feature_roles(version, features)}
         stored_k = version.top_k
         if k is not None and (targets != "topk" or stored_k is None or not 1 <= k <= stored_k):
             raise ConfigError(f"{arg('top_k')} {k}: must be in [1, {stored_k}] (the stored top-k) and needs "
@@ -110,6 +113,14 @@ class TokenTargetDataset(Dataset[dict[str, Any]]):
         return item
 
 
+def feature_roles(version: Version, columns: Sequence[str]) -> dict[str, str]:
+    """{``feature:COLUMN``: COLUMN} for stored feature columns (StoreFormatError: a column the version lacks)."""
+    missing = [c for c in columns if c not in version.columns]
+    if missing:
+        raise StoreFormatError(f"{version.ref}: no feature column {', '.join(missing)}")
+    return {f"feature:{c}": c for c in columns}
+
+
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
     """Stack rows into a batch: int64 ids and labels (`lm_losses.next_token_labels`: IGNORE where not counted),
     int8 masks, float32 / int64 top-k (B, L, k); sampled draws padded to the batch's largest count K (id -1,
@@ -143,21 +154,24 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
         out["sample_ids"] = torch.from_numpy(ids.reshape(b, n, k))
         out["sample_counts"] = torch.from_numpy(counts.reshape(b, n, k))
         out["sample_logprobs"] = torch.from_numpy(lps.reshape(b, n, k))
+    for role in (r for r in first if r.startswith("feature:")):  # stored dtype (float16): cast where compared
+        out[role] = torch.from_numpy(np.stack([it[role] for it in items]))
     return out
 
 
 def stream_batches(version: Version, targets: str, batch_size: int, *, seed: int, epoch: int,
                    keep: np.ndarray | None = None, k: int | None = None, shuffle: bool = True,
-                   teacher: str = "t0") -> Iterator[dict[str, Tensor]]:
+                   teacher: str = "t0", features: Sequence[str] = ()) -> Iterator[dict[str, Tensor]]:
     """Batches of `batch_size` rows read one row group at a time: the row groups in an order drawn from
     (seed, epoch), the rows inside each shuffled too; only one row group (and a partial batch) is in memory.
 
     Args:
         keep: (num_rows,) bool, the rows to use (a training or held-out split); default all.
+        features: stored per-token feature columns to read too (``feature:COLUMN`` in each batch).
     """
     if batch_size < 1:
         raise ConfigError(f"{arg('batch_size')} {batch_size}: must be >= 1")
-    roles = token_columns(version, targets, teacher)
+    roles = {**token_columns(version, targets, teacher), **feature_roles(version, features)}
     groups = [(i, g, version.files[i]["first_row"] + a, b - a)
               for i in range(len(version.files)) for g, (a, b) in enumerate(version.row_groups(i))]
     rng = np.random.default_rng([seed, epoch])

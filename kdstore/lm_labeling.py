@@ -21,7 +21,9 @@ import torch
 
 from kdstore import memory, reproducible, versioning
 from kdstore.errors import ConfigError, arg
+from kdstore.features import FeatureSpec
 from kdstore.labeling import LabelResult
+from kdstore.lm_features import DEFAULT_FIT_ROWS, TokenFeatures, prepare
 from kdstore.lm_rows import label_token_shard
 from kdstore.lm_teachers import LMTeacher, load_lm_teacher
 from kdstore.options import FORMATS, LOGITS_DTYPES
@@ -62,6 +64,11 @@ class LMLabelConfig:
     gguf_cache: bool = False
     shard_index: int = 0
     num_shards: int = 1
+    features: tuple[str, ...] = ()  # modules of the teacher stored per token (docs/lm.md)
+    feature_rank: int | None = None
+    feature_variance: float | None = None
+    feature_fit_rows: int = DEFAULT_FIT_ROWS  # sequences the projection is fitted on
+    feature_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         errors = []
@@ -92,8 +99,19 @@ class LMLabelConfig:
         if self.device not in ("auto", "cpu"):
             errors.append(f"{arg('device')} {self.device!r}: language-model teachers are labeled on the CPU for now; "
                           "use cpu (or auto)")
+        if not self.features and (self.feature_rank is not None or self.feature_variance is not None):
+            errors.append(f"{arg('feature_rank')}/{arg('feature_variance')} project the features named by "
+                          f"{arg('features')}; give {arg('features')} NAME[,NAME...] too")
         if errors:
             raise ConfigError("; ".join(errors))
+        self.feature_spec()  # raises on bad --feature-* options
+
+    def feature_spec(self) -> FeatureSpec | None:
+        """The --features settings (None without --features); per token, never pooled."""
+        if not self.features:
+            return None
+        return FeatureSpec(tuple(self.features), "none", self.feature_rank, self.feature_variance,
+                           self.feature_fit_rows, self.feature_dtype)
 
 
 def label_lm(config: LMLabelConfig, progress: Callable[[int], None] | None = None,
@@ -132,8 +150,11 @@ def label_lm(config: LMLabelConfig, progress: Callable[[int], None] | None = Non
 def _label(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, t_start: float,
            progress: Callable[[int], None] | None) -> LabelResult:
     v, seq_len = teacher.vocab_size, corpus.seq_len
+    spec = config.feature_spec()
+    feats = None if spec is None else prepare(spec, teacher, corpus, config.batch_size)
     columns = token_columns("t0", seq_len, v, k=config.top_k, draws=config.sample,
                             logprobs=config.sample_logprobs, dtype=config.logits_dtype)
+    columns += feats.column_specs() if feats else []
     shard_meta = versioning.shard_metadata(config.name, columns, [teacher.sha256])
     described = {**teacher.describe("t0"), "num_classes": v}  # once: the tokenizer's fingerprint takes ~0.3 s
     run_key = versioning.run_key(_key_material(config, described, corpus, shard_meta))
@@ -144,6 +165,8 @@ def _label(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, t
                        shard_metadata=shard_meta, pinned={"threads": torch.get_num_threads()},
                        participant=f"shard-{config.shard_index}-of-{config.num_shards}" if sharded else "") as writer, \
             reproducible.pinned_compute(int(writer.pinned["threads"]), _CPU):
+        if feats is not None:
+            feats.staged(writer, config.format)  # the first participant's projections, for every shard
         done = writer.completed()
         n_shards = math.ceil(corpus.rows / config.shard_rows)
         # as classification: the shard plan depends only on shard_rows; job i of N takes shards i, i+N, ...
@@ -155,8 +178,7 @@ def _label(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, t
                 continue
             start = index * config.shard_rows
             stop = min(start + config.shard_rows, corpus.rows)
-            cols, stats = label_token_shard(teacher, corpus, target, start, stop, config, progress)
-            stats["environment"] = reproducible.environment(_CPU)
+            cols, stats = _shard(teacher, corpus, target, start, stop, config, progress, feats)
             writer.write_async(index, start, cols, stats)
         writer.flush()
         infos = writer.completed()
@@ -168,12 +190,29 @@ def _label(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, t
         manifest = _manifest(config, described, corpus, columns, stats, t_start)
         manifest["labeling"].update(threads=int(writer.pinned["threads"]),
                                     environments=reproducible.group_environments([p.get("environment") for p in parts]))
+        if feats is not None:
+            feats.record(manifest, config.format, [p["features"] for p in parts])
         path = writer.commit(manifest)
         if path is None:
             return LabelResult(None, {"shards_total": n_shards, "shards_done": n_shards}, len(done),
                                time.perf_counter() - t_start)
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
+
+
+def _shard(teacher: LMTeacher, corpus: TokenizedCorpus, target: Any, start: int, stop: int, config: LMLabelConfig,
+           progress: Callable[[int], None] | None, feats: TokenFeatures | None) -> tuple[dict[str, Any],
+                                                                                       dict[str, Any]]:
+    """One shard's columns and partial statistics, with its per-token features when asked for."""
+    if feats is None:
+        cols, stats = label_token_shard(teacher, corpus, target, start, stop, config, progress)
+    else:
+        with feats.shard(teacher, stop - start):
+            cols, stats = label_token_shard(teacher, corpus, target, start, stop, config, progress, feats)
+        more, stats["features"] = feats.shard_columns()
+        cols.update(more)
+    stats["environment"] = reproducible.environment(_CPU)
+    return cols, stats
 
 
 def _key_material(config: LMLabelConfig, teacher: dict[str, Any], corpus: TokenizedCorpus,
@@ -187,7 +226,8 @@ def _key_material(config: LMLabelConfig, teacher: dict[str, Any], corpus: Tokeni
                                                  "logits_dtype", "batch_size", "shard_rows", "row_group_rows")}
     return {"meta": shard_meta, "teacher": teacher["sha256"], "tokenizer": [fp["sha256"], fp["vocab_sha256"]],
             "corpus": corpus.sha256, "tokens": tokens.hexdigest(), "settings": settings, "device": "cpu",
-            "chunk": positions_per_chunk(config.batch_size, teacher["vocab_size"])}
+            "chunk": positions_per_chunk(config.batch_size, teacher["vocab_size"]),
+            **({"features": spec.describe()} if (spec := config.feature_spec()) else {})}
 
 
 def _manifest(config: LMLabelConfig, teacher: dict[str, Any], corpus: TokenizedCorpus,

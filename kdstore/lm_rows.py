@@ -16,6 +16,7 @@ from kdstore.token_stats import TokenStatistics
 from kdstore.token_targets import MASKS, assemble_sampled, chunk_targets, positions_per_chunk, ragged_columns
 
 if TYPE_CHECKING:
+    from kdstore.lm_features import TokenFeatures
     from kdstore.lm_labeling import LMLabelConfig
 
 
@@ -39,14 +40,15 @@ def row_columns(corpus: TokenizedCorpus, target: np.ndarray, start: int, stop: i
 
 @torch.inference_mode()
 def label_token_shard(teacher: LMTeacher, corpus: TokenizedCorpus, target: np.ndarray, start: int, stop: int,
-                      cfg: LMLabelConfig, progress: Callable[[int], None] | None) -> tuple[dict[str, Any],
-                                                                                              dict[str, Any]]:
+                      cfg: LMLabelConfig, progress: Callable[[int], None] | None,
+                      feats: TokenFeatures | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the teacher over rows [start, stop) of the corpus; return the shard's columns and partial statistics.
 
     Batches of `cfg.batch_size` rows restart at every shard (a resumed or sharded run batches the same rows
     together). The teacher's body runs once per batch and its output head per chunk of positions
     (`positions_per_chunk`): at most batch x chunk x V logits exist at a time, plus one scratch buffer and the
-    sampler's softmax of the same size; only the stored columns grow with the shard.
+    sampler's softmax of the same size; only the stored columns grow with the shard. With `feats` (inside its
+    `shard` context), the hooked modules' outputs of each batch are stored as per-token feature columns.
     """
     v, seq_len, k, draws = teacher.vocab_size, corpus.seq_len, cfg.top_k, cfg.sample
     n = stop - start
@@ -84,6 +86,8 @@ def label_token_shard(teacher: LMTeacher, corpus: TokenizedCorpus, target: np.nd
             del z, t
         if draws:
             sampled.append(assemble_sampled(chunks, b - a))
+        if feats is not None:  # captured by the body's forward pass over this batch
+            feats.add_batch(a - start, b - start, corpus.attention_mask[a:b])
         stats.add_rows(b - a, int(corpus.attention_mask[a:b].sum()))
         if progress:
             progress(b - a)

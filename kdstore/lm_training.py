@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from kdstore import distributed
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, TrainingDiverged, arg
+from kdstore.hints import HintSpec
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
+from kdstore.lm_hints import LMHintedStudent, parse_hints, student_of
 from kdstore.lm_losses import IGNORE, hard_nll, lm_kd_loss, sampled_kl, topk_kl
 from kdstore.lm_report import lm_over_seeds
 from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
@@ -69,9 +71,10 @@ class LMTrainConfig:
     data_mode: str = "auto"
     memory_limit_gb: float = 4.0
     jsd_beta: float | None = None  # the teacher's weight in --loss jsd's mixture, in (0, 1); None: 0.5
+    hints: tuple[str, ...] = ()  # LAYER:STUDENT_MODULE[:WEIGHT]: per-token feature losses (kdstore.lm_hints)
 
     def __post_init__(self) -> None:
-        for name in ("losses", "temperatures", "alphas", "seeds"):
+        for name in ("losses", "temperatures", "alphas", "seeds", "hints"):
             if not isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         e = [f"{arg('losses')} {x!r}: per-token targets train with {', '.join(LM_LOSSES)} (a top-k with its exact "
@@ -97,6 +100,11 @@ class LMTrainConfig:
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             e.append(f"{arg('val_fraction')} {self.val_fraction:g}: must be in (0, 1)")
         e += self._beta_errors()
+        for h in self.hints:
+            try:
+                HintSpec.parse(h)
+            except ConfigError as err:
+                e.append(str(err.template))
         if e:
             raise ConfigError("; ".join(e))
 
@@ -170,7 +178,10 @@ class LMTrainer:
             if config.val_fraction else np.zeros(n, bool)
         self.train_rows = np.flatnonzero(~self.held_out)
         self.eval_version = self._eval_version(config.eval) if config.eval else None
-        build_lm_student(config.student, self.vocab_size, self.seq_len)  # fail on a bad --student before --out
+        self.hints, self.stored = parse_hints(config.hints, self.version.manifest, str(self.version.ref)) \
+            if config.hints else ([], [])
+        self.last_hint_loss: float | None = None  # the last epoch's mean hint loss per sequence
+        self._student()  # fail on a bad --student or --hint before --out
         mode = config.data_mode
         if mode == "auto":
             size = sum(int(f["bytes"]) for f in self.version.files)  # compressed; decoded it is a few times larger
@@ -230,7 +241,7 @@ class LMTrainer:
             train_loss, n_tokens = self._epoch(net, model, opt, point, epoch, rid, progress)
             seconds.append(time.perf_counter() - t0)
             tokens += n_tokens
-            val = self.measure(model, "val")
+            val = self.measure(student_of(model), "val")
             if not self.dist.is_main:
                 continue
             self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -238,15 +249,22 @@ class LMTrainer:
             line = {"run": rid, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
                     "seed": point.seed, "epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"],
                     "seconds": seconds[-1], "tokens_per_second": n_tokens / seconds[-1]}
+            if self.last_hint_loss is not None:
+                line["train_hint_loss"] = self.last_hint_loss
             line.update({f"val_{k}": v for k, v in (val or {}).items()})
             self.rundir.append_metrics(line)
-        return self._finish(rid, point, model, seconds, tokens)
+        return self._finish(rid, point, student_of(model), seconds, tokens)
+
+    def _student(self) -> nn.Module:
+        """A new student (on the CPU), wrapped with its hint regressors when --hint is given."""
+        model = build_lm_student(self.cfg.student, self.vocab_size, self.seq_len)
+        return LMHintedStudent(model, self.hints, self.stored) if self.hints else model
 
     def _start(self, rid: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, int, list[float], int]:
         """A new student and AdamW (no weight decay on vectors), or both restored from the run's checkpoint:
         (model, optimizer, first epoch to train, seconds of the finished epochs, tokens trained so far)."""
         torch.manual_seed(seed)
-        model = build_lm_student(self.cfg.student, self.vocab_size, self.seq_len).to(self.device)
+        model = self._student().to(self.device)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         other = [p for p in model.parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
@@ -270,7 +288,7 @@ class LMTrainer:
         model.train()
         steps = math.ceil(len(self.train_rows) / self.cfg.batch_size)
         targets = _targets(point.loss)
-        world, total, rows, tokens = self.dist.world_size, 0.0, 0, 0
+        world, total, rows, tokens, hint_total = self.dist.world_size, 0.0, 0, 0, 0.0
         for step, (batch, n_global) in enumerate(self._batches(targets, point.seed, epoch)):
             for g in opt.param_groups:
                 g["lr"] = self._lr(epoch * steps + step, self.cfg.epochs * steps)
@@ -280,6 +298,10 @@ class LMTrainer:
                     logits = lm_logits(net, batch["input_ids"])
                 loss = lm_kd_loss(logits, batch, loss=point.loss, temperature=point.temperature, alpha=point.alpha,
                                   beta=self.cfg.beta)
+                if isinstance(model, LMHintedStudent):
+                    hint = model.hint_loss(batch)
+                    hint_total += float(hint.detach()) * n_local
+                    loss = loss + hint
             else:  # no sequence of this global batch for this rank: still join the gradient all-reduce
                 loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
             opt.zero_grad(set_to_none=True)
@@ -294,8 +316,9 @@ class LMTrainer:
                 progress(rid, epoch, n_global)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        total, rows, tokens = self.dist.sum(total, rows, tokens)  # type: ignore[assignment]
+        total, rows, tokens, hint_total = self.dist.sum(total, rows, tokens, hint_total)  # type: ignore[assignment]
         train_loss = total / max(rows, 1)
+        self.last_hint_loss = hint_total / max(rows, 1) if self.hints else None
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"run {rid}: the loss became {train_loss} in epoch {epoch + 1}; lower "
                                    f"{arg('lr')} (now {self.cfg.lr:g}) and train into a new {arg('out')}")
@@ -325,7 +348,8 @@ class LMTrainer:
             rows = (self.train_rows if which == "train" else np.flatnonzero(self.held_out) if which == "val"
                     else None)
             k = self.cfg.top_k if targets == "topk" and which == "train" else None
-            self._data[key] = TokenTargetDataset(version, targets, k=k, rows=rows)
+            feats = [f.column for f in self.stored] if which == "train" else []
+            self._data[key] = TokenTargetDataset(version, targets, k=k, rows=rows, features=feats)
         return self._data[key]
 
     def _batches(self, targets: str, seed: int, epoch: int) -> Iterator[tuple[Batch, int]]:
@@ -335,7 +359,8 @@ class LMTrainer:
         if self.mode == "stream":
             batches: Iterator[Any] = stream_batches(self.version, targets, bs, seed=seed, epoch=epoch,
                                                     keep=~self.held_out,
-                                                    k=self.cfg.top_k if targets == "topk" else None)
+                                                    k=self.cfg.top_k if targets == "topk" else None,
+                                                    features=[f.column for f in self.stored])
         else:
             ds = self._dataset(targets)
             order = np.random.default_rng([seed, epoch]).permutation(len(ds))
@@ -417,6 +442,9 @@ class LMTrainer:
                 "seed": point.seed, "targets": str(self.version.ref)}
         if point.loss == "jsd":
             info["jsd_beta"] = self.cfg.beta
+        if self.hints:
+            info["hints"] = [{"layer": h.layer, "module": h.module, "weight": h.weight, "column": f.column,
+                              "width": f.width} for h, f in zip(self.hints, self.stored, strict=True)]
         if not self.dist.is_main:
             return result
         # tied weights share storage, which safetensors refuses: store each tensor on its own

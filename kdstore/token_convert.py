@@ -203,8 +203,8 @@ def _add_stats(stats: TokenStatistics, out: dict[str, Any], stored: versioning.S
 def _manifest(src: Version, p: TokenPlan, columns: list[dict[str, Any]], stats: dict[str, Any], source: str,
               draws: int | None) -> dict[str, Any]:
     m = copy.deepcopy(src.manifest)
-    for key in ("name", "version", "created_at", "files", "derived_files"):
-        m.pop(key, None)
+    for key in ("name", "version", "created_at", "files", "derived_files", "features", "attachments"):
+        m.pop(key, None)  # per-token features are not carried by a conversion of the targets (yet)
     m.update(versioning.manifest_head())
     tg = m["targets"]
     old = tg["sampled"] or {}

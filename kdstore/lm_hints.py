@@ -1,0 +1,123 @@
+"""`kdstore train --hint LAYER:STUDENT_MODULE[:WEIGHT]` for language-model students: TinyBERT's hidden-state loss
+(Jiao et al. 2019, eq. 7, ``MSE(H^S W_h, H^T)``) against per-token teacher features stored by `kdstore label
+--features` (`kdstore.lm_features`), without the teacher.
+
+`LMHintedStudent` wraps the student: its forward returns the student's logits and keeps each hinted module's
+output (B, L, Ds) (captured by a forward hook; a module returning a tuple gives its first element) mapped through a
+learned linear regressor to the stored width (D, or r when projected: the stored coordinates are Euclidean, so
+the regressor learns the projected target directly). `hint_loss` is the weighted `feature_losses.feature_mse` over
+the batch's target positions (``target_mask``: every real token of text, the positions that predict the
+assistant's tokens of chat). Checkpoints hold the regressors; the saved student is `student_of(model)` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdstore.errors import ConfigError, ShapeMismatchError, arg
+from kdstore.feature_losses import feature_mse
+from kdstore.hints import HintSpec, StoredFeature, stored_features
+from kdstore.lm_students import lm_logits
+
+
+def parse_hints(hints: Sequence[str], manifest: Mapping[str, Any], where: str) -> tuple[list[HintSpec],
+                                                                                         list[StoredFeature]]:
+    """The --hint specs and the stored per-token feature each one reads (ConfigError: a LAYER the version does not
+    store, a version without features, or features stored per row)."""
+    specs = [HintSpec.parse(h) for h in hints]
+    stored = stored_features(specs, manifest, where)
+    if not (manifest.get("features") or {}).get("per_token"):
+        raise ConfigError(f"{arg('hint')}: {where} stores its features per row, not per token")
+    return specs, stored
+
+
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class LMHintedStudent(nn.Module):
+    """A language-model student plus one linear regressor per hint, from its module's per-token output width to
+    the stored feature's. After a forward pass `hinted` holds the regressed outputs (B, L, width), by column."""
+
+    def __init__(self, student: nn.Module, specs: Sequence[HintSpec], stored: Sequence[StoredFeature]) -> None:
+        super().__init__()
+        self.student, self.specs, self.stored = student, list(specs), list(stored)
+        self.hinted: dict[str, Tensor] = {}
+        modules = dict(student.named_modules())
+        widths = _probe(student, modules, self.specs)
+        self.regressors = nn.ModuleList(nn.Linear(w, f.width) for w, f in zip(widths, self.stored, strict=True))
+        self._captured: dict[int, Tensor] = {}
+        for i, s in enumerate(self.specs):
+            modules[s.module].register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int) -> Any:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            self._captured[i] = _first(out)
+        return hook
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        self._captured.clear()
+        logits = lm_logits(self.student, input_ids)
+        self.hinted = {f.column: reg(self._captured[i]) for i, (f, reg) in enumerate(zip(self.stored,
+                                                                                           self.regressors,
+                                                                                           strict=True))}
+        return logits
+
+    def hint_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Sum over hints of weight x `feature_mse` (in units of the stored feature's variance) of the last forward
+        pass against the batch's stored features (``feature:COLUMN``), over its target positions."""
+        mask = batch["target_mask"].bool()
+        total = torch.zeros((), device=mask.device)
+        for s, f in zip(self.specs, self.stored, strict=True):
+            target = batch[f"feature:{f.column}"]
+            pred = self.hinted[f.column]
+            if pred.shape != target.shape:
+                raise ShapeMismatchError(f"{arg('hint')} {s.layer}:{s.module}: the regressed student output "
+                                         f"{tuple(pred.shape)} does not match the stored feature "
+                                         f"{tuple(target.shape)}")
+            total = total + s.weight * feature_mse(pred, target, scale=f.scale, mask=mask)
+        return total
+
+
+def student_of(model: nn.Module) -> nn.Module:
+    """The student itself (without the regressors) of a model that may be an `LMHintedStudent`."""
+    return model.student if isinstance(model, LMHintedStudent) else model
+
+
+@torch.no_grad()
+def _probe(student: nn.Module, modules: dict[str, nn.Module], specs: Sequence[HintSpec]) -> list[int]:
+    """Each hinted module's output width, from a forward pass over token ids (1, 2).
+
+    Raises:
+        ConfigError: a module the student does not have (some it has are listed).
+        ShapeMismatchError: a module whose output is not per token (batch, positions, width).
+    """
+    for s in specs:
+        if not s.module or s.module not in modules:
+            shown = [n for n in modules if n and n.count(".") <= 1][:12]
+            raise ConfigError(f"{arg('hint')} {s.layer}:{s.module}: the student has no module {s.module!r}; it has "
+                              f"{', '.join(shown)}{', ...' if len(modules) > 13 else ''}")
+    got: dict[str, Any] = {}
+    handles = [modules[s.module].register_forward_hook(
+        lambda _m, _i, out, name=s.module: got.__setitem__(name, _first(out))) for s in specs]
+    was_training = student.training
+    try:
+        student.eval()
+        lm_logits(student, torch.zeros(1, 2, dtype=torch.long, device=next(student.parameters()).device))
+    finally:
+        student.train(was_training)
+        for h in handles:
+            h.remove()
+    widths = []
+    for s in specs:
+        out = got.get(s.module)
+        if not isinstance(out, Tensor) or out.ndim != 3 or tuple(out.shape[:2]) != (1, 2):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ShapeMismatchError(f"{arg('hint')} {s.layer}:{s.module}: the student module's output {shape} on "
+                                     "token ids (1, 2) is not per token (batch, positions, width)")
+        widths.append(int(out.shape[-1]))
+    return widths
