@@ -291,8 +291,10 @@ def facts(manifest: dict[str, Any]) -> list[str]:
     for layer in block["layers"]:
         s, p = stats.get(layer["column"], {}), layer["projection"]
         pool = f", {layer['pool']}-pooled" if layer["pool"] != "none" else ""
-        how = (f"PCA rank {p['rank']} (fitted on {p['fit_rows']} rows), keeps {s.get('variance_kept', 0):.1%} of the "
-               f"variance over all rows" if p else "stored whole")
+        fitted = (f"{p['fit_tokens']} tokens of {p['fit_rows']} sequences" if p and "fit_tokens" in p
+                  else f"{p['fit_rows']} rows" if p else "")
+        how = (f"PCA rank {p['rank']} (fitted on {fitted}), keeps {s.get('variance_kept', 0):.1%} of the "
+               f"variance over all {'tokens' if block.get('per_token') else 'rows'}" if p else "stored whole")
         lines.append(f"{layer['module']} ({layer['column']}): {layer['output_shape']}{pool} -> "
                      f"{layer['stored_shape']} {layer['dtype']}, {how}")
     return lines

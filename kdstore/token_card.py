@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore import targets
+from kdstore import features, targets
 from kdstore.card import _atomic_write, _save_png, prepare_card_dir
 from kdstore.soft_targets import tensor
 from kdstore.store import Version
@@ -161,6 +161,9 @@ def token_card_text(m: dict[str, Any], where: str, data: TokenCardStatistics | N
         if s.get("topk_mass_histogram"):
             mh = s["topk_mass_histogram"]
             out += ["", "top-k mass per token", *_bars(mh["counts"], mh["edges"], "")]
+    feats = features.facts(m)
+    if feats:
+        out += ["", "teacher features per token (kdstore train --hint LAYER:MODULE)", *(f"  {x}" for x in feats)]
     if data is not None:
         d = data.to_json()
         out += ["", "from the stored targets (--card)",

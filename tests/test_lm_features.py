@@ -294,3 +294,15 @@ def test_convert_of_a_version_with_features_drops_them(projected: Path, tmp_path
     assert "features" not in m and "attachments" not in m and "features" not in m["statistics"]
     assert not any(c["role"] == "feature" for c in m["columns"])
     assert cli(["verify", tmp_path / "c"]).exit_code == 0
+
+
+def test_inspect_describes_per_token_features(projected: Path) -> None:
+    r = cli(["inspect", projected])
+    assert r.exit_code == 0, r.output
+    block = r.output.split("teacher features per token (kdstore train --hint LAYER:MODULE)\n")[1].splitlines()
+    m = json.loads((projected / "manifest.json").read_text())
+    layer = m["features"]["layers"][0]
+    assert block[0].startswith(f"  {layer['module']} ({layer['column']}): {layer['output_shape']} -> "
+                               f"{layer['stored_shape']} float16, PCA rank {layer['projection']['rank']} (fitted on "
+                               f"{layer['projection']['fit_tokens']} tokens of ")
+    assert "of the variance over all tokens" in block[0]
