@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore import memory, versioning
+from kdstore import feature_convert, memory, versioning
 from kdstore.errors import ConfigError, arg
-from kdstore.feature_convert import FeaturePlan, plan_features, stored_variance
+from kdstore.feature_convert import FeaturePlan, plan_features
 from kdstore.features import FeatureStatistics
 from kdstore.options import LOGITS_DTYPES
 from kdstore.soft_targets import tensor
@@ -199,7 +199,7 @@ def convert(cfg: ConvertConfig, progress: Callable[[int], None] | None = None) -
         statistics = stats.combine(parts, reference)
         manifest = _manifest(src, plan, columns, statistics, shown_ref(cfg.source, src.ref))
         if feats is not None:
-            _feature_manifest(manifest, src, plan.fmt, feats, [p["features"] for p in parts])
+            feature_convert.record(manifest, src, plan.fmt, feats, [p["features"] for p in parts])
         path = writer.commit(manifest)
     return ConvertResult(path, json.loads((path / "manifest.json").read_text("utf-8")), shown_ref(cfg.source, src.ref),
                          len(done))
@@ -222,9 +222,7 @@ def _convert_rows(src: Version, start: int, stop: int, columns: list[dict[str, A
         block = src.read_rows(a, min(a + step, stop), names)
         out: dict[str, np.ndarray] = {n: block[n] for n in wanted if n in block}  # sample_id, label, unknown roles
         if feats is not None:
-            out.update(feats.rows(block, norms))
-            for col in feats.widths:
-                fstats.add(col, torch.from_numpy(out[col].astype(np.float32)), None)
+            out.update(feats.rows(block, norms, fstats))
         stored, refs = {}, {}
         for tid in src.teacher_ids:
             stored[tid], refs[tid] = _teacher_rows(src, tid, block, plan)
@@ -254,16 +252,6 @@ def _teacher_rows(src: Version, tid: str, block: dict[str, np.ndarray],
         if plan.keep_logits and z is not None:
             st.logits = versioning.stored_targets(z, k=None, keep_logits=True, precision=plan.dtype, lse=lse).logits
     return st, (z if not plan.keep_logits else None)
-
-
-def _feature_manifest(m: dict[str, Any], src: Version, fmt: str, feats: FeaturePlan,
-                      parts: list[dict[str, Any]]) -> None:
-    """The converted version's ``features`` block and ``statistics.features`` (see `kdstore.feature_convert`)."""
-    m["features"], stats = feats.manifest(src, fmt, [p["norms"] for p in parts])
-    fresh = stored_variance(feats, [p["sums"] for p in parts])
-    for col, s in stats.items():
-        s["stored_variance"] = fresh[col]["stored_variance"]
-    m["statistics"]["features"] = stats
 
 
 def _manifest(src: Version, plan: _Plan, columns: list[dict[str, Any]], statistics: dict[str, Any],

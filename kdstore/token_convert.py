@@ -7,6 +7,8 @@ or sampled targets drawn from the stored top-k; no teacher (docs/format.md, "Per
   tail spread uniformly over the other V - k ids), not from the teacher's: a draw that lands in the tail picks a
   uniformly random tail id, and the stored log-probabilities are the rebuild's. The draws use the labeler's sampler
   and keys (seed, row, position). The new manifest says so (``targets.sampled.from``).
+* Teacher features (per token) are kept, dropped or their projections cut, as for classification
+  (`kdstore.feature_convert`).
 * Statistics of the new targets (entropy, top-k mass, histograms, distinct draws) are recomputed; the teacher's own
   (perplexity, next-token accuracy) are carried over from the parent; the fidelity needs the teacher's logits and is
   null.
@@ -24,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kdstore import targets, versioning
+from kdstore import feature_convert, targets, versioning
 from kdstore.errors import ConfigError, arg
+from kdstore.feature_convert import FeaturePlan, plan_features
+from kdstore.features import FeatureStatistics
 from kdstore.sampling import SampledTokens, sample_tokens
 from kdstore.soft_targets import tensor
 from kdstore.store import Version, VersionWriter
@@ -94,33 +98,46 @@ def convert_tokens(src: Version, cfg: ConvertConfig, out: Path, name: str, sourc
                    progress: Callable[[int], None] | None) -> tuple[Path, int]:
     """Write the converted version into store `out` as `name`; returns its path and the shards resumed."""
     p = plan(src, cfg)
+    feats = plan_features(src, cfg.drop_features, cfg.feature_rank)
     tg = src.manifest["targets"]
     seq_len, v = int(tg["seq_len"]), int(tg["vocab_size"])
     draws = p.draws or (tg["sampled"] or {}).get("draws")
     columns = token_columns("t0", seq_len, v, k=p.k, draws=draws, logprobs=p.logprobs, dtype=p.dtype)
+    columns += feats.columns(src) if feats else []
     shard_meta = versioning.shard_metadata(name, columns, [t["sha256"] for t in src.manifest["teachers"]])
     run_key = versioning.run_key({"source_files": [f["sha256"] for f in src.files], "tokens": True,
-                                  "settings": {**p.__dict__, "name": name}})
+                                  "settings": {**p.__dict__, "name": name,
+                                               "features": feats.widths if feats else None}})
     with VersionWriter(out, name, run_key=run_key, fmt=p.fmt, columns=columns, shard_rows=p.shard_rows,
                        row_group_rows=p.row_group_rows, shard_metadata=shard_meta) as writer:
+        if feats is not None:
+            feats.stage(src, writer, p.fmt)
         done = writer.completed()
         for index in range(math.ceil(src.num_rows / p.shard_rows)):
             start, stop = index * p.shard_rows, min((index + 1) * p.shard_rows, src.num_rows)
             if index not in done:
-                stats = TokenStatistics(v, seq_len, p.k, draws)
-                writer.write(index, start, _rows(src, start, stop, p, stats), stats.partial())
+                stats, sums = TokenStatistics(v, seq_len, p.k, draws), ({}, FeatureStatistics())
+                cols = _rows(src, start, stop, p, stats, feats, sums)
+                writer.write(index, start, cols, {**stats.partial(), "features": {"norms": sums[0],
+                                                                                  "sums": sums[1].partial()}})
             if progress:
                 progress(stop - start)
         infos = writer.completed()
-        stats = TokenStatistics(v, seq_len, p.k, draws).combine([infos[i]["stats"] for i in sorted(infos)], "t0")
-        path = writer.commit(_manifest(src, p, columns, stats, source, draws))
+        parts = [infos[i]["stats"] for i in sorted(infos)]
+        stats = TokenStatistics(v, seq_len, p.k, draws).combine(parts, "t0")
+        manifest = _manifest(src, p, columns, stats, source, draws)
+        if feats is not None:
+            feature_convert.record(manifest, src, p.fmt, feats, [q["features"] for q in parts])
+        path = writer.commit(manifest)
     assert path is not None
     return path, len(done)
 
 
 @torch.inference_mode()
-def _rows(src: Version, start: int, stop: int, p: TokenPlan, stats: TokenStatistics) -> dict[str, Any]:
-    """The new columns of rows [start, stop), a source row group at a time."""
+def _rows(src: Version, start: int, stop: int, p: TokenPlan, stats: TokenStatistics, feats: FeaturePlan | None,
+          sums: tuple[dict[str, list[float]], FeatureStatistics]) -> dict[str, Any]:
+    """The new columns of rows [start, stop), a source row group at a time (with `feats`, the kept features, their
+    partial sums added to `sums`)."""
     tg = src.manifest["targets"]
     seq_len, v = int(tg["seq_len"]), int(tg["vocab_size"])
     names = list(src.columns)
@@ -147,6 +164,8 @@ def _rows(src: Version, start: int, stop: int, p: TokenPlan, stats: TokenStatist
                 lp = block["t0_sample_logprobs"]
                 out["t0_sample_logprobs"] = Ragged(versioning.as_stored(tensor(lp.values), p.dtype).numpy(),
                                                    lp.lengths)
+        if feats is not None:
+            out.update(feats.rows(block, *sums))
         _add_stats(stats, out, stored, tg, p, n, seq_len)
         parts.append(out)
     return {c: concat([q[c] for q in parts]) for c in parts[0]}
@@ -204,7 +223,7 @@ def _manifest(src: Version, p: TokenPlan, columns: list[dict[str, Any]], stats: 
               draws: int | None) -> dict[str, Any]:
     m = copy.deepcopy(src.manifest)
     for key in ("name", "version", "created_at", "files", "derived_files", "features", "attachments"):
-        m.pop(key, None)  # per-token features are not carried by a conversion of the targets (yet)
+        m.pop(key, None)  # features and attachments: the writer and `feature_convert.record` write the new ones
     m.update(versioning.manifest_head())
     tg = m["targets"]
     old = tg["sampled"] or {}

@@ -287,8 +287,28 @@ def test_cli_label_features_then_train_hint(corpus: Path, tmp_path: Path) -> Non
     assert r.exit_code != 0 and "stores features of model.layers.1, not 'model.norm'" in r.output
 
 
-def test_convert_of_a_version_with_features_drops_them(projected: Path, tmp_path: Path) -> None:
-    r = cli(["convert", projected, "--top-k", "4", "--out", tmp_path, "--name", "c", "--quiet"])
+def test_convert_keeps_cuts_or_drops_per_token_features(projected: Path, tmp_path: Path) -> None:
+    src = Version(projected)
+    layer = src.manifest["features"]["layers"][0]
+    col, rank = layer["column"], layer["projection"]["rank"]
+    r = cli(["convert", projected, "--top-k", "4", "--out", tmp_path, "--name", "kept", "--quiet"])
+    assert r.exit_code == 0, r.output
+    kept = Version(tmp_path / "kept")
+    assert np.array_equal(kept.read_all([col])[col], src.read_all([col])[col])
+    assert kept.manifest["statistics"]["features"][col]["variance_kept"] == \
+        src.manifest["statistics"]["features"][col]["variance_kept"]
+    assert cli(["verify", tmp_path / "kept"]).exit_code == 0
+    r = cli(["convert", projected, "--feature-rank", "3", "--out", tmp_path, "--name", "cut", "--quiet"])
+    assert r.exit_code == 0, r.output
+    cut = Version(tmp_path / "cut")
+    assert np.array_equal(cut.read_all([col])[col], src.read_all([col])[col][..., :3])
+    new = cut.manifest["features"]["layers"][0]
+    assert new["stored_shape"] == [layer["stored_shape"][0], 3] and new["projection"]["rank"] == 3 < rank
+    assert 0 < cut.manifest["statistics"]["features"][col]["variance_kept"] < \
+        src.manifest["statistics"]["features"][col]["variance_kept"]
+    p = Projection.from_columns(cut.read_attachment(new["projection"]["attachment"]))
+    assert p.rank == 3 and cli(["verify", tmp_path / "cut"]).exit_code == 0
+    r = cli(["convert", projected, "--drop-features", "--out", tmp_path, "--name", "c", "--quiet"])
     assert r.exit_code == 0, r.output
     m = Version(tmp_path / "c").manifest
     assert "features" not in m and "attachments" not in m and "features" not in m["statistics"]
