@@ -79,8 +79,12 @@ class LMLabelConfig:
             errors.append(f"{arg('format')} {self.format!r}: expected one of {', '.join(FORMATS)}")
         if self.seq_len is not None and self.seq_len < 2:
             errors.append(f"{arg('seq_len')} {self.seq_len}: must be >= 2")
-        if self.top_k is not None and not 1 <= self.top_k <= MAX_TOP_K:
-            errors.append(f"{arg('top_k')} {self.top_k}: must be in 1..{MAX_TOP_K} (or 0 to store no top-k)")
+        if self.top_k is not None and self.top_k < 1:
+            errors.append(f"{arg('top_k')} {self.top_k}: must be in 1..{MAX_TOP_K}, or the vocabulary size (or 0 "
+                          "to store no top-k)")
+        elif self.top_k is not None and self.top_k > MAX_TOP_K and self.seq_len is not None \
+                and self.shard_rows * self.seq_len * self.top_k * FULL_BYTES > FULL_SHARD_BYTES:
+            errors.append(_full_shard_error(self.top_k, self.seq_len, self.shard_rows))
         if self.sample is not None and not 1 <= self.sample <= MAX_DRAWS:
             errors.append(f"{arg('sample')} {self.sample}: draws per position must be in 1..{MAX_DRAWS}")
         if not self.top_k and not self.sample:
@@ -114,6 +118,17 @@ class LMLabelConfig:
                            self.feature_fit_rows, self.feature_dtype)
 
 
+FULL_BYTES = 8  # per stored entry of a top-k: a float32 value (float16-exact) and an int32 id
+FULL_SHARD_BYTES = 2 << 30  # a shard's top-k columns are held in memory until written
+
+
+def _full_shard_error(k: int, seq_len: int, shard_rows: int) -> str:
+    rows = max(1, FULL_SHARD_BYTES // (seq_len * k * FULL_BYTES))
+    return (f"{arg('top_k')} {k} x {arg('seq_len')} {seq_len} x {arg('shard_rows')} {shard_rows}: a shard would hold "
+            f"{shard_rows * seq_len * k * FULL_BYTES / 2**30:.1f} GiB of top-k in memory; use {arg('shard_rows')} "
+            f"{rows} or fewer (and {arg('row_group_rows')} at most that)")
+
+
 def label_lm(config: LMLabelConfig, progress: Callable[[int], None] | None = None,
              started: Callable[[int], None] | None = None) -> LabelResult:
     """Label the tokenised transfer set with the teacher and commit a new version of `config.name`.
@@ -136,12 +151,18 @@ def label_lm(config: LMLabelConfig, progress: Callable[[int], None] | None = Non
     if config.seq_len is None:
         config = replace(config, seq_len=min(DEFAULT_SEQ_LEN, teacher.max_context or DEFAULT_SEQ_LEN))
     assert config.seq_len is not None
-    corpus = tokenize_corpus(config.transfer, teacher.tokenizer, seq_len=config.seq_len, field=config.text_field,
-                             packing=config.packing, encoding=config.encoding, max_context=teacher.max_context,
-                             vocab_size=teacher.vocab_size)
     if config.top_k and config.top_k > teacher.vocab_size:
         raise ConfigError(f"{arg('top_k')} {config.top_k}: the teacher's vocabulary has {teacher.vocab_size} ids; "
                           f"use 1..{teacher.vocab_size}")
+    if config.top_k and MAX_TOP_K < config.top_k != teacher.vocab_size:
+        raise ConfigError(f"{arg('top_k')} {config.top_k}: must be in 1..{MAX_TOP_K}, or {teacher.vocab_size} (the "
+                          "vocabulary: every token's logit, a full-vocabulary reference on a small subset)")
+    if config.top_k and config.top_k > MAX_TOP_K and \
+            config.shard_rows * config.seq_len * config.top_k * FULL_BYTES > FULL_SHARD_BYTES:
+        raise ConfigError(_full_shard_error(config.top_k, config.seq_len, config.shard_rows))
+    corpus = tokenize_corpus(config.transfer, teacher.tokenizer, seq_len=config.seq_len, field=config.text_field,
+                             packing=config.packing, encoding=config.encoding, max_context=teacher.max_context,
+                             vocab_size=teacher.vocab_size)
     if started:
         started(corpus.rows)
     return _label(config, teacher, corpus, t_start, progress)

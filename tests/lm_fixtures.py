@@ -206,6 +206,12 @@ def sharp_bigram() -> tuple[nn.Module, Any]:
     return model, tokenizer()
 
 
+def bigram_2000() -> tuple[nn.Module, Any]:
+    """Factory: a bigram model with 2,000 logits (more than the top-k limit of 1,024; the tokenizer uses its first
+    ~500 ids), for top-k = V, the full-vocabulary reference."""
+    return Bigram(2000), tokenizer()
+
+
 def llama_200k() -> tuple[nn.Module, Any]:
     """Factory: a transformers Llama with a 200,000-row vocabulary (the tokenizer uses its first ~500 ids)."""
     return _llama_200k(), tokenizer()

@@ -295,3 +295,42 @@ def test_config_lists_every_problem(corpus: Path, tmp_path: Path) -> None:
         config(corpus, tmp_path, top_k=2000, sample=0, logits_dtype="int8", batch_size=0, device="cuda")
     with pytest.raises(ConfigError, match=r"nothing to store: no top-k \(top_k 0\) and no sampled targets"):
         config(corpus, tmp_path, top_k=None, sample=None)
+
+
+def test_top_k_of_the_whole_vocabulary_is_the_full_reference(corpus: Path, tmp_path: Path) -> None:
+    """--top-k V (beyond the 1,024 limit only for V itself) stores every token's logit: the rebuilt distribution is
+    the teacher's softmax exactly (up to float16 values), its tail empty; any other k above 1,024, and a shard too
+    large to hold in memory, are refused before anything is written."""
+    from kdstore.lm_losses import topk_teacher_logprobs
+
+    teacher = "tests.lm_fixtures:bigram_2000"
+
+    def full(**kw: Any) -> LMLabelConfig:
+        return replace(config(corpus, tmp_path / "s", sample=None), teacher=teacher, **kw)
+
+    res = label_lm(full(top_k=2000))
+    v = Version(res.path)
+    cols = v.read_all(["input_ids", "t0_topk_values", "t0_topk_indices", "t0_logsumexp", "t0_tail_logmass"])
+    assert cols["t0_topk_values"].shape[-1] == 2000 and np.isneginf(cols["t0_tail_logmass"]).all()
+    ids = np.sort(cols["t0_topk_indices"], axis=-1)
+    assert (ids == np.arange(2000)).all()  # every id once per position
+    model, _ = lf.bigram_2000()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.from_numpy(cols["input_ids"][:2].astype(np.int64))), -1)
+    vals = torch.from_numpy(cols["t0_topk_values"][:2].reshape(-1, 2000))
+    logq, logq_tail = topk_teacher_logprobs(vals, torch.from_numpy(cols["t0_logsumexp"][:2].reshape(-1)),
+                                            torch.from_numpy(cols["t0_tail_logmass"][:2].reshape(-1)), 2000)
+    dense = torch.full_like(logq, float("nan")).scatter(
+        1, torch.from_numpy(cols["t0_topk_indices"][:2].reshape(-1, 2000).astype(np.int64)), logq)
+    assert torch.isneginf(logq_tail).all()
+    torch.testing.assert_close(dense, ref.reshape(-1, 2000), atol=2e-2, rtol=0)  # float16 values of logits ~ 10
+    from kdstore.lm_training import LMTrainConfig, LMTrainer
+
+    run = LMTrainer(LMTrainConfig(targets=str(res.path), student="gpt:1-16-2", out=str(tmp_path / "run"),
+                                  losses=("topk",), epochs=1, batch_size=8, device="cpu")).run()[0]
+    assert math.isfinite(run.extra["train_tokens"]) and run.extra["train_tokens"] > 0
+    with pytest.raises(ConfigError, match=r"top_k 1500: must be in 1..1024, or 2000 \(the vocabulary"):
+        label_lm(full(top_k=1500))
+    with pytest.raises(ConfigError, match=r"a shard would hold 3.8 GiB of top-k in memory; use shard_rows 2 or fewer"):
+        LMLabelConfig(teacher=teacher, transfer=str(corpus), out=str(tmp_path / "t"), name="x", seq_len=1024,
+                      top_k=100_000, shard_rows=5)
