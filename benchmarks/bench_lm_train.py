@@ -14,7 +14,14 @@ benchmarks/bench_lm_label.py). Label the training text (top-128 and 24 draws per
 
 Cases, each the same student, the same sequences in the same order per seed and the same number of tokens: hard
 (true next tokens), top-k KD at k = 8, 32, 128 (the stored top-128 cut to k, the rest in the exact tail), sampled KD
-(24 draws), all at T = 1, alpha = 1. Per seed the cases run one after another in a shuffled order (interleaved
+(24 draws), all at T = 1, alpha = 1; with `--full-targets REF` (the same text labeled with `--top-k V`: every
+token's logit), full-vocabulary KD as the reference (#17's case d; keep the text small: 8 bytes per id per token):
+
+    kdstore label --teacher hf:SmolLM2-135M-Instruct.Q4_1.gguf --transfer train.txt --seq-len 256 \
+        --top-k 49152 --shard-rows 8 --row-group-rows 1 --out T --name lee-train-full --gguf-cache
+    nice python -m benchmarks.bench_lm_train --targets T/lee-train --full-targets T/lee-train-full ...
+
+Per seed the cases run one after another in a shuffled order (interleaved
 repeats); one thread. Reported per case: median and range over seeds of held-out perplexity and KL(teacher ||
 student) on the held-out version, training tokens/s (wall, and per CPU second: the machine is shared) and its ratio
 to the hard-token run of the same seed; compressed bytes of the columns the case reads per real token.
@@ -34,7 +41,7 @@ from typing import Any
 import torch
 
 CASES = {"hard": ("hard", None), "topk-8": ("topk", 8), "topk-32": ("topk", 32), "topk-128": ("topk", 128),
-         "sampled-24": ("sampled", None)}
+         "sampled-24": ("sampled", None), "full": ("topk", None)}  # full: --full-targets, every token's logit
 READS = {"hard": ("input_ids", "attention_mask", "loss_mask", "target_mask"),
          "topk": ("t0_topk_indices", "t0_topk_values", "t0_logsumexp", "t0_tail_logmass"),
          "sampled": ("t0_sample_ids", "t0_sample_counts", "t0_sample_logprobs")}
@@ -78,7 +85,8 @@ def summarise(runs: list[dict[str, Any]], bpt: dict[str, float]) -> dict[str, An
         rs = [r for r in runs if r["case"] == case]
         if not rs:
             continue
-        row: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "bytes_per_token": bpt[loss]}
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "bytes_per_token": bpt["full" if case == "full"
+                                                                                          else loss]}
         for m in ("eval_perplexity", "eval_kl_teacher", "tokens_per_s"):
             vals = [r[m] for r in rs]
             row[m] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
@@ -113,22 +121,27 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--full-targets", default=None, help="the same rows labeled with --top-k V (adds the full case)")
+    ap.add_argument("--cases", default=None, help="default: every case (full only with --full-targets)")
     ap.add_argument("--out", default="bench_lm_train.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in map(int, a.seeds.split(",")):
-            order = a.cases.split(",")
+            order = (a.cases or ",".join(c for c in CASES if c != "full" or a.full_targets)).split(",")
             random.Random(seed).shuffle(order)  # interleaved: every seed runs every case, in its own order
             for case in order:
                 loss, k = CASES[case]
-                r = run_case(a.targets, a.eval, a.student, loss, k, seed, a.epochs, a.batch_size, a.lr,
+                targets = a.full_targets if case == "full" else a.targets
+                r = run_case(targets, a.eval, a.student, loss, k, seed, a.epochs, a.batch_size, a.lr,
                              Path(tmp) / f"{case}-{seed}")
                 runs.append({"case": case, "seed": seed, **r})
                 print(json.dumps(runs[-1]), flush=True)
-    summary = summarise(runs, bytes_per_token(a.targets))
+    bpt = bytes_per_token(a.targets)
+    if a.full_targets:
+        bpt["full"] = bytes_per_token(a.full_targets)["topk"]
+    summary = summarise(runs, bpt)
     Path(a.out).write_text(json.dumps({"args": vars(a), "torch": torch.__version__, "runs": runs,
                                        "summary": summary}, indent=1))
     print(table(summary))
