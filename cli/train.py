@@ -93,8 +93,9 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
               help="Checkpoint every N epochs (and after the last); --resume restarts from the latest.")
 @click.option("--hint", "hints", multiple=True, metavar="LAYER:MODULE[:WEIGHT]",
               help="FitNets hint: the student's module MODULE (a name in its named_modules(), e.g. layers.3) learns "
-                   "the teacher's stored feature LAYER (labeled with --features) through a learned linear "
-                   "regressor; its loss (MSE in units of the feature's variance) times WEIGHT [1] is added to the "
+                   "the teacher's stored feature LAYER (labeled with --features) through a learned regressor (a "
+                   "convolution from a feature map to a teacher map stored whole, else linear); its loss (MSE in "
+                   "units of the feature's variance) times WEIGHT [1] is added to the "
                    "logit loss. Repeat for several layers.")
 @click.option("--hint-epochs", type=int, default=0, show_default=True, metavar="N",
               help="FitNets' two stages: the first N epochs train on the hints alone (the layers below each hinted "
