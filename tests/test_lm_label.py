@@ -290,9 +290,9 @@ def test_bad_input_is_one_error_and_nothing_is_written(case: str, corpus: Path, 
 
 
 def test_config_lists_every_problem(corpus: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"top_k 2000: must be in 1..1024.*sample 0: draws.*"
+    with pytest.raises(ConfigError, match=r"top_k -2: must be in 1..1024, or the vocabulary size.*sample 0: draws.*"
                                           r"logits_dtype 'int8'.*batch_size 0.*device 'cuda'"):
-        config(corpus, tmp_path, top_k=2000, sample=0, logits_dtype="int8", batch_size=0, device="cuda")
+        config(corpus, tmp_path, top_k=-2, sample=0, logits_dtype="int8", batch_size=0, device="cuda")
     with pytest.raises(ConfigError, match=r"nothing to store: no top-k \(top_k 0\) and no sampled targets"):
         config(corpus, tmp_path, top_k=None, sample=None)
 
