@@ -25,6 +25,7 @@ from kdstore.lm_training import LMTrainConfig, LMTrainer
 from kdstore.store import Version
 from tests import lm_fixtures as lf
 from tests.helpers import cli, data_bytes
+from tests.test_lm_features import doc_block
 
 NAMES = ("attn:model.layers.1", "attn_mean:model.layers.0")
 COLS = ("t0_feature_attn_model_layers_1", "t0_feature_attn_mean_model_layers_0")
@@ -86,6 +87,9 @@ def test_polars_and_duckdb_read_the_maps(maps: Path) -> None:
     import polars as pl
 
     v = Version(maps)
+    ns = doc_block("attention-polars", maps)
+    assert ns["maps"].shape == (44, 4, 16, 16)
+    assert np.allclose(ns["row_sums"].transpose(0, 2, 1)[ns["real"]], 1.0, atol=5e-3)
     files = [str(maps / f["path"]) for f in v.manifest["files"]]
     stored = v.read_all([COLS[1]])[COLS[1]]
     frame = pl.read_parquet(files, columns=["sample_id", COLS[1]]).sort("sample_id")
