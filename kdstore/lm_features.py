@@ -37,6 +37,7 @@ from kdstore.lm_teachers import LMTeacher
 from kdstore.text import TokenizedCorpus
 
 DEFAULT_FIT_ROWS = 64  # sequences: 64 x 256 tokens is plenty for a covariance of a few hundred dimensions
+SHARD_FEATURE_BYTES = 2 << 30  # a shard's feature columns are held in memory until written (as a top-k's)
 ATTENTION_PREFIXES = {"attn": "all", "attn_mean": "mean"}  # feature name prefix -> the heads stored
 
 
@@ -141,6 +142,18 @@ class TokenFeatures(LabelFeatures):
                 coords = h
                 self.stats.add(features.column_name(m), coords[real], None)
             self._buf[m][r0:r1] = _stored(coords, self._buf[m].dtype.type, m, self.source)
+
+    def check_shard(self, shard_rows: int) -> None:
+        """ConfigError when a shard's feature columns (held in memory until written) would pass
+        `SHARD_FEATURE_BYTES`; the error names the --shard-rows that fits."""
+        size = 2 if self.spec.dtype == "float16" else 4
+        per_row = sum(int(np.prod(self.stored_shape(m))) * size for m in self.spec.modules)
+        if shard_rows * per_row > SHARD_FEATURE_BYTES:
+            fits = max(1, SHARD_FEATURE_BYTES // per_row)
+            raise ConfigError(f"{arg('features')} {','.join(self.spec.modules)}: a shard of {shard_rows} rows would "
+                              f"hold {shard_rows * per_row / 2**30:.1f} GiB of features in memory; use "
+                              f"{arg('shard_rows')} {fits} or fewer (and {arg('row_group_rows')} at most that), or "
+                              "attn_mean: maps")
 
     def _add_attention(self, m: str, r0: int, r1: int, real: Tensor) -> None:
         a = attention_output(self._got.get(m), m, r1 - r0, int(self.output_shapes[m][-1]))  # (B, H, L, L)

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from kdstore.errors import ConfigError, ShapeMismatchError, TeacherError
 from kdstore.feature_losses import attention_mse
+from kdstore.features import FeatureSpec
+from kdstore.lm_features import TokenFeatures
 from kdstore.lm_labeling import LMLabelConfig, label_lm
 from kdstore.lm_students import GPT
 from kdstore.lm_teachers import load_lm_teacher
@@ -254,3 +256,26 @@ def test_cli_label_attention_then_train(corpus: Path, tmp_path: Path) -> None:
              "attn_mean:model.layers.1:blocks.1:2", "--epochs", "1", "--out", tmp_path / "run", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "train_hint_loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_convert_keeps_or_drops_the_maps_and_inspect_lists_them(maps: Path, tmp_path: Path) -> None:
+    r = cli(["convert", maps, "--out", tmp_path, "--name", "kept", "--quiet"])
+    assert r.exit_code == 0, r.output
+    kept = Version(tmp_path / "kept")
+    a, b = Version(maps).read_all(list(COLS)), kept.read_all(list(COLS))
+    assert all(np.array_equal(a[c], b[c]) for c in COLS)
+    assert kept.manifest["features"]["layers"] == Version(maps).manifest["features"]["layers"]
+    r = cli(["convert", maps, "--out", tmp_path, "--name", "dropped", "--drop-features", "--quiet"])
+    assert r.exit_code == 0 and "features" not in Version(tmp_path / "dropped").manifest
+    r = cli(["inspect", maps])
+    assert "attn:model.layers.1 (t0_feature_attn_model_layers_1): [4, 16, 16] -> [4, 16, 16] float16" in r.output
+
+
+def test_a_shard_of_maps_too_large_for_memory_is_refused() -> None:
+    """(rows, 4, 128, 128) float16 is 128 KiB a row: 16,384 rows fit in the 2 GiB a shard may hold."""
+    spec = FeatureSpec(NAMES[:1])
+    feats = TokenFeatures(spec, "t", {NAMES[0]: [4, 128, 128]}, {NAMES[0]: None})
+    feats.check_shard(16384)
+    with pytest.raises(ConfigError, match=r"^features attn:model\.layers\.1: a shard of 16385 rows would hold 2\.0 "
+                                          r"GiB of features in memory; use shard_rows 16384 or fewer"):
+        feats.check_shard(16385)
