@@ -93,8 +93,9 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
               help="Checkpoint every N epochs (and after the last); --resume restarts from the latest.")
 @click.option("--hint", "hints", multiple=True, metavar="LAYER:MODULE[:WEIGHT]",
               help="FitNets hint: the student's module MODULE (a name in its named_modules(), e.g. layers.3) learns "
-                   "the teacher's stored feature LAYER (labeled with --features) through a learned linear "
-                   "regressor; its loss (MSE in units of the feature's variance) times WEIGHT [1] is added to the "
+                   "the teacher's stored feature LAYER (labeled with --features) through a learned regressor (a "
+                   "convolution from a feature map to a teacher map stored whole, else linear); its loss (MSE in "
+                   "units of the feature's variance) times WEIGHT [1] is added to the "
                    "logit loss. Repeat for several layers. A language model's attention maps (TinyBERT): "
                    "attn:model.layers.N:blocks.M[:WEIGHT] compares block M's attention probabilities with them.")
 @click.option("--hint-epochs", type=int, default=0, show_default=True, metavar="N",

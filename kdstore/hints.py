@@ -9,6 +9,7 @@ wrapper sees the regressors as part of the module it reduces gradients for. Chec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ class StoredFeature:
     width: int
     pool: str
     scale: float
+    map_shape: tuple[int, ...] | None = None  # (C, H, W) of a feature map stored whole (no pooling, no projection)
 
 
 def stored_features(specs: Sequence[HintSpec], manifest: Mapping[str, Any], where: str) -> list[StoredFeature]:
@@ -75,14 +77,32 @@ def stored_features(specs: Sequence[HintSpec], manifest: Mapping[str, Any], wher
                               f"{', '.join(layers)}, not {s.layer!r}")
         layer = layers[s.layer]
         variance = float(stats.get(layer["column"], {}).get("stored_variance") or 1.0)
+        shape = tuple(int(x) for x in layer["output_shape"])
+        whole_map = len(shape) == 3 and layer["projection"] is None and layer["pool"] == "none"
         out.append(StoredFeature(s.layer, layer["column"], int(layer["stored_shape"][-1]), layer["pool"],
-                                 variance if variance > 0 else 1.0))
+                                 variance if variance > 0 else 1.0, shape if whole_map else None))
     return out
 
 
+class ConvRegressor(nn.Module):
+    """FitNets' convolutional regressor: a student feature map (N, Cs, Hs, Ws) to the teacher's (N, Ct, Ht, Wt)
+    stored whole, by one convolution of kernel (Hs - Ht + 1, Ws - Wt + 1) (Romero et al. 2015, section 2.2: far fewer
+    parameters than a linear map of the flattened maps), flattened like the stored feature."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        (cs, hs, ws), (ct, ht, wt) = student_shape, teacher_shape
+        self.conv = nn.Conv2d(cs, ct, (hs - ht + 1, ws - wt + 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x).flatten(1)  # type: ignore[no-any-return]
+
+
 class HintedStudent(nn.Module):
-    """A student plus one linear regressor per hint, from its module's (pooled, flattened) output to the stored
-    feature's width. After a forward pass `hinted` holds the regressed outputs, by feature column."""
+    """A student plus one regressor per hint: a convolution (`ConvRegressor`) from a student feature map to a teacher
+    map stored whole when the student's map is at least as large, else a linear map of the student module's (pooled,
+    flattened) output to the stored feature's width. After a forward pass `hinted` holds the regressed outputs, by
+    feature column."""
 
     def __init__(self, student: nn.Module, specs: Sequence[HintSpec], stored: Sequence[StoredFeature],
                  example: Tensor) -> None:
@@ -90,8 +110,8 @@ class HintedStudent(nn.Module):
         self.student, self.specs, self.stored = student, list(specs), list(stored)
         self.hinted: dict[str, Tensor] = {}
         modules = dict(student.named_modules())
-        widths = _probe(student, modules, self.specs, self.stored, example)
-        self.regressors = nn.ModuleList(nn.Linear(w, f.width) for w, f in zip(widths, self.stored, strict=True))
+        shapes = _probe(student, modules, self.specs, self.stored, example)
+        self.regressors = nn.ModuleList(_regressor(shape, f) for shape, f in zip(shapes, self.stored, strict=True))
         self._captured: dict[int, Tensor] = {}
         for i, s in enumerate(self.specs):
             modules[s.module].register_forward_hook(self._hook(i))
@@ -104,7 +124,8 @@ class HintedStudent(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._captured.clear()
         logits = self.student(x)
-        self.hinted = {f.column: reg(features.reduce_output(self._captured[i], f.pool, self.specs[i].module, len(x)))
+        self.hinted = {f.column: reg(self._captured[i] if isinstance(reg, ConvRegressor) else
+                                     features.reduce_output(self._captured[i], f.pool, self.specs[i].module, len(x)))
                        for i, (f, reg) in enumerate(zip(self.stored, self.regressors, strict=True))}
         return logits
 
@@ -116,14 +137,24 @@ class HintedStudent(nn.Module):
                     for s, f in zip(self.specs, self.stored, strict=True)), torch.zeros((), device=_device(self)))
 
 
+def _regressor(student_shape: tuple[int, ...], f: StoredFeature) -> nn.Module:
+    """A convolution for a student map at least as large as a teacher map stored whole, else a linear map of the
+    student's (pooled, flattened) output."""
+    if f.map_shape is not None and len(student_shape) == 3 and all(
+            a >= b for a, b in zip(student_shape[1:], f.map_shape[1:], strict=True)):
+        return ConvRegressor(student_shape, f.map_shape)
+    width = math.prod(student_shape) if f.pool == "none" or len(student_shape) < 2 else student_shape[0]
+    return nn.Linear(width, f.width)
+
+
 def _device(m: nn.Module) -> torch.device:
     return next(m.parameters()).device
 
 
 @torch.no_grad()
 def _probe(student: nn.Module, modules: dict[str, nn.Module], specs: Sequence[HintSpec],
-           stored: Sequence[StoredFeature], example: Tensor) -> list[int]:
-    """The width of each hinted module's (pooled, flattened) output, from a forward pass over `example`."""
+           stored: Sequence[StoredFeature], example: Tensor) -> list[tuple[int, ...]]:
+    """The per-row shape of each hinted module's output, from a forward pass over `example`."""
     for s in specs:
         if s.module not in modules or not s.module:
             shown = [n for n in modules if n][:12]
@@ -141,12 +172,12 @@ def _probe(student: nn.Module, modules: dict[str, nn.Module], specs: Sequence[Hi
         student.train(was_training)
         for h in handles:
             h.remove()
-    widths = []
-    for s, f in zip(specs, stored, strict=True):
+    shapes = []
+    for s in specs:
         out = got.get(s.module)
         if not isinstance(out, Tensor) or out.ndim < 2 or out.shape[0] != len(example):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ShapeMismatchError(f"{arg('hint')} {s.layer}:{s.module}: the student module's output {shape} is "
                                      "not a tensor with one entry per row")
-        widths.append(int(features.reduce_output(out, f.pool, s.module, len(example)).shape[1]))
-    return widths
+        shapes.append(tuple(int(x) for x in out.shape[1:]))
+    return shapes

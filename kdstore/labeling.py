@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -159,16 +159,11 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
     feats = _features(config, teachers[0], ts, device, precision)
     columns = _columns(config, ts, ids, num_classes, plan) + (feats.column_specs() if feats else [])
     shard_meta = versioning.shard_metadata(config.name, columns, [t.sha256 for t in teachers])
-    # The transfer set's sha256 is computed on a thread while the teachers run (hashing a large file first
-    # would add its whole read time to the run); the resume key uses its identity (path, size, mtime) instead.
-    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdstore-hash")
-    transfer_sha = hashing.submit(sha256_file, ts.path)
-    hashing.shutdown(wait=False)
+    transfer_sha = _hash_in_background(ts.path)
     run_key = _run_key(config, ts, shard_meta, device, precision, plan, feats)
     # shards and row groups hold whole samples: counted in samples here, in rows (samples x views) on disk
     views = plan.count if plan else 1
     shard_samples, rg_rows = max(1, config.shard_rows // views), max(1, config.row_group_rows // views) * views
-
     sharded = config.num_shards > 1
     with VersionWriter(Path(config.out), config.name, run_key=run_key, fmt=config.format, columns=columns,
                        shard_rows=shard_samples * views, row_group_rows=rg_rows,
@@ -214,6 +209,15 @@ def _label(config: LabelConfig, ts: TransferSet, device: torch.device, precision
                                time.perf_counter() - t_start)
     return LabelResult(path, json.loads((path / "manifest.json").read_text()), len(done),
                        time.perf_counter() - t_start)
+
+
+def _hash_in_background(path: Path) -> Future[str]:
+    """The transfer set's sha256, computed on a thread while the teachers run (hashing a large file first would add
+    its whole read time to the run); the resume key uses its identity (path, size, mtime) instead."""
+    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdstore-hash")
+    digest = hashing.submit(sha256_file, path)
+    hashing.shutdown(wait=False)
+    return digest
 
 
 def _features(config: LabelConfig, teacher: Teacher, ts: TransferSet, device: torch.device,

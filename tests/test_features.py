@@ -463,3 +463,42 @@ def test_features_with_views_are_each_views_own(data: Data, store: Path, tmp_pat
     noisy = cols["t0_feature_0"][cols["view"] == 1]
     assert np.abs(noisy - f).mean() > 0.05
     assert _train(res.path.parent, tmp_path / "run", "--hint", "0:layers.0").exit_code == 0
+
+
+def test_feature_maps_get_fitnets_conv_regressors(tmp_path: Path) -> None:
+    """A conv teacher's feature map stored whole keeps its (C, H, W) in the manifest; a student map at least as large
+    is regressed by one convolution of kernel (Hs - Ht + 1, Ws - Wt + 1) (FitNets), anything else linearly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    from kdstore.students import build_model
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, 64)).astype(np.float32)
+    transfer = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64),
+                             "label": pa.array(rng.integers(0, 5, 100))}), transfer)
+    torch.manual_seed(0)
+    weights = tmp_path / "cnn.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model("cnn:8x8-5").state_dict().items()}, str(weights))
+    res = run_label(f"cnn:8x8-5@{weights}", transfer, tmp_path / "store", "maps", top_k=3,
+                    features=("features.0", "features.3"))
+    layers = {layer["module"]: layer for layer in Version(res.path).manifest["features"]["layers"]}
+    assert layers["features.0"]["output_shape"] == [32, 8, 8] and layers["features.0"]["stored_shape"] == [2048]
+    assert layers["features.3"]["output_shape"] == [64, 4, 4]
+    stored = hints.stored_features([hints.HintSpec("features.0", "features.0"),
+                                    hints.HintSpec("features.3", "features.0"),
+                                    hints.HintSpec("features.3", "head")], Version(res.path).manifest, "v")
+    modules = ["features.0", "features.0", "head"]
+    specs = [hints.HintSpec(f.layer, m) for f, m in zip(stored, modules, strict=True)]
+    student = hints.HintedStudent(build_model("cnn:8x8-5"), specs, stored, torch.zeros(2, 64))
+    same, smaller, flat = student.regressors
+    assert isinstance(same, hints.ConvRegressor) and same.conv.kernel_size == (1, 1)
+    assert isinstance(smaller, hints.ConvRegressor) and smaller.conv.kernel_size == (5, 5)
+    assert isinstance(flat, torch.nn.Linear) and (flat.in_features, flat.out_features) == (5, 1024)
+    student(torch.zeros(3, 64))
+    assert [tuple(student.hinted[f.column].shape) for f in stored] == [(3, 2048), (3, 1024), (3, 1024)]
+    r = _train(res.path.parent, tmp_path / "run", "--hint", "features.3:features.0", "--seed", "0", epochs=3,
+               student="cnn:8x8-5")
+    assert r.exit_code == 0, r.output
