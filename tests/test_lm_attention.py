@@ -279,3 +279,15 @@ def test_a_shard_of_maps_too_large_for_memory_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"^features attn:model\.layers\.1: a shard of 16385 rows would hold 2\.0 "
                                           r"GiB of features in memory; use shard_rows 16384 or fewer"):
         feats.check_shard(16385)
+
+
+def test_a_gguf_teacher_stores_its_attention_too(corpus: Path, tmp_path: Path) -> None:
+    """SmolLM2's GGUF loads as a transformers Llama: the same capture works (the fixture writes a tiny GGUF)."""
+    res = label_lm(LMLabelConfig(teacher=f"hf:{lf.gguf_file()}", transfer=str(corpus), out=str(tmp_path), name="g",
+                                 seq_len=16, top_k=8, batch_size=4, features=("attn_mean:model.layers.1",)))
+    assert res.path is not None
+    v = Version(res.path)
+    got = v.read_all(["attention_mask", "t0_feature_attn_mean_model_layers_1"])
+    maps = got["t0_feature_attn_mean_model_layers_1"].astype(np.float32)
+    assert maps.shape[1:] == (16, 16) and v.manifest["features"]["layers"][0]["heads"] == 4
+    assert np.allclose(maps.sum(-1)[got["attention_mask"] == 1], 1.0, atol=5e-3)
