@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--layers", default="model.layers.14,model.norm")
-    ap.add_argument("--variance", type=float, default=0.95)
+    ap.add_argument("--variance", type=float, default=0.95, help="0: store the features whole (attention maps, "
+                    "attn_mean:model.layers.N, are never projected)")
     ap.add_argument("--fit-rows", type=int, default=64)
     ap.add_argument("--speed-rows", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
@@ -172,7 +173,8 @@ def main() -> None:
                       batch_size=a.batch_size, gguf_cache=True)
         t0 = time.perf_counter()
         targets = label_lm(LMLabelConfig(transfer=str(train_txt), name="train", features=tuple(a.layers.split(",")),
-                                         feature_variance=a.variance, feature_fit_rows=a.fit_rows, **common))
+                                         feature_variance=a.variance or None, feature_fit_rows=a.fit_rows,
+                                         **common))
         label_s = time.perf_counter() - t0
         held = label_lm(LMLabelConfig(transfer=str(test_txt), name="test", **common))
         assert targets.path is not None and held.path is not None

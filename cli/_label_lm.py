@@ -146,6 +146,11 @@ def summary(m: dict[str, Any], path: str, seconds: float, resumed: int, num_shar
              f"{tg['vocab_size']}, {size / 1e6:.2f} MB = {size / max(st['tokens'], 1):.1f} B/token, "
              f"{seconds:.1f} s{extra})"]
     for layer in (m.get("features") or {}).get("layers", []):
+        if layer.get("kind") == "attention":
+            lines.append(f"  feature {layer['module']}: attention maps {layer['stored_shape']} per sequence "
+                         f"({layer['heads']} heads, {layer['heads_stored']} stored, {layer['dtype']}: "
+                         f"{layer['bytes_per_row'] / layer['stored_shape'][-1]:.0f} B/token before compression)")
+            continue
         kept = st.get("features", {}).get(layer["column"], {}).get("variance_kept")
         proj, width = layer["projection"], layer["stored_shape"][-1]
         how = (f"PCA rank {proj['rank']}, keeps {kept:.1%} of the variance" if proj and kept is not None

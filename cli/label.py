@@ -86,7 +86,9 @@ if TYPE_CHECKING:
               help="Also store the outputs of these modules of the (first) teacher for every row, names as in its "
                    "named_modules() (e.g. net.2), for hint / feature distillation (kdstore train --hint). Needs a "
                    "MODEL@WEIGHTS teacher. A language model's are stored per token (e.g. model.layers.14, "
-                   "model.norm: hidden states). See docs/format.md, 'Features', and docs/lm.md.")
+                   "model.norm: hidden states; attn:model.layers.N: layer N's attention probabilities per "
+                   "head, attn_mean:model.layers.N: averaged over heads). See docs/format.md, 'Features', and "
+                   "docs/lm.md.")
 @click.option("--feature-pool", type=click.Choice(("none", "avg", "max")), default="none", show_default=True,
               help="Pool each feature map over its spatial axes first: (C, H, W) -> (C).")
 @click.option("--feature-rank", type=int, default=None, metavar="R",

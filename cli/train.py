@@ -96,7 +96,8 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
                    "the teacher's stored feature LAYER (labeled with --features) through a learned regressor (a "
                    "convolution from a feature map to a teacher map stored whole, else linear); its loss (MSE in "
                    "units of the feature's variance) times WEIGHT [1] is added to the "
-                   "logit loss. Repeat for several layers.")
+                   "logit loss. Repeat for several layers. A language model's attention maps (TinyBERT): "
+                   "attn:model.layers.N:blocks.M[:WEIGHT] compares block M's attention probabilities with them.")
 @click.option("--hint-epochs", type=int, default=0, show_default=True, metavar="N",
               help="FitNets' two stages: the first N epochs train on the hints alone (the layers below each hinted "
                    "module and the regressors), the rest on the logit loss plus the hints.")

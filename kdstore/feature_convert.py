@@ -45,7 +45,8 @@ class FeaturePlan:
         for col, width in self.widths.items():
             old = block[col]
             out[col] = np.ascontiguousarray(old[..., :width])
-            kept, new = old[real].reshape(-1, old.shape[-1]), out[col][real].reshape(-1, width)
+            by_query = (lambda a: np.swapaxes(a, 1, 2)) if old.ndim == 4 else (lambda a: a)  # (B, H, L, L) maps
+            kept, new = by_query(old)[real].reshape(-1, old.shape[-1]), by_query(out[col])[real].reshape(-1, width)
             s = norms.setdefault(col, [0.0, 0.0])
             s[0] += float(np.square(kept, dtype=np.float64).sum())
             s[1] += float(np.square(new, dtype=np.float64).sum())

@@ -8,6 +8,11 @@ learned linear regressor to the stored width (D, or r when projected: the stored
 the regressor learns the projected target directly). `hint_loss` is the weighted `feature_losses.feature_mse` over
 the batch's target positions (``target_mask``: every real token of text, the positions that predict the
 assistant's tokens of chat). Checkpoints hold the regressors; the saved student is `student_of(model)` alone.
+
+TinyBERT's attention loss (eq. 6): ``--hint attn:model.layers.N:blocks.M[:WEIGHT]`` (or ``attn_mean:...``) reads
+the stored attention probabilities of teacher layer N and compares them with those of the student's block M (a
+`gpt:` student's `lm_students.Block`, switched to keep its probabilities) through `feature_losses.attention_mse`,
+with no regressor; a student with another number of heads than the stored maps is compared head-averaged.
 """
 
 from __future__ import annotations
@@ -19,16 +24,35 @@ import torch
 from torch import Tensor, nn
 
 from kdstore.errors import ConfigError, ShapeMismatchError, arg
-from kdstore.feature_losses import feature_mse
-from kdstore.hints import HintSpec, StoredFeature, stored_features
+from kdstore.feature_losses import attention_mse, feature_mse
+from kdstore.hints import HINT_HELP, HintSpec, StoredFeature, stored_features
+from kdstore.lm_features import attention_heads
 from kdstore.lm_students import lm_logits
+
+
+def parse_hint(text: str) -> HintSpec:
+    """A --hint: ``LAYER:STUDENT_MODULE[:WEIGHT]``, or ``attn:LAYER:STUDENT_BLOCK[:WEIGHT]`` (also ``attn_mean:``)
+    for an attention map, whose LAYER keeps its prefix (the stored feature's name)."""
+    if attention_heads(text)[0] is None:
+        return HintSpec.parse(text)
+    prefix, _, rest = text.partition(":")
+    try:
+        s = HintSpec.parse(rest)
+    except ConfigError:
+        raise ConfigError(f"{arg('hint')} {text!r}: expected {HINT_HELP} (WEIGHT > 0), or "
+                          f"{prefix}:LAYER:STUDENT_BLOCK[:WEIGHT] for attention maps") from None
+    return HintSpec(f"{prefix}:{s.layer}", s.module, s.weight)
+
+
+def is_attention(spec: HintSpec) -> bool:
+    return attention_heads(spec.layer)[0] is not None
 
 
 def parse_hints(hints: Sequence[str], manifest: Mapping[str, Any], where: str) -> tuple[list[HintSpec],
                                                                                          list[StoredFeature]]:
     """The --hint specs and the stored per-token feature each one reads (ConfigError: a LAYER the version does not
     store, a version without features, or features stored per row)."""
-    specs = [HintSpec.parse(h) for h in hints]
+    specs = [parse_hint(h) for h in hints]
     stored = stored_features(specs, manifest, where)
     if not (manifest.get("features") or {}).get("per_token"):
         raise ConfigError(f"{arg('hint')}: {where} stores its features per row, not per token")
@@ -48,11 +72,17 @@ class LMHintedStudent(nn.Module):
         self.student, self.specs, self.stored = student, list(specs), list(stored)
         self.hinted: dict[str, Tensor] = {}
         modules = dict(student.named_modules())
-        widths = _probe(student, modules, self.specs)
-        self.regressors = nn.ModuleList(nn.Linear(w, f.width) for w, f in zip(widths, self.stored, strict=True))
+        _check_names(modules, self.specs)
+        widths = iter(_probe(student, modules, [s for s in self.specs if not is_attention(s)]))
+        self.regressors = nn.ModuleList(nn.Identity() if is_attention(s) else nn.Linear(next(widths), f.width)
+                                        for s, f in zip(self.specs, self.stored, strict=True))
         self._captured: dict[int, Tensor] = {}
+        self._blocks: dict[int, Any] = {}
         for i, s in enumerate(self.specs):
-            modules[s.module].register_forward_hook(self._hook(i))
+            if is_attention(s):
+                self._blocks[i] = _attention_block(modules[s.module], s)
+            else:
+                modules[s.module].register_forward_hook(self._hook(i))
 
     def _hook(self, i: int) -> Any:
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
@@ -62,9 +92,8 @@ class LMHintedStudent(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         self._captured.clear()
         logits = lm_logits(self.student, input_ids)
-        self.hinted = {f.column: reg(self._captured[i]) for i, (f, reg) in enumerate(zip(self.stored,
-                                                                                           self.regressors,
-                                                                                           strict=True))}
+        self.hinted = {f.column: self._blocks[i].attention if i in self._blocks else reg(self._captured[i])
+                       for i, (f, reg) in enumerate(zip(self.stored, self.regressors, strict=True))}
         return logits
 
     def hint_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -75,6 +104,9 @@ class LMHintedStudent(nn.Module):
         for s, f in zip(self.specs, self.stored, strict=True):
             target = batch[f"feature:{f.column}"]
             pred = self.hinted[f.column]
+            if is_attention(s):
+                total = total + s.weight * _attention_loss(s, pred, target, mask)
+                continue
             if pred.shape != target.shape:
                 raise ShapeMismatchError(f"{arg('hint')} {s.layer}:{s.module}: the regressed student output "
                                          f"{tuple(pred.shape)} does not match the stored feature "
@@ -88,19 +120,45 @@ def student_of(model: nn.Module) -> nn.Module:
     return model.student if isinstance(model, LMHintedStudent) else model
 
 
-@torch.no_grad()
-def _probe(student: nn.Module, modules: dict[str, nn.Module], specs: Sequence[HintSpec]) -> list[int]:
-    """Each hinted module's output width, from a forward pass over token ids (1, 2).
+def _attention_loss(s: HintSpec, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """`attention_mse` of a block's kept probabilities against the stored maps; head-averaged when the head counts
+    differ; a different sequence length is a one-line ShapeMismatchError."""
+    if pred.ndim == 4 and target.ndim == 4 and pred.shape[1] != target.shape[1]:
+        pred, target = pred.mean(1), target.float().mean(1)
+    if pred.shape[-2:] != target.shape[-2:] or pred.shape[0] != target.shape[0]:
+        raise ShapeMismatchError(f"{arg('hint')} {s.layer}:{s.module}: the student's attention maps "
+                                 f"{tuple(pred.shape)} do not match the stored ones {tuple(target.shape)}")
+    return attention_mse(pred, target, mask=mask)
 
-    Raises:
-        ConfigError: a module the student does not have (some it has are listed).
-        ShapeMismatchError: a module whose output is not per token (batch, positions, width).
-    """
+
+def _attention_block(block: nn.Module, s: HintSpec) -> nn.Module:
+    """A student block that can keep its attention probabilities (`lm_students.Block`), switched to keep them."""
+    if not hasattr(block, "keep_attention"):
+        raise ConfigError(f"{arg('hint')} {s.layer}:{s.module}: the student module {s.module!r} "
+                          f"({type(block).__name__}) does not expose attention probabilities; name a block of a gpt: "
+                          "student (blocks.N)")
+    block.keep_attention = True
+    return block
+
+
+def _check_names(modules: dict[str, nn.Module], specs: Sequence[HintSpec]) -> None:
+    """ConfigError: a module the student does not have (some it has are listed)."""
     for s in specs:
         if not s.module or s.module not in modules:
             shown = [n for n in modules if n and n.count(".") <= 1][:12]
             raise ConfigError(f"{arg('hint')} {s.layer}:{s.module}: the student has no module {s.module!r}; it has "
                               f"{', '.join(shown)}{', ...' if len(modules) > 13 else ''}")
+
+
+@torch.no_grad()
+def _probe(student: nn.Module, modules: dict[str, nn.Module], specs: Sequence[HintSpec]) -> list[int]:
+    """Each hinted module's output width, from a forward pass over token ids (1, 2).
+
+    Raises:
+        ShapeMismatchError: a module whose output is not per token (batch, positions, width).
+    """
+    if not specs:
+        return []
     got: dict[str, Any] = {}
     handles = [modules[s.module].register_forward_hook(
         lambda _m, _i, out, name=s.module: got.__setitem__(name, _first(out))) for s in specs]

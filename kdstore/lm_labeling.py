@@ -173,6 +173,8 @@ def _label(config: LMLabelConfig, teacher: LMTeacher, corpus: TokenizedCorpus, t
     v, seq_len = teacher.vocab_size, corpus.seq_len
     spec = config.feature_spec()
     feats = None if spec is None else prepare(spec, teacher, corpus, config.batch_size)
+    if feats is not None:
+        feats.check_shard(min(config.shard_rows, corpus.rows))
     columns = token_columns("t0", seq_len, v, k=config.top_k, draws=config.sample,
                             logprobs=config.sample_logprobs, dtype=config.logits_dtype)
     columns += feats.column_specs() if feats else []

@@ -22,11 +22,18 @@ _GPT_RE = re.compile(r"^gpt:(\d+)-(\d+)-(\d+)$")
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block (GPT-2 / nanoGPT): causal self-attention, then a 4x GELU MLP."""
+    """Pre-LayerNorm transformer block (GPT-2 / nanoGPT): causal self-attention, then a 4x GELU MLP.
+
+    With ``keep_attention = True`` (TinyBERT's attention loss, `kdstore.lm_hints`) the attention is computed
+    explicitly and its probabilities (B, heads, L, L) are kept in ``attention`` after each forward pass (with their
+    graph); otherwise the fused ``scaled_dot_product_attention`` runs and nothing is kept.
+    """
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.keep_attention = False
+        self.attention: Tensor | None = None
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
@@ -35,7 +42,13 @@ class Block(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.keep_attention:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // self.heads))
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            self.attention = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            y = self.attention @ v
+        else:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.ln2(x))
 

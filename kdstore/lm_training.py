@@ -27,9 +27,8 @@ from torch import Tensor, nn
 from kdstore import distributed
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, TrainingDiverged, arg
-from kdstore.hints import HintSpec
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
-from kdstore.lm_hints import LMHintedStudent, parse_hints, student_of
+from kdstore.lm_hints import LMHintedStudent, parse_hint, parse_hints, student_of
 from kdstore.lm_losses import IGNORE, hard_nll, lm_kd_loss, sampled_kl, topk_kl
 from kdstore.lm_report import lm_over_seeds
 from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
@@ -102,7 +101,7 @@ class LMTrainConfig:
         e += self._beta_errors()
         for h in self.hints:
             try:
-                HintSpec.parse(h)
+                parse_hint(h)
             except ConfigError as err:
                 e.append(str(err.template))
         if e:
