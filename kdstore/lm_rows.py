@@ -46,9 +46,10 @@ def label_token_shard(teacher: LMTeacher, corpus: TokenizedCorpus, target: np.nd
 
     Batches of `cfg.batch_size` rows restart at every shard (a resumed or sharded run batches the same rows
     together). The teacher's body runs once per batch and its output head per chunk of positions
-    (`positions_per_chunk`): at most batch x chunk x V logits exist at a time, plus one scratch buffer and the
-    sampler's softmax of the same size; only the stored columns grow with the shard. With `feats` (inside its
-    `shard` context), the hooked modules' outputs of each batch are stored as per-token feature columns.
+    (`positions_per_chunk`) into one buffer of batch x chunk x V logits, reused by every chunk (nothing kept refers
+    to it: the targets and statistics are fresh tensors), plus one scratch buffer and the sampler's softmax of the
+    same size; only the stored columns grow with the shard. With `feats` (inside its `shard` context), the hooked
+    modules' outputs of each batch are stored as per-token feature columns.
     """
     v, seq_len, k, draws = teacher.vocab_size, corpus.seq_len, cfg.top_k, cfg.sample
     n = stop - start
@@ -60,6 +61,7 @@ def label_token_shard(teacher: LMTeacher, corpus: TokenizedCorpus, target: np.nd
         val = np.empty((n, seq_len, k), np.float32)
         lse, tail = np.empty((n, seq_len), np.float32), np.empty((n, seq_len), np.float32)
     scratch = torch.empty(min(cfg.batch_size, n) * min(step, seq_len), v) if k else None
+    logits = torch.empty(min(cfg.batch_size, n) * min(step, seq_len) * v)  # every chunk's, in turn
     sampled: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     where = f"{teacher.source} on {corpus.path}"
     for a in range(start, stop, cfg.batch_size):
@@ -68,7 +70,7 @@ def label_token_shard(teacher: LMTeacher, corpus: TokenizedCorpus, target: np.nd
         rows = torch.arange(a, b)
         nxt, tm = torch.from_numpy(next_tokens(corpus, a, b)), torch.from_numpy(target[a:b] == 1)
         chunks = []
-        for s, z in teacher.iter_logits(ids, positions_per_chunk=step):
+        for s, z in teacher.iter_logits(ids, positions_per_chunk=step, out=logits):
             c = z.shape[1]
             t = chunk_targets(z, k=k, precision=cfg.logits_dtype, draws=draws, seed=cfg.sample_seed, rows=rows,
                               start=s, scratch=scratch, where=where)

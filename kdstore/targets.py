@@ -36,6 +36,9 @@ def check_temperature(temperature: float, argument: str = "temperature") -> None
         raise ConfigError(f"{arg(argument)} {temperature}: must be a finite number > 0")
 
 
+TOPK_BLOCK = 64  # classes per block of the top-k's pre-selection (`_select_by_blocks`)
+
+
 def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest logits of each row, largest first.
 
@@ -51,10 +54,25 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if not 1 <= k <= logits.shape[1]:
         raise ConfigError(f"{arg('k')} {k}: must be in [1, {logits.shape[1]}]")
     x = logits.float()
+    # the pre-selection reads every logit once more and runs torch.topk over (k + 1) blocks: worth it while those
+    # blocks are a small part of the row (at C = 49,152 and k = 64, 4,160 of the 49,152 logits: ~2x faster on one
+    # thread; at k = 200, a third of the row, slower)
+    idx = _select_by_blocks(x, k) if 8 * (k + 1) * TOPK_BLOCK <= x.shape[1] else _select(x, k)
+    # the k are a set (no tie crosses the cut, or ties went to the lower index): order them by value, ties by the
+    # lower class index, whatever order the kernel left them in
+    idx = torch.sort(idx, dim=1).values
+    vals = torch.gather(x, 1, idx)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+
+
+def _select(x: Tensor, k: int) -> Tensor:
+    """(N, k) the indices of each row's k largest float32 logits, in no particular order; ties at the cut go to the
+    lower index."""
     c = x.shape[1]
     # torch.topk is O(C) but leaves the order of ties to the kernel; stored bytes must not depend on it. Take the
     # k + 1 largest: where the (k+1)-th ties the k-th, a tie may cross the cut, and only those rows get a stable
-    # full sort. Then order the k by value, ties by the lower class index.
+    # full sort.
     v, idx = torch.topk(x, min(k + 1, c), dim=1)
     if k < c:
         crossing = torch.nonzero(v[:, k] == v[:, k - 1]).flatten()
@@ -62,10 +80,40 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if len(crossing):
             idx = idx.clone()
             idx[crossing] = torch.sort(x[crossing], dim=1, descending=True, stable=True).indices[:, :k]
-    idx = torch.sort(idx, dim=1).values
-    vals = torch.gather(x, 1, idx)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    return torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+    return idx
+
+
+def _select_by_blocks(x: Tensor, k: int, size: int = TOPK_BLOCK) -> Tensor:
+    """`_select` (the same set of k indices per row) from the rows' blocks of `size` classes with the k + 1 largest
+    maxima: a torch.topk over (k + 1) x `size` candidates instead of C. Needs C >= (k + 1) x `size`.
+
+    Exact: with M the (k+1)-th largest block maximum, every logit above M lies in a chosen block, and the chosen
+    blocks hold k + 1 logits >= M (their maxima), so the candidates' k + 1 largest values are the row's. Where the
+    k-th and (k+1)-th differ, the k largest are the row's unique top-k and all exceed M: they are all candidates.
+    Rows where they tie (ties crossing the cut, which may reach outside the chosen blocks) or with a NaN go through
+    `_select` itself.
+    """
+    n, c = x.shape
+    x = x.contiguous()
+    full = (c // size) * size
+    bmax = x[:, :full].view(n, full // size, size).amax(2)
+    if full < c:  # the last, shorter block
+        bmax = torch.cat([bmax, x[:, full:].amax(1, keepdim=True)], 1)
+    first = torch.topk(bmax, k + 1, dim=1).indices * size
+    # a block's candidates are `size` consecutive logits of its row (one index_select of windows of the flat logits);
+    # the short last block's window is the row's last `size` logits, those before the block masked below everything
+    start = first.clamp(max=c - size)
+    windows = x.view(-1).unfold(0, size, 1)
+    vals = windows.index_select(0, (start + torch.arange(n)[:, None] * c).view(-1)).view(n, -1)
+    cand = (start[:, :, None] + torch.arange(size)).view(n, -1)
+    if full < c:
+        vals.masked_fill_(cand < first.repeat_interleave(size, dim=1), float("-inf"))
+    v, pos = torch.topk(vals, k + 1, dim=1)
+    idx = torch.gather(cand, 1, pos[:, :k])
+    redo = torch.nonzero((v[:, k] == v[:, k - 1]) | torch.isnan(bmax).any(1)).flatten()
+    if len(redo):
+        idx[redo] = _select(x[redo], k)
+    return idx
 
 
 def logsumexp_into(logits: Tensor, scratch: Tensor) -> Tensor:

@@ -81,6 +81,31 @@ def test_iter_logits_equals_the_full_forward(hf_teacher: LMTeacher, chunk: int) 
     torch.testing.assert_close(z, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_iter_logits_into_a_buffer_gives_the_same_bits(hf_teacher: LMTeacher, chunk: int) -> None:
+    x = ids_of(rows=3)
+    n = x.shape[1]
+    fresh = [(s, z.clone()) for s, z in hf_teacher.iter_logits(x, positions_per_chunk=chunk)]
+    buf = torch.full((3 * min(n, chunk) * 512 + 7,), float("nan"))  # larger than needed, and dirty
+    into = []
+    for s, z in hf_teacher.iter_logits(x, positions_per_chunk=chunk, out=buf):
+        assert z.data_ptr() == buf.data_ptr() and z.is_contiguous()  # written in place, every chunk
+        into.append((s, z.clone()))
+    assert [s for s, _ in into] == [s for s, _ in fresh]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(into, fresh, strict=True))  # the last chunk is shorter
+
+
+def test_linear_into_equals_the_module() -> None:
+    from kdstore.lm_teachers import _linear_into
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 24)
+    for head in (torch.nn.Linear(24, 1000, bias=False), torch.nn.Linear(24, 1000)):
+        out = torch.empty(3 * 7 * 1000 + 5)
+        with torch.inference_mode():
+            assert torch.equal(_linear_into(head, h, out), head(h))
+
+
 def test_right_padding_leaves_real_positions_unchanged(hf_teacher: LMTeacher) -> None:
     x = ids_of(rows=1)
     padded = torch.cat([x, torch.full((1, 5), 2)], 1)
@@ -216,6 +241,9 @@ def test_gguf_needs_its_packages(monkeypatch: pytest.MonkeyPatch, package: str) 
         (torch.full((1, 5), 512), {}, r"token ids in \[512, 512\]: the teacher's vocabulary is 0..511"),
         (torch.zeros(1, 129, dtype=torch.long), {}, r"129 positions per row: the teacher's context is 128"),
         (torch.zeros(1, 5, dtype=torch.long), {"attention_mask": torch.ones(1, 4)}, r"attention_mask of shape"),
+        (torch.zeros(2, 5, dtype=torch.long), {"out": torch.empty(2 * 5 * 512 - 1)}, r"the chunks need 5120 contig"),
+        (torch.zeros(1, 5, dtype=torch.long), {"out": torch.empty(5 * 512, dtype=torch.float64)}, r"float64"),
+        (torch.zeros(1, 5, dtype=torch.long), {"out": torch.empty(2, 5 * 512)[:, ::2]}, r"contiguous float32"),
     ],
 )
 def test_iter_logits_errors(hf_teacher: LMTeacher, x: torch.Tensor, kw: dict, match: str) -> None:
