@@ -28,13 +28,14 @@ from kdstore import distributed
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, TrainingDiverged, arg
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
+from kdstore.lm_evaluation import eval_version, measure
 from kdstore.lm_hints import LMHintedStudent, parse_hint, parse_hints, student_of
-from kdstore.lm_losses import IGNORE, hard_nll, lm_kd_loss, sampled_kl, topk_kl
+from kdstore.lm_losses import lm_kd_loss
 from kdstore.lm_report import lm_over_seeds
 from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
 from kdstore.options import LM_LOSSES
 from kdstore.rundir import RunDir, RunResult, run_id
-from kdstore.store import Version, open_version
+from kdstore.store import open_version
 from kdstore.store.remote import resolve_any
 from kdstore.targets import check_temperature
 from kdstore.train_config import SweepPoint
@@ -176,7 +177,8 @@ class LMTrainer:
         self.held_out = holdout_rows(self.version, config.val_fraction, config.val_seed) \
             if config.val_fraction else np.zeros(n, bool)
         self.train_rows = np.flatnonzero(~self.held_out)
-        self.eval_version = self._eval_version(config.eval) if config.eval else None
+        self.eval_version = eval_version(config.eval, self.version, self.vocab_size, self.seq_len) \
+            if config.eval else None
         self.hints, self.stored = parse_hints(config.hints, self.version.manifest, str(self.version.ref)) \
             if config.hints else ([], [])
         self.last_hint_loss: float | None = None  # the last epoch's mean hint loss per sequence
@@ -187,24 +189,6 @@ class LMTrainer:
             mode = "memory" if size * 4 < config.memory_limit_gb * 2**30 else "stream"
         self.mode = mode
         self._data: dict[str, TokenTargetDataset] = {}
-
-    def _eval_version(self, ref: str) -> Version:
-        v = open_version(resolve_any(ref))
-        t = v.manifest["targets"]
-        if t.get("kind") != "tokens":
-            raise ConfigError(f"{arg('eval')} {v.ref}: holds {t.get('kind', 'classification')} targets; expected a "
-                              "per-token version of held-out text labeled by the same teacher")
-        if int(t["vocab_size"]) != self.vocab_size or int(t["seq_len"]) > self.seq_len:
-            raise ConfigError(f"{arg('eval')} {v.ref}: targets over {t['vocab_size']} ids in rows of {t['seq_len']}; "
-                              f"expected {self.vocab_size} ids in rows of at most {self.seq_len} (held-out text "
-                              "labeled by the same teacher)")
-        fp = [x["tokenizer"].get("vocab_sha256") for x in (v.manifest["teachers"][0],
-                                                             self.version.manifest["teachers"][0])
-              if isinstance(x.get("tokenizer"), dict)]
-        if len(fp) == 2 and fp[0] != fp[1]:
-            raise ConfigError(f"{arg('eval')} {v.ref}: its tokenizer's vocabulary (sha256 {fp[0][:12]}) is not the "
-                              f"training version's ({fp[1][:12]}); label the held-out text with the same teacher")
-        return v
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self, progress: Progress | None = None, resume: bool = False) -> list[RunResult]:
@@ -375,46 +359,13 @@ class LMTrainer:
             yield {k: v.to(self.device, non_blocking=True) for k, v in mine.items()}, n
 
     # -- measurements ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def measure(self, model: nn.Module, which: str) -> dict[str, float] | None:
-        """On the held-out rows ("val") or the --eval version ("eval"): mean NLL and perplexity on the true next
-        tokens, next-token accuracy, KL(teacher || student) at T = 1 over the target positions (exact against the
-        stored top-k rebuild, else the unbiased sampled estimate), and top-1 agreement with the teacher (top-k)."""
+        """`lm_evaluation.measure` on the held-out rows ("val") or the --eval version ("eval"); None without
+        them."""
         if (which == "val" and not self.held_out.any()) or (which == "eval" and self.eval_version is None):
             return None
-        ds = self._dataset(self.metric_targets, which)
-        model.eval()
-        nll = kl = correct = agree = 0.0
-        n_tok = n_pos = 0
-        for a in range(0, len(ds), self.cfg.batch_size):
-            b = {k: v.to(self.device) for k, v in collate([ds[i] for i in range(a, min(a + self.cfg.batch_size,
-                                                                                        len(ds)))]).items()}
-            with autocast(self.device, self.precision):
-                logits = lm_logits(model, b["input_ids"])
-            flat = logits.float().reshape(-1, logits.shape[-1])
-            lab, tm = b["labels"].reshape(-1), b["target_mask"].reshape(-1).bool()
-            counted = lab != IGNORE
-            nll += float(hard_nll(flat, lab)[counted].sum())
-            correct += float((flat.argmax(-1) == lab)[counted].sum())
-            n_tok += int(counted.sum())
-            if "topk_values" in b:
-                kk = b["topk_values"].shape[-1]
-                per = topk_kl(flat, b["topk_values"].reshape(-1, kk), b["topk_indices"].reshape(-1, kk),
-                              b["logsumexp"].reshape(-1), b["tail_logmass"].reshape(-1))
-                agree += float((flat.argmax(-1) == b["topk_indices"].reshape(-1, kk)[:, 0])[tm].sum())
-            else:
-                kk = b["sample_ids"].shape[-1]
-                per = sampled_kl(flat, b["sample_ids"].reshape(-1, kk), b["sample_counts"].reshape(-1, kk),
-                                 b["sample_logprobs"].reshape(-1, kk))
-            kl += float(per[tm].sum())
-            n_pos += int(tm.sum())
-        model.train()
-        mean = nll / max(n_tok, 1)
-        out = {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / max(n_tok, 1),
-               "kl_teacher": kl / max(n_pos, 1), "tokens": n_tok}
-        if self.metric_targets == "topk":
-            out["teacher_agreement"] = agree / max(n_pos, 1)
-        return out
+        return measure(model, self._dataset(self.metric_targets, which), self.cfg.batch_size, self.device,
+                       self.precision)
 
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, seconds: list[float], tokens: int) -> RunResult:
         val, ev = self.measure(model, "val"), self.measure(model, "eval")
