@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,21 @@ def capture(module: nn.Module, names: Sequence[str], source: str,
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def probe_outputs(module: nn.Module, names: Sequence[str], run: Callable[[], Any], source: str,
+                  option: str = "features") -> dict[str, Tensor]:
+    """The outputs of `module`'s submodules `names` during one call of `run` (a forward pass), in eval mode (the
+    module's mode is restored after): how a student's hinted modules are sized before their regressors exist."""
+    was_training = module.training
+    try:
+        module.eval()
+        with capture(module, names, source, option) as got:
+            run()
+            return dict(got)
+    finally:
+        module.train(was_training)
 
 
 def _submodule(module: nn.Module, name: str, source: str, option: str) -> nn.Module:
@@ -246,20 +261,22 @@ class FeatureStatistics:
 
     def add(self, column: str, coords: Tensor, centred_energy: Tensor | None) -> None:
         """A batch's stored values `coords` (N, r); for a projection, `centred_energy` is the (N,) squared norms
-        of the outputs about its mean (float64)."""
-        c = coords.double()
-        s = self.sums.setdefault(column, {"rows": 0, "total": 0.0, "kept": 0.0, "sum": [0.0] * c.shape[1],
+        of the outputs about its mean (float64). Sums accumulate in float64 on the tensors' device."""
+        c = coords.float()
+        s = self.sums.setdefault(column, {"rows": 0, "total": 0.0, "kept": 0.0,
+                                          "sum": torch.zeros(c.shape[1], dtype=torch.float64, device=c.device),
                                           "sumsq": 0.0})
         s["rows"] += len(c)
-        sumsq = float((c**2).sum())
+        sumsq = float(c.square().sum(dtype=torch.float64))
         if centred_energy is not None:
             s["total"] += float(centred_energy.sum())
             s["kept"] += sumsq
-        s["sum"] = [a + b for a, b in zip(s["sum"], c.sum(0).tolist(), strict=True)]
+        s["sum"] += c.sum(0, dtype=torch.float64)
         s["sumsq"] += sumsq
 
     def partial(self) -> dict[str, dict[str, Any]]:
-        return {k: dict(v) for k, v in self.sums.items()}
+        """JSON-able partial sums (the per-dimension sums as lists)."""
+        return {k: {**v, "sum": v["sum"].tolist()} for k, v in self.sums.items()}
 
     @staticmethod
     def combine(parts: Sequence[dict[str, dict[str, Any]]], projected: dict[str, bool]) -> dict[str, dict[str, Any]]:

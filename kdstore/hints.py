@@ -137,6 +137,15 @@ class HintedStudent(nn.Module):
                     for s, f in zip(self.specs, self.stored, strict=True)), torch.zeros((), device=_device(self)))
 
 
+def check_student_modules(modules: dict[str, nn.Module], specs: Sequence[HintSpec]) -> None:
+    """ConfigError: a hinted module the student does not have (some it has are listed)."""
+    for s in specs:
+        if not s.module or s.module not in modules:
+            shown = [n for n in modules if n and n.count(".") <= 1][:12]
+            raise ConfigError(f"{arg('hint')} {s.layer}:{s.module}: the student has no module {s.module!r}; it has "
+                              f"{', '.join(shown)}{', ...' if len(modules) > 13 else ''}")
+
+
 def _regressor(student_shape: tuple[int, ...], f: StoredFeature) -> nn.Module:
     """A convolution for a student map at least as large as a teacher map stored whole, else a linear map of the
     student's (pooled, flattened) output."""
@@ -155,23 +164,9 @@ def _device(m: nn.Module) -> torch.device:
 def _probe(student: nn.Module, modules: dict[str, nn.Module], specs: Sequence[HintSpec],
            stored: Sequence[StoredFeature], example: Tensor) -> list[tuple[int, ...]]:
     """The per-row shape of each hinted module's output, from a forward pass over `example`."""
-    for s in specs:
-        if s.module not in modules or not s.module:
-            shown = [n for n in modules if n][:12]
-            raise ConfigError(f"{arg('hint')} {s.layer}:{s.module}: the student has no module {s.module!r}; it has "
-                              f"{', '.join(shown)}{', ...' if len(modules) > 13 else ''}")
-    got: dict[str, Tensor] = {}
-    handles = [modules[s.module].register_forward_hook(
-        lambda _m, _i, out, name=s.module: got.__setitem__(name, out[0] if isinstance(out, (tuple, list)) else out))
-        for s in specs]
-    was_training = student.training
-    try:
-        student.eval()
-        student(example)
-    finally:
-        student.train(was_training)
-        for h in handles:
-            h.remove()
+    check_student_modules(modules, specs)
+    got = features.probe_outputs(student, [s.module for s in specs], lambda: student(example), "the student",
+                                 option="hint")
     shapes = []
     for s in specs:
         out = got.get(s.module)

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdstore import features
 from kdstore.errors import ConfigError, ShapeMismatchError, arg
 from kdstore.feature_losses import attention_mse, feature_mse
-from kdstore.hints import HINT_HELP, HintSpec, StoredFeature, stored_features
+from kdstore.hints import HINT_HELP, HintSpec, StoredFeature, check_student_modules, stored_features
 from kdstore.lm_features import attention_heads
 from kdstore.lm_students import lm_logits
 
@@ -72,7 +73,7 @@ class LMHintedStudent(nn.Module):
         self.student, self.specs, self.stored = student, list(specs), list(stored)
         self.hinted: dict[str, Tensor] = {}
         modules = dict(student.named_modules())
-        _check_names(modules, self.specs)
+        check_student_modules(modules, self.specs)
         widths = iter(_probe(student, modules, [s for s in self.specs if not is_attention(s)]))
         self.regressors = nn.ModuleList(nn.Identity() if is_attention(s) else nn.Linear(next(widths), f.width)
                                         for s, f in zip(self.specs, self.stored, strict=True))
@@ -141,15 +142,6 @@ def _attention_block(block: nn.Module, s: HintSpec) -> nn.Module:
     return block
 
 
-def _check_names(modules: dict[str, nn.Module], specs: Sequence[HintSpec]) -> None:
-    """ConfigError: a module the student does not have (some it has are listed)."""
-    for s in specs:
-        if not s.module or s.module not in modules:
-            shown = [n for n in modules if n and n.count(".") <= 1][:12]
-            raise ConfigError(f"{arg('hint')} {s.layer}:{s.module}: the student has no module {s.module!r}; it has "
-                              f"{', '.join(shown)}{', ...' if len(modules) > 13 else ''}")
-
-
 @torch.no_grad()
 def _probe(student: nn.Module, modules: dict[str, nn.Module], specs: Sequence[HintSpec]) -> list[int]:
     """Each hinted module's output width, from a forward pass over token ids (1, 2).
@@ -159,17 +151,9 @@ def _probe(student: nn.Module, modules: dict[str, nn.Module], specs: Sequence[Hi
     """
     if not specs:
         return []
-    got: dict[str, Any] = {}
-    handles = [modules[s.module].register_forward_hook(
-        lambda _m, _i, out, name=s.module: got.__setitem__(name, _first(out))) for s in specs]
-    was_training = student.training
-    try:
-        student.eval()
-        lm_logits(student, torch.zeros(1, 2, dtype=torch.long, device=next(student.parameters()).device))
-    finally:
-        student.train(was_training)
-        for h in handles:
-            h.remove()
+    ids = torch.zeros(1, 2, dtype=torch.long, device=next(student.parameters()).device)
+    got = features.probe_outputs(student, [s.module for s in specs], lambda: lm_logits(student, ids), "the student",
+                                 option="hint")
     widths = []
     for s in specs:
         out = got.get(s.module)
