@@ -33,6 +33,7 @@ import torch
 
 from benchmarks._common import interleaved, median_spread, ratios
 from benchmarks._hinton_data import load_xy
+from benchmarks.bench_lm_label import column_bytes
 from kdstore.labeling import LabelConfig, label
 from kdstore.store import open_version
 from kdstore.students import MLP
@@ -78,31 +79,15 @@ def _label(teacher: str, train: Path, out: Path, name: str, **kw: Any) -> Path:
     return path
 
 
-def _column_bytes(version: Path) -> dict[str, int]:
-    """Compressed bytes per column over the version's Parquet files (from their footers)."""
-    import pyarrow.parquet as pq
-
-    out: dict[str, int] = {}
-    for f in sorted((version / "data").glob("*.parquet")):
-        meta = pq.ParquetFile(f).metadata
-        for g in range(meta.num_row_groups):
-            rg = meta.row_group(g)
-            for c in range(rg.num_columns):
-                col = rg.column(c)
-                name = col.path_in_schema.split(".")[0]
-                out[name] = out.get(name, 0) + col.total_compressed_size
-    return out
-
-
 def _bytes_per_row(whole: Path, projected: Path) -> dict[str, float]:
     v = open_version(projected)
     rows = v.num_rows
-    cols = _column_bytes(projected)
+    cols = column_bytes(projected)
     out = {"logit targets": sum(b for n, b in cols.items() if n.startswith("t0_") and "_feature_" not in n) / rows}
     for layer in v.manifest["features"]["layers"]:
         col = layer["column"]
         attached = sum(a["bytes"] for a in v.attachments if a["path"].startswith(f"features/{col}."))
-        out[f"{layer['module']} whole ({layer['output_shape'][0]})"] = _column_bytes(whole)[col] / rows
+        out[f"{layer['module']} whole ({layer['output_shape'][0]})"] = column_bytes(whole)[col] / rows
         out[f"{layer['module']} projected (r={layer['stored_shape'][0]})"] = (cols[col] + attached) / rows
     return out
 
