@@ -257,3 +257,32 @@ def not_a_module() -> Any:
 
 def failing() -> Any:
     raise RuntimeError("boom")
+
+
+# ---------------------------------------------------------------------------------------------- test helpers
+def write_corpus(directory: Path) -> Path:
+    """The test corpus (TEXT three times, one document per line) as DIRECTORY/news.txt."""
+    p = Path(directory) / "news.txt"
+    p.write_text("\n".join(TEXT * 3) + "\n", "utf-8")
+    return p
+
+
+def interrupt_in_epoch_2(monkeypatch: Any, train: Any) -> None:
+    """Run `train()` with LMTrainer's second held-out measurement (the end of epoch 2, after epoch 1's checkpoint)
+    raising KeyboardInterrupt, as a kill would; the measurement is restored afterwards."""
+    import pytest
+
+    from kdstore.lm_training import LMTrainer
+
+    real, calls = LMTrainer.measure, {"n": 0}
+
+    def dies_in_epoch_2(self: Any, model: Any, which: str) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, model, which)
+
+    monkeypatch.setattr(LMTrainer, "measure", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(LMTrainer, "measure", real)

@@ -35,9 +35,7 @@ COLS = ("t0_feature_attn_model_layers_1", "t0_feature_attn_mean_model_layers_0")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("lma_corpus") / "news.txt"
-    p.write_text("\n".join(lf.TEXT * 3) + "\n", "utf-8")
-    return p
+    return lf.write_corpus(tmp_path_factory.mktemp("lma_corpus"))
 
 
 def config(corpus: Path, out: Path, name: str = "a", **kw: Any) -> LMLabelConfig:
@@ -211,18 +209,7 @@ def test_attention_loss_decreases(maps: Path, tmp_path: Path, mode: str) -> None
 
 def test_attention_hint_resume_is_bit_for_bit(maps: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = LMTrainer(train_config(maps, tmp_path / "whole", epochs=3)).run()[0]
-    real, calls = LMTrainer.measure, {"n": 0}
-
-    def dies_in_epoch_2(self: LMTrainer, model: torch.nn.Module, which: str) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, model, which)
-
-    monkeypatch.setattr(LMTrainer, "measure", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        LMTrainer(train_config(maps, tmp_path / "cut", epochs=3)).run()
-    monkeypatch.setattr(LMTrainer, "measure", real)
+    lf.interrupt_in_epoch_2(monkeypatch, lambda: LMTrainer(train_config(maps, tmp_path / "cut", epochs=3)).run())
     resumed = LMTrainer(train_config(maps, tmp_path / "cut", epochs=3)).run(resume=True)[0]
     assert resumed.val_nll == whole.val_nll
     a = load_file(str(tmp_path / "whole" / "runs" / "topk-T1-a1" / "student.safetensors"))

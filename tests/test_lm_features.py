@@ -33,9 +33,7 @@ COLS = ("t0_feature_model_layers_0", "t0_feature_model_norm")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("lmf_corpus") / "news.txt"
-    p.write_text("\n".join(lf.TEXT * 3) + "\n", "utf-8")
-    return p
+    return lf.write_corpus(tmp_path_factory.mktemp("lmf_corpus"))
 
 
 def config(corpus: Path, out: Path, name: str = "h", **kw: Any) -> LMLabelConfig:
@@ -225,19 +223,8 @@ def test_hint_training_learns_the_features(projected: Path, tmp_path: Path, mode
 
 def test_hint_resume_is_bit_for_bit(projected: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = LMTrainer(train_config(projected, tmp_path / "whole", epochs=3)).run()[0]
-    real, calls = LMTrainer.measure, {"n": 0}
-
-    def dies_in_epoch_2(self: LMTrainer, model: torch.nn.Module, which: str) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, model, which)
-
-    monkeypatch.setattr(LMTrainer, "measure", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        LMTrainer(train_config(projected, tmp_path / "cut", epochs=3)).run()
-    monkeypatch.setattr(LMTrainer, "measure", real)
-    ckpt = torch.load(tmp_path / "cut" / "runs" / "topk-T1-a1" / "checkpoint.pt", weights_only=False)
+    lf.interrupt_in_epoch_2(monkeypatch, lambda: LMTrainer(train_config(projected, tmp_path / "cut", epochs=3)).run())
+    ckpt = torch.load(tmp_path / "cut" / "runs" / "topk-T1-a1" / "checkpoint.pt", weights_only=True)
     assert ckpt["model"]["regressors.0.weight"].shape == (8, 16) and "regressors.1.bias" in ckpt["model"]
     resumed = LMTrainer(train_config(projected, tmp_path / "cut", epochs=3)).run(resume=True)[0]
     assert resumed.val_nll == whole.val_nll

@@ -41,9 +41,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("lm_corpus") / "news.txt"
-    p.write_text("\n".join(lf.TEXT * 3) + "\n", "utf-8")
-    return p
+    return lf.write_corpus(tmp_path_factory.mktemp("lm_corpus"))
 
 
 def config(corpus: Path, out: Path, name: str = "lm", **kw: Any) -> LMLabelConfig:

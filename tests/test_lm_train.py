@@ -155,19 +155,7 @@ def test_resume_continues_from_the_last_epoch_bit_for_bit(store: Path, tmp_path:
     cfg = dict(targets=str(store / "news"), student="gpt:1-16-2", epochs=3, batch_size=8, val_fraction=0.25,
                losses=("sampled",), temperatures=(2.0,))
     whole = LMTrainer(LMTrainConfig(out=str(tmp_path / "whole"), **cfg)).run()[0]
-    real = LMTrainer.measure
-    calls = {"n": 0}
-
-    def dies_in_epoch_2(self: LMTrainer, model: nn.Module, which: str) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, model, which)
-
-    monkeypatch.setattr(LMTrainer, "measure", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        LMTrainer(LMTrainConfig(out=str(tmp_path / "cut"), **cfg)).run()
-    monkeypatch.setattr(LMTrainer, "measure", real)
+    lf.interrupt_in_epoch_2(monkeypatch, lambda: LMTrainer(LMTrainConfig(out=str(tmp_path / "cut"), **cfg)).run())
     assert (tmp_path / "cut" / "runs" / "sampled-T2-a1" / "checkpoint.pt").exists()
     resumed = LMTrainer(LMTrainConfig(out=str(tmp_path / "cut"), **cfg)).run(resume=True)[0]
     assert resumed.val_nll == whole.val_nll
