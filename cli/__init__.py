@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
 from kdstore import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The command group; under torchrun a finished command leaves through `kdstore.distributed.exit_process`."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except SystemExit as e:
+            if "torch.distributed" in sys.modules:  # never imports torch for a command that did not
+                from kdstore import distributed
+
+                distributed.exit_process(e.code)
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kdstore")
 def main() -> None:
     """kdstore: run teachers once, store their targets, distill students at any temperature.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,21 @@ def _shutdown() -> None:
         with contextlib.suppress(Exception):
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: object) -> None:
+    """Leave a torchrun process at once after the other ranks (its command finished with exit status `code`):
+    meet them at a barrier, flush stdout and stderr, then `os._exit`, skipping the process group's teardown. Left
+    to `destroy_process_group` and interpreter teardown, a rank whose peer closed its gloo sockets first can still
+    abort in a C++ destructor under load ("terminate called without an active exception", SIGABRT) after its
+    work is done and written. A no-op without a process group (every run outside torchrun)."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def init(device: torch.device) -> tuple[DistContext, torch.device]:
