@@ -59,7 +59,7 @@ if str(HERE.parent) not in sys.path:  # `python benchmarks/hinton_mnist.py` from
 
 from benchmarks._hinton_data import drop_class, load_xy, subset_parquet  # noqa: E402
 from benchmarks._hinton_report import PAPER, TEMPERATURES, finish  # noqa: E402
-from benchmarks._hinton_teacher import TEACHER_SPEC, estimate, train_teacher  # noqa: E402
+from benchmarks._hinton_teacher import TEACHER_SPECS, estimate, train_teacher  # noqa: E402
 from kdstore.device import resolve_device  # noqa: E402
 from kdstore.store.layout import existing_versions  # noqa: E402
 from kdstore.students import build_model  # noqa: E402
@@ -211,6 +211,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--teacher-lr", type=float, default=None, help="peak lr (default: adam 1e-3, sgd 0.1)")
     ap.add_argument("--student-lr", type=float, default=1e-3, help="Adam peak lr, cosine schedule, every student")
     ap.add_argument("--max-norm", type=float, default=3.5)
+    ap.add_argument("--teacher-arch", choices=("mlp", "lenet"), default="mlp",
+                    help="mlp: the paper's 784-1200-1200-10 (dropout 0.2 input / 0.5 hidden); lenet: the LeNet-style "
+                         "CNN of benchmarks/_confidence_teachers.py (dropout 0.25 after the convolutions, 0.5 before "
+                         "the head), same jitter, optimiser and schedule -- a teacher better than the student with "
+                         "shifts, which the CPU cannot train as an MLP (#15)")
+    ap.add_argument("--student-seeds", default=None,
+                    help="comma-separated seeds of every student run (`kdstore train --seed 0,1,2`; default --seed)")
     ap.add_argument("--train-rows", type=int, default=None, help="use the first N training rows (quick: 10000)")
     ap.add_argument("--experiments", default=",".join(EXPERIMENTS),
                     help=f"comma list of {','.join(EXPERIMENTS)} (default: all of them), and opt-in: aug (800-800 "
@@ -287,29 +294,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tcfg = {"epochs": a.teacher_epochs, "optimizer": a.teacher_optimizer, "lr": a.teacher_lr, "momentum": 0.9,
             "batch_size": 100, "dropout": 0.5, "input_dropout": 0.2, "jitter": 2, "max_norm": a.max_norm,
             "seed": a.seed, "train": train.name, "eval_every": 1 if a.quick else 5}
+    if a.teacher_arch != "mlp":  # the key only when set, so that the MLP teachers of earlier runs are reused
+        tcfg.update(arch=a.teacher_arch, input_dropout=0.25)
+    spec = TEACHER_SPECS[a.teacher_arch]
+    tname = "mnist-t1200" if a.teacher_arch == "mlp" else f"mnist-{a.teacher_arch}"
     tdir = a.out / "teacher"
     info_path = tdir / "teacher.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else None
     if info is None or info["config"] != tcfg or not (tdir / "teacher.safetensors").exists():
-        print(f"== 1. teacher {TEACHER_SPEC}: {a.teacher_epochs} epochs on {train.name}", flush=True)
+        print(f"== 1. teacher {spec}: {a.teacher_epochs} epochs on {train.name}", flush=True)
         for sub in ("targets", "students"):  # everything downstream depends on the teacher
             shutil.rmtree(a.out / sub, ignore_errors=True)
         info = train_teacher(tcfg, train, test, device, tdir)
     else:
         print(f"== 1. teacher: reusing {tdir} ({info['test_errors']} test errors)")
     phases["teacher"] = time.perf_counter() - t
-    teacher = f"{TEACHER_SPEC}@{tdir / 'teacher.safetensors'}"
+    teacher = f"{spec}@{tdir / 'teacher.safetensors'}"
 
     # -- 2. label once
     t = time.perf_counter()
     print("== 2. label (once per transfer set)", flush=True)
     store = a.out / "targets"
-    targets = label_once(store, "mnist-t1200", teacher, train, info["sha256"], a.device)
-    targets_no3 = label_once(store, "mnist-t1200-no3", teacher, train_no3, info["sha256"], a.device) \
+    targets = label_once(store, tname, teacher, train, info["sha256"], a.device)
+    targets_no3 = label_once(store, f"{tname}-no3", teacher, train_no3, info["sha256"], a.device) \
         if "no3" in a.experiments else None
     targets_aug = None
     if "aug" in a.experiments:
-        targets_aug = label_once(store, f"mnist-t1200-views{a.aug_views}", teacher, train, info["sha256"], a.device,
+        targets_aug = label_once(store, f"{tname}-views{a.aug_views}", teacher, train, info["sha256"], a.device,
                                  ("--views", str(a.aug_views), "--augment", f"shift:{tcfg['jitter']}",
                                   "--augment-seed", str(a.seed + 1)))
     phases["label"] = time.perf_counter() - t
@@ -319,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("== 3. students (kdstore train; the teacher is not run)", flush=True)
     t_students = time.perf_counter()
     common = ["--epochs", str(a.student_epochs), "--lr", f"{a.student_lr:g}", "--optimizer", "adam",
-              "--schedule", "cosine", "--batch-size", "128", "--seed", str(a.seed), "--device", a.device,
+              "--schedule", "cosine", "--batch-size", "128", "--seed", a.student_seeds or str(a.seed),
+              "--device", a.device,
               "--precision", "fp32", "--eval", str(test)]
     s800, s300, s30 = "mlp:784-800-800-10", "mlp:784-300-300-10", "mlp:784-30-30-10"
     sd = a.out / "students"
