@@ -17,6 +17,7 @@ from kdstore.lm_report import lm_over_seeds, plot_lm_sweep
 CLASSIFICATION_ONLY = ("standardize", "eval_input_columns", "eval_label_column", "val", "augment", "transfer", "tail",
                        "ensemble", "teacher_weights", "smoothing", "zero_mean", "momentum", "num_workers",
                        "group_size", "eval_every", "checkpoint_every",  # #18's grouping, not for LMs yet
+                       "agreement",  # an LM's agreement is measured on held-out text (lm_evaluation)
                        "hint_epochs")  # FitNets' stage 1: classification students only for now
 # Defaults that differ for language models (the classification ones are Hinton's MNIST settings).
 LM_DEFAULTS = {"temperatures": (1.0,), "alphas": (1.0,), "batch_size": 16, "losses": ("topk",)}

@@ -7,7 +7,17 @@ from pathlib import Path
 import click
 
 from kdstore.cli._common import FLOATS, INTS, SWITCHES, ChoiceList, progress_bar, user_errors
-from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
+from kdstore.options import (
+    AGREEMENT,
+    DATA_MODES,
+    ENSEMBLES,
+    LM_LOSSES,
+    LOSSES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    TAIL_MODELS,
+)
 
 
 @click.command("train")
@@ -91,6 +101,11 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
               help="Evaluate on --eval every N epochs (and after the last).")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
               help="Checkpoint every N epochs (and after the last); --resume restarts from the latest.")
+@click.option("--agreement", type=click.Choice(AGREEMENT), default="last-epoch", show_default=True,
+              help="How the results' agree% (top-1 agreement with the teacher on the transfer set) is measured: "
+                   "last-epoch counts it on the last epoch's training batches as they are trained (free; the "
+                   "weights still move within that epoch); final runs each finished student over the transfer set "
+                   "once more (exact; a forward pass, about 1/(3 x epochs) of the training time).")
 @click.option("--hint", "hints", multiple=True, metavar="LAYER:MODULE[:WEIGHT]",
               help="FitNets hint: the student's module MODULE (a name in its named_modules(), e.g. layers.3) learns "
                    "the teacher's stored feature LAYER (labeled with --features) through a learned regressor (a "
@@ -113,7 +128,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
           top_k: int | None, jsd_beta: float | None,
           tail: str | None, ensemble: str, teacher_weights: tuple[float, ...] | None, smoothing: float,
           zero_mean: bool, data_mode: str, num_workers: int, group_size: str, eval_every: int,
-          checkpoint_every: int, hints: tuple[str, ...], hint_epochs: int, out: str, resume: bool,
+          checkpoint_every: int, agreement: str, hints: tuple[str, ...], hint_epochs: int, out: str, resume: bool,
           quiet: bool) -> None:
     """Train students on stored teacher targets: no teacher runs, and the points of a sweep (temperatures,
     alphas, seeds, losses) train together in one pass over the data, each as if alone (--group-size).
@@ -169,7 +184,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
         transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble, teacher_weights=teacher_weights or (),
         smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers, val=val,
         val_fraction=val_fraction, val_seed=val_seed, augment=augment, group_size=_group_size(group_size),
-        eval_every=eval_every, checkpoint_every=checkpoint_every, hints=hints,
+        eval_every=eval_every, checkpoint_every=checkpoint_every, agreement=agreement, hints=hints,
         hint_epochs=hint_epochs,
     )
     trainer = Trainer(cfg)
@@ -222,6 +237,11 @@ def format_results(trainer: object, results: list) -> str:  # type: ignore[type-
         name = ("*" if (r.loss, r.standardize, r.temperature, r.alpha) == key else "") + r.run
         lines.append(f"{name:<24} {r.temperature:5g} {r.alpha:5g}" + (f" {r.val_errors:7d}" if val else "")
                      + f" {acc} {err} {nll} {100 * r.teacher_agreement:7.2f} {per:7.2f}")
+    overs = sorted({r.extra.get("teacher_agreement_over") for r in results} - {None})
+    if overs:
+        lines.append(f"agree%: top-1 agreement with the teacher, over {' / '.join(overs)}"
+                     + (" (--agreement final: a pass of the final weights over the transfer set)"
+                        if trainer.cfg.agreement == "last-epoch" else ""))
     if len(trainer.cfg.seeds) > 1:
         lines.append("mean +- SD over seeds:")
         lines += [_seed_line(g) for g in over_seeds(results)]

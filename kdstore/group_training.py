@@ -88,10 +88,10 @@ def _train_stack(tr: Trainer, todo: list[tuple[SweepPoint, str]], starts: list[A
     n = len(group.points[0])
     sources, which = _group_sources(tr, memory, points)
     evs: list[EvalResult | None] = [None] * len(todo)  # the latest evaluation of each point
-    t0 = time.perf_counter()
+    t0, agreement = time.perf_counter(), None
     for epoch in range(starts[0][2], tr.cfg.epochs):
         te = time.perf_counter()
-        train_losses = _group_epoch(tr, group, opt, sources, which, epoch, points, rids, progress)
+        train_losses, agreement = _group_epoch(tr, group, opt, sources, which, epoch, points, rids, progress)
         share = (time.perf_counter() - te) / len(points)
         state = opt.state_dict() if tr._due(tr.cfg.checkpoint_every, epoch) else None
         for i, (point, rid) in enumerate(todo):
@@ -103,18 +103,22 @@ def _train_stack(tr: Trainer, todo: list[tuple[SweepPoint, str]], starts: list[A
                                                 "optimizer": grouped.point_optimizer_state(state, i, n),
                                                 "epoch_seconds": seconds[i]})
             tr._log_epoch(rid, point, epoch, train_losses[i], opt, share, ev)
-    agreement = _group_agreement(tr, group, memory)
+    counted = agreement is not None
+    if agreement is None:  # --agreement final, or every epoch was trained before --resume
+        agreement = _group_agreement(tr, group, memory)
     each = (time.perf_counter() - t0) / len(points)
     return {rid: tr._finish(rid, point, group.load_into(models[i], i), memory, each, seconds[i], agreement[i],
-                            evs[i]) for i, (point, rid) in enumerate(todo)}
+                            evs[i], counted) for i, (point, rid) in enumerate(todo)}
 
 
 def _group_epoch(tr: Trainer, group: grouped.StudentGroup, opt: torch.optim.Optimizer,
                  sources: list[tuple[int, Batch | None]], which: list[int], epoch: int, points: list[SweepPoint],
-                 rids: list[str], progress: Progress | None) -> list[float]:
+                 rids: list[str], progress: Progress | None) -> tuple[list[float], list[float] | None]:
     """One pass over the data for a group: per step one batch per seed (read once for the points that share
-    its order), every point's loss on its own batch, one backward and one optimizer step for all of them."""
+    its order), every point's loss on its own batch, one backward and one optimizer step for all of them. Returns
+    each point's mean loss and, when `Trainer.counts_agreement`, its agreement with the teacher over the pass."""
     totals = torch.zeros(len(points), dtype=torch.float64, device=tr.device)
+    agree, count = torch.zeros(len(points), dtype=torch.int64, device=tr.device), tr.counts_agreement(epoch)
     rows, steps, shared = 0, math.ceil(tr.train_rows / tr.cfg.batch_size), len(sources) == 1
     streams = [tr._batches(source, epoch, seed) for seed, source in sources]
     for step, batches in enumerate(zip(*streams, strict=True)):
@@ -127,6 +131,9 @@ def _group_epoch(tr: Trainer, group: grouped.StudentGroup, opt: torch.optim.Opti
         opt.zero_grad(set_to_none=True)
         group.backward(point_losses.sum())  # no parameter is shared: each point gets its own loss's gradient
         opt.step()
+        if count:
+            agree += torch.stack([(out[i].detach().float().argmax(-1) == tr._teacher_argmax(batches[k][0])).sum()
+                                  for i, k in enumerate(which)])
         n = len(batches[0][0]["x"])
         totals += point_losses.detach().double() * n
         rows += n
@@ -136,7 +143,7 @@ def _group_epoch(tr: Trainer, group: grouped.StudentGroup, opt: torch.optim.Opti
     for rid, value in zip(rids, means, strict=True):
         if not math.isfinite(value):
             raise TrainingDiverged(tr._diverged(rid, f"the loss became {value} in epoch {epoch + 1}"))
-    return means  # type: ignore[no-any-return]
+    return means, (agree.double() / max(rows, 1)).tolist() if count else None  # type: ignore[return-value]
 
 
 def _group_sources(tr: Trainer, memory: Batch | None,

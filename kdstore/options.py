@@ -14,3 +14,6 @@ ENSEMBLES = ("mean-prob", "mean-logit")  # or one member's id, t0, t1, ...
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 DATA_MODES = ("auto", "memory", "stream")
+# how `kdstore train --agreement` measures a student's top-1 agreement with the teacher: counted on the batches of
+# the last epoch as they are trained (free), or one more forward pass over the transfer set with the final weights
+AGREEMENT = ("last-epoch", "final")

@@ -44,6 +44,8 @@ from kdstore.validation import Validation
 __all__ = ["DATA_MODES", "LOSSES", "OPTIMIZERS", "SCHEDULES", "SweepPoint", "TrainConfig", "Trainer"]
 
 Progress = Callable[[str, int, int], None]
+# what a result's teacher_agreement was measured on (its extra["teacher_agreement_over"]), by whether it was counted
+AGREEMENT_OVER = {True: "the last epoch's batches, as trained", False: "the transfer set, final weights"}
 Batch = dict[str, Tensor]
 
 
@@ -81,7 +83,7 @@ class Trainer:
         self.mode = _data_mode(config, self.data)
         self.group_size, self.group_note = group_training.group_size(self)
         keep = tuple(self.replay.param_names) if self.replay and self.replay.stored else ()
-        keep += tuple(f"feature:{f.column}" for f in self.hint_features)
+        keep += tuple(f"feature:{f.column}" for f in self.hint_features) + ("teacher_top1",)
         self._views = soft_targets.ViewCache(self.plans, self.weights, keep)  # see _views_for
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -91,6 +93,8 @@ class Trainer:
         memory = self.data.to_memory(self.device) if self.mode == "memory" else None
         if memory is not None and self.holdout is not None:
             memory, self.validation.memory = split_memory(memory, self.holdout)
+        if memory is not None:  # every view carries it (ViewCache keep): the last epoch counts agreement for free
+            memory["teacher_top1"] = self._memory_top1(memory)
         results: list[RunResult] = []
         points = self.cfg.sweep()
         for a in range(0, len(points), self.group_size):
@@ -115,24 +119,27 @@ class Trainer:
         model, opt, start_epoch, epoch_seconds = self._start(rid, point.seed)
         net = _parallel(model, self.dist.active, self.device)
         view = self._views_for(memory, [point])[0] if memory is not None else None
-        t0, ev = time.perf_counter(), None
+        t0, ev, agreement = time.perf_counter(), None, None
         model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
             te = time.perf_counter()
-            train_loss = self._epoch(net, model, opt, view, epoch, point, rid, progress)
+            train_loss, agreement = self._epoch(net, model, opt, view, epoch, point, rid, progress)
             epoch_seconds.append(time.perf_counter() - te)
             ev = self.evaluate(model) if self._due(self.cfg.eval_every, epoch) else None
             if self.dist.is_main and self._due(self.cfg.checkpoint_every, epoch):
                 self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                                   "epoch": epoch, "epoch_seconds": epoch_seconds})
             self._log_epoch(rid, point, epoch, train_loss, opt, epoch_seconds[-1], ev)
-        return self._finish(rid, point, model, memory, time.perf_counter() - t0, epoch_seconds, ev=ev)
+        return self._finish(rid, point, model, memory, time.perf_counter() - t0, epoch_seconds, agreement, ev,
+                            counted=agreement is not None)
 
     def _epoch(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, view: Batch | None, epoch: int,
-               point: SweepPoint, rid: str, progress: Progress | None) -> float:
-        """One pass over the data; returns the mean training loss over every rank's rows."""
+               point: SweepPoint, rid: str, progress: Progress | None) -> tuple[float, float | None]:
+        """One pass over the data; returns the mean training loss over every rank's rows and, in the last epoch
+        under --agreement last-epoch, the share of rows where the student's argmax (as trained) was the teacher's."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        rows, world = 0, self.dist.world_size
+        agree = torch.zeros((), dtype=torch.int64, device=self.device)
+        rows, world, count = 0, self.dist.world_size, self.counts_agreement(epoch)
         steps = math.ceil(self.train_rows / self.cfg.batch_size)
         with _join(net, self.dist.active and view is None):
             for step, (batch, n_global) in enumerate(self._batches(view, epoch, point.seed)):
@@ -142,6 +149,8 @@ class Trainer:
                     with autocast(self.device, self.precision):
                         out = net(batch["x"])
                     loss = self._loss_with_hints(model, out, batch, point, epoch)
+                    if count:
+                        agree += (out.detach().float().argmax(-1) == self._teacher_argmax(batch)).sum()
                 else:  # a rank with no rows in the last global batch still joins the gradient all-reduce
                     loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
                 # DDP averages gradients over ranks; weighting by n_local / n_global * world makes the update the
@@ -154,11 +163,16 @@ class Trainer:
                 rows += n_local
                 if progress and self.dist.is_main:
                     progress(rid, epoch, n_global)
-        loss_sum, row_sum = self.dist.sum(float(total), float(rows))
+        loss_sum, row_sum, agree_sum = self.dist.sum(float(total), float(rows), float(agree))
         train_loss = loss_sum / max(row_sum, 1)
         if not math.isfinite(train_loss):
             raise TrainingDiverged(self._diverged(rid, f"the loss became {train_loss} in epoch {epoch + 1}"))
-        return train_loss
+        return train_loss, agree_sum / max(row_sum, 1) if count else None
+
+    def counts_agreement(self, epoch: int) -> bool:
+        """Whether `epoch`'s training batches count the agreement with the teacher (--agreement last-epoch): free,
+        where a pass with the final weights costs a forward over the transfer set (1/(3 x epochs) of the training)."""
+        return self.cfg.agreement == "last-epoch" and epoch + 1 == self.cfg.epochs
 
     def _loss_with_hints(self, model: nn.Module, out: Tensor, batch: Batch, point: SweepPoint, epoch: int) -> Tensor:
         """The point's loss plus, with --hint, the hints' (FitNets: the student's regressed features against the
@@ -260,21 +274,33 @@ class Trainer:
         return agree_all / max(total_all, 1)
 
     def _teacher_argmax(self, batch: Batch) -> Tensor:
+        if "teacher_top1" in batch:  # an in-memory batch: computed once per run (_memory_top1)
+            return batch["teacher_top1"]
         if "logits" in batch or "topk_values" in batch:
             return soft_targets.batch_log_probs(batch, 1.0, self.plan, self.weights).argmax(1)
         return batch["label"]
 
+    def _memory_top1(self, memory: Batch, chunk: int = 65536) -> Tensor:
+        """The (ensembled) teacher's argmax of every in-memory row."""
+        rows = len(memory["sample_id"])
+        return torch.cat([self._teacher_argmax({k: v[a : a + chunk] for k, v in memory.items() if k != "x"})
+                          for a in range(0, rows, chunk)])
+
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, memory: Batch | None, seconds: float,
-                epoch_seconds: list[float], agreement: float | None = None, ev: EvalResult | None = None) -> RunResult:
-        """The point's result, student and files. `agreement` and `ev` (the last epoch's evaluation, of the same
-        weights) are measured here when not given."""
+                epoch_seconds: list[float], agreement: float | None = None, ev: EvalResult | None = None,
+                counted: bool = False) -> RunResult:
+        """The point's result, student and files. `agreement` (`counted` on the last epoch's batches, else a pass of
+        the final weights) and `ev` (the last epoch's evaluation, of the same weights) are measured here when not
+        given."""
         ev, val = ev or self.evaluate(model), self.validation.evaluate(model, self.device, self.precision)
         if any(e and not math.isfinite(e.nll) for e in (ev, val)):
             raise TrainingDiverged(self._diverged(rid, "the trained student's outputs are not finite"))
-        agreement = self.agreement(model, memory) if agreement is None else agreement
+        if agreement is None:
+            agreement, counted = self.agreement(model, memory), False
         student = model.student if isinstance(model, HintedStudent) else model  # saved without hint regressors
         result = _run_result(rid, point, self.cfg.epochs, ev, val, agreement, seconds, epoch_seconds,
-                             {"parameters": count_parameters(student), "world_size": self.dist.world_size})
+                             {"parameters": count_parameters(student), "world_size": self.dist.world_size,
+                              "teacher_agreement_over": AGREEMENT_OVER[counted]})
         if self.dist.is_main:
             info = _student_info(self.cfg, self.num_classes, str(self.data.version.ref), result)
             self.rundir.finish(rid, student.state_dict(), info, result)

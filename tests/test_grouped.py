@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 
+from kdstore.errors import ConfigError
 from kdstore.grouped import StudentGroup, point_optimizer_state, stack_optimizer_states
 from kdstore.students import build_model
-from kdstore.training import Trainer
+from kdstore.training import TrainConfig, Trainer
 from tests.conftest import Data
 from tests.helpers import FIX, assert_clean_error, cli, run_label
 
@@ -221,3 +222,44 @@ def test_grouped_points_replay_stored_views_as_alone(tmp_path: Path, mode: str) 
     for run, r in results[None].items():
         assert max_diff(weights(tmp_path / "run-None", run), weights(tmp_path / "run-1", run)) < WEIGHT_ATOL
         assert (r.val_errors, r.teacher_agreement) == (results[1][run].val_errors, results[1][run].teacher_agreement)
+
+
+@pytest.mark.parametrize(("mode", "student"), [("memory", STUDENT), ("stream", STUDENT),
+                                              ("memory", f"{FIX}:exact_teacher_b")])
+def test_agreement_counted_in_the_last_epoch(store: Path, tmp_path: Path, mode: str, student: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--agreement last-epoch counts the teacher agreement on the last epoch's training batches, grouped or alone.
+    At lr 1e-12 no weight moves (Adam's steps are below float32 resolution), so the count must equal the exact
+    pass of --agreement final over every transfer row, for students that agree with the teacher on a third (the
+    MLP) and on a sixth (exact_teacher_b) of the rows: a count over some of the rows, or of another point's outputs,
+    would not."""
+    counted: list[int] = []
+    real = Trainer.counts_agreement
+
+    def spy(self: Trainer, epoch: int) -> bool:
+        if real(self, epoch):
+            counted.append(epoch)
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "counts_agreement", spy)
+    runs = {}
+    for name, extra in {"last": [], "alone": ["--group-size", "1"], "final": ["--agreement", "final"]}.items():
+        counted.clear()
+        ok(train(store, tmp_path / name, *SWEEP, "--lr", "1e-12", "--data", mode, *extra, epochs=2,
+                 student=student))
+        assert counted == ([] if name == "final" else [1] * (1 if name == "last" else 6))  # epoch 2 only
+        runs[name] = summary(tmp_path / name)["runs"]
+    assert json.loads((tmp_path / "last" / "config.json").read_text())["grouping"]["group_size"] == 6
+    for last, alone, final in zip(runs["last"], runs["alone"], runs["final"], strict=True):
+        assert last["teacher_agreement"] == alone["teacher_agreement"] == final["teacher_agreement"], last["run"]
+        assert last["extra"]["teacher_agreement_over"] == "the last epoch's batches, as trained"
+        assert final["extra"]["teacher_agreement_over"] == "the transfer set, final weights"
+    assert runs["last"][0]["teacher_agreement"] == {STUDENT: 0.33, f"{FIX}:exact_teacher_b": 0.16}[student]
+
+
+def test_bad_agreement(store: Path, tmp_path: Path) -> None:
+    r = train(store, tmp_path / "run", "--agreement", "sometimes")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "Invalid value for '--agreement': 'sometimes' is not one of 'last-epoch', 'final'" in r.output
+    with pytest.raises(ConfigError, match=r"^agreement 'sometimes': expected one of last-epoch, final$"):
+        TrainConfig(targets=str(store), student=STUDENT, out=str(tmp_path / "x"), agreement="sometimes")

@@ -81,7 +81,9 @@ def test_sweep_writes_every_output(data: Data, stores: dict[str, Path], tmp_path
     assert "sweep.png" in r.output.splitlines()[-1]
     lines = r.output.splitlines()
     assert lines[0].split()[:3] == ["run", "T", "alpha"] and lines[1].startswith("kd-T1-a0.5")
-    assert lines[2].startswith("kd-T4-a0.5") and lines[3].startswith("teacher t0: ")
+    assert lines[2].startswith("kd-T4-a0.5") and lines[4].startswith("teacher t0: ")
+    assert lines[3] == ("agree%: top-1 agreement with the teacher, over the last epoch's batches, as trained "
+                        "(--agreement final: a pass of the final weights over the transfer set)")
 
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["temperatures"] == [1.0, 4.0] and config["config"]["alphas"] == [0.5]
