@@ -44,7 +44,8 @@ def errors_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
 
 
 def train_teacher(cfg: dict[str, Any], train: Path, test: Path, device: torch.device, out: Path) -> dict[str, Any]:
-    """784-1200-1200-10 (or cfg arch lenet) with dropout, jitter and max-norm; writes teacher.safetensors and teacher.json.
+    """784-1200-1200-10 (or cfg arch lenet) with dropout, jitter and max-norm; writes teacher.safetensors and
+    teacher.json.
 
     Checkpoints to OUT/checkpoint.pt at most once a minute and resumes from it when the config is the same
     (a command cut off by a time limit continues where it stopped)."""
