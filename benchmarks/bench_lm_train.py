@@ -48,11 +48,11 @@ READS = {"hard": ("input_ids", "attention_mask", "loss_mask", "target_mask"),
 
 
 def run_case(targets: str, eval_ref: str, student: str, loss: str, k: int | None, seed: int, epochs: int,
-             batch_size: int, lr: float, out: Path) -> dict[str, Any]:
+             batch_size: int, lr: float, out: Path, data_mode: str = "memory") -> dict[str, Any]:
     from kdstore.lm_training import LMTrainConfig, LMTrainer
 
     cfg = LMTrainConfig(targets=targets, student=student, out=str(out), losses=(loss,), seeds=(seed,),
-                        epochs=epochs, batch_size=batch_size, lr=lr, top_k=k, eval=eval_ref, data_mode="memory",
+                        epochs=epochs, batch_size=batch_size, lr=lr, top_k=k, eval=eval_ref, data_mode=data_mode,
                         device="cpu")
     trainer = LMTrainer(cfg)
     cpu = time.process_time()
@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--full-targets", default=None, help="the same rows labeled with --top-k V (adds the full case)")
+    ap.add_argument("--full-data", choices=("memory", "stream"), default="memory",
+                    help="how the full case reads its targets: in memory (like every other case; about 6 bytes per "
+                         "vocabulary entry per token decoded) or streamed by row group (flat memory, another order)")
     ap.add_argument("--cases", default=None, help="default: every case (full only with --full-targets)")
     ap.add_argument("--out", default="bench_lm_train.json")
     a = ap.parse_args()
@@ -135,7 +138,7 @@ def main() -> None:
                 loss, k = CASES[case]
                 targets = a.full_targets if case == "full" else a.targets
                 r = run_case(targets, a.eval, a.student, loss, k, seed, a.epochs, a.batch_size, a.lr,
-                             Path(tmp) / f"{case}-{seed}")
+                             Path(tmp) / f"{case}-{seed}", a.full_data if case == "full" else "memory")
                 runs.append({"case": case, "seed": seed, **r})
                 print(json.dumps(runs[-1]), flush=True)
     bpt = bytes_per_token(a.targets)

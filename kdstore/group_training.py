@@ -132,7 +132,7 @@ def _group_epoch(tr: Trainer, group: grouped.StudentGroup, opt: torch.optim.Opti
         group.backward(point_losses.sum())  # no parameter is shared: each point gets its own loss's gradient
         opt.step()
         if count:
-            agree += torch.stack([(out[i].detach().float().argmax(-1) == tr._teacher_argmax(batches[k][0])).sum()
+            agree += torch.stack([(out[i].detach().float().argmax(-1) == tr.teacher_top1(batches[k][0])).sum()
                                   for i, k in enumerate(which)])
         n = len(batches[0][0]["x"])
         totals += point_losses.detach().double() * n
@@ -181,6 +181,6 @@ def _group_agreement(tr: Trainer, group: grouped.StudentGroup, memory: Batch | N
     for batch, _ in tr._batches(memory, 0, tr.cfg.seeds[0], AGREEMENT_BATCH):
         with autocast(tr.device, tr.precision):
             out = group(batch["x"], shared=True)
-        agree += (out.float().argmax(-1) == tr._teacher_argmax(batch)).sum(1)
+        agree += (out.float().argmax(-1) == tr.teacher_top1(batch)).sum(1)
         total += len(batch["x"])
     return (agree.double() / max(total, 1)).tolist()  # type: ignore[no-any-return]

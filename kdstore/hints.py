@@ -10,7 +10,7 @@ wrapper sees the regressors as part of the module it reduces gradients for. Chec
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,17 @@ class HintedStudent(nn.Module):
         return sum((s.weight * feature_losses.feature_mse(self.hinted[f.column], batch[f"feature:{f.column}"],
                                                           scale=f.scale)
                     for s, f in zip(self.specs, self.stored, strict=True)), torch.zeros((), device=_device(self)))
+
+
+def with_hints(model: nn.Module, logit_loss: Callable[[Tensor, Mapping[str, Tensor]], Tensor], out: Tensor,
+               batch: Mapping[str, Tensor], epoch: int, hint_epochs: int) -> Tensor:
+    """A training step's loss: `logit_loss(out, batch)` plus, for a `HintedStudent`, its hints' (FitNets: the
+    regressed student features against the stored ones); during the first `hint_epochs` epochs the hints' alone
+    (FitNets' stage 1)."""
+    if not isinstance(model, HintedStudent):
+        return logit_loss(out, batch)
+    hint = model.hint_loss(batch)
+    return hint if epoch < hint_epochs else logit_loss(out, batch) + hint
 
 
 def check_student_modules(modules: dict[str, nn.Module], specs: Sequence[HintSpec]) -> None:

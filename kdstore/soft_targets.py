@@ -109,6 +109,23 @@ def batch_log_probs(batch: Mapping[str, Tensor], temperature: float, plan: Targe
     return combine(batch_logits(batch, plan), temperature, plan, weights, standardize)
 
 
+def teacher_top1(batch: Mapping[str, Tensor], plan: TargetPlan, weights: Tensor) -> Tensor:
+    """The (ensembled) teacher's argmax per row, (B,) int64: the batch's ``teacher_top1`` when it has one (in
+    memory, computed once per run by `memory_top1`), else from its stored logits or top-k, else its labels."""
+    if "teacher_top1" in batch:
+        return batch["teacher_top1"]
+    if "logits" in batch or "topk_values" in batch:
+        return batch_log_probs(batch, 1.0, plan, weights).argmax(1)
+    return batch["label"]
+
+
+def memory_top1(memory: Mapping[str, Tensor], plan: TargetPlan, weights: Tensor, chunk: int = 65536) -> Tensor:
+    """`teacher_top1` of every row of an in-memory set, a chunk of rows at a time."""
+    rows = len(memory["sample_id"])
+    return torch.cat([teacher_top1({k: v[a : a + chunk] for k, v in memory.items() if k != "x"}, plan, weights)
+                      for a in range(0, rows, chunk)])
+
+
 def mse_target(batch: Mapping[str, Tensor], weights: Tensor) -> Tensor:
     """The logit-regression target of a batch: the (weighted) mean of the teachers' logits, (B, C) float32."""
     return ensemble.mean_logits(batch["logits"].float(), weights)

@@ -31,7 +31,7 @@ from kdstore.data import TrainingData, check_holdout, memory_batches, open_train
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import TrainingDiverged, arg
 from kdstore.evaluation import AGREEMENT_BATCH, EvalResult, agreement_counts, evaluate, load_eval_set
-from kdstore.hints import HintedStudent, HintSpec, stored_features
+from kdstore.hints import HintedStudent, HintSpec, stored_features, with_hints
 from kdstore.plan import plan_targets
 from kdstore.replay import check_train_augment
 from kdstore.rundir import RunDir, RunResult, best_by_validation, over_seeds
@@ -94,7 +94,7 @@ class Trainer:
         if memory is not None and self.holdout is not None:
             memory, self.validation.memory = split_memory(memory, self.holdout)
         if memory is not None:  # every view carries it (ViewCache keep): the last epoch counts agreement for free
-            memory["teacher_top1"] = self._memory_top1(memory)
+            memory["teacher_top1"] = soft_targets.memory_top1(memory, self.plan, self.weights)
         results: list[RunResult] = []
         points = self.cfg.sweep()
         for a in range(0, len(points), self.group_size):
@@ -140,6 +140,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         agree = torch.zeros((), dtype=torch.int64, device=self.device)
         rows, world, count = 0, self.dist.world_size, self.counts_agreement(epoch)
+        point_loss = functools.partial(self.loss, point=point)
         steps = math.ceil(self.train_rows / self.cfg.batch_size)
         with _join(net, self.dist.active and view is None):
             for step, (batch, n_global) in enumerate(self._batches(view, epoch, point.seed)):
@@ -148,9 +149,9 @@ class Trainer:
                 if n_local:
                     with autocast(self.device, self.precision):
                         out = net(batch["x"])
-                    loss = self._loss_with_hints(model, out, batch, point, epoch)
+                    loss = with_hints(model, point_loss, out, batch, epoch, self.cfg.hint_epochs)
                     if count:
-                        agree += (out.detach().float().argmax(-1) == self._teacher_argmax(batch)).sum()
+                        agree += (out.detach().float().argmax(-1) == self.teacher_top1(batch)).sum()
                 else:  # a rank with no rows in the last global batch still joins the gradient all-reduce
                     loss = sum(p.sum() * 0.0 for p in model.parameters())  # type: ignore[assignment]
                 # DDP averages gradients over ranks; weighting by n_local / n_global * world makes the update the
@@ -173,14 +174,6 @@ class Trainer:
         """Whether `epoch`'s training batches count the agreement with the teacher (--agreement last-epoch): free,
         where a pass with the final weights costs a forward over the transfer set (1/(3 x epochs) of the training)."""
         return self.cfg.agreement == "last-epoch" and epoch + 1 == self.cfg.epochs
-
-    def _loss_with_hints(self, model: nn.Module, out: Tensor, batch: Batch, point: SweepPoint, epoch: int) -> Tensor:
-        """The point's loss plus, with --hint, the hints' (FitNets: the student's regressed features against the
-        stored ones); during the first --hint-epochs the hints' alone (FitNets' stage 1)."""
-        if not self.hints:
-            return self.loss(out, batch, point)
-        hint = model.hint_loss(batch)  # type: ignore[operator]
-        return hint if epoch < self.cfg.hint_epochs else self.loss(out, batch, point) + hint
 
     def _due(self, every: int, epoch: int) -> bool:
         """Whether a per-epoch task with cadence `every` (--eval-every, --checkpoint-every) runs after `epoch`: every
@@ -269,22 +262,12 @@ class Trainer:
         """Fraction of transfer rows where the student's argmax equals the (ensembled) teacher's."""
         # the order does not matter here, and forward passes over large batches cost less per row
         batches = (b for b, _ in self._batches(memory, 0, self.cfg.seeds[0], AGREEMENT_BATCH))
-        agree, total = agreement_counts(model, batches, self._teacher_argmax, self.device, self.precision)
+        agree, total = agreement_counts(model, batches, self.teacher_top1, self.device, self.precision)
         agree_all, total_all = self.dist.sum(agree, total)
         return agree_all / max(total_all, 1)
 
-    def _teacher_argmax(self, batch: Batch) -> Tensor:
-        if "teacher_top1" in batch:  # an in-memory batch: computed once per run (_memory_top1)
-            return batch["teacher_top1"]
-        if "logits" in batch or "topk_values" in batch:
-            return soft_targets.batch_log_probs(batch, 1.0, self.plan, self.weights).argmax(1)
-        return batch["label"]
-
-    def _memory_top1(self, memory: Batch, chunk: int = 65536) -> Tensor:
-        """The (ensembled) teacher's argmax of every in-memory row."""
-        rows = len(memory["sample_id"])
-        return torch.cat([self._teacher_argmax({k: v[a : a + chunk] for k, v in memory.items() if k != "x"})
-                          for a in range(0, rows, chunk)])
+    def teacher_top1(self, batch: Batch) -> Tensor:
+        return soft_targets.teacher_top1(batch, self.plan, self.weights)
 
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, memory: Batch | None, seconds: float,
                 epoch_seconds: list[float], agreement: float | None = None, ev: EvalResult | None = None,

@@ -422,17 +422,17 @@ def test_hint_epochs_train_only_below_the_hinted_module_first(hinted_store: Path
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """FitNets' stage 1 (--hint-epochs): the hint alone moves the layers up to the hinted module and the regressor;
     the layers above it keep their initial weights until the logit loss joins."""
+    from kdstore import training
     from kdstore.students import build_student
-    from kdstore.training import Trainer
 
-    real = Trainer._loss_with_hints
+    real = training.with_hints
 
-    def stop_in_epoch_2(self: Trainer, model: Any, out: Any, batch: Any, point: Any, epoch: int) -> torch.Tensor:
+    def stop_in_epoch_2(model: Any, loss: Any, out: Any, batch: Any, epoch: int, hint_epochs: int) -> torch.Tensor:
         if epoch == 1:
             raise KeyboardInterrupt
-        return real(self, model, out, batch, point, epoch)
+        return real(model, loss, out, batch, epoch, hint_epochs)
 
-    monkeypatch.setattr(Trainer, "_loss_with_hints", stop_in_epoch_2)
+    monkeypatch.setattr(training, "with_hints", stop_in_epoch_2)
     r = _train(hinted_store, tmp_path / "run", "--hint", "0:layers.0", "--hint-epochs", "1", epochs=2)
     assert r.exit_code != 0 and "interrupted" in r.output
     state = torch.load(tmp_path / "run" / "runs" / "kd-T4-a0.9" / "checkpoint.pt", weights_only=True)["model"]
