@@ -6,18 +6,9 @@ from pathlib import Path
 
 import click
 
+from kdstore import options
 from kdstore.cli._common import FLOATS, INTS, SWITCHES, ChoiceList, progress_bar, user_errors
-from kdstore.options import (
-    AGREEMENT,
-    DATA_MODES,
-    ENSEMBLES,
-    LM_LOSSES,
-    LOSSES,
-    OPTIMIZERS,
-    PRECISIONS,
-    SCHEDULES,
-    TAIL_MODELS,
-)
+from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 
 
 @click.command("train")
@@ -101,7 +92,7 @@ from kdstore.options import (
               help="Evaluate on --eval every N epochs (and after the last).")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
               help="Checkpoint every N epochs (and after the last); --resume restarts from the latest.")
-@click.option("--agreement", type=click.Choice(AGREEMENT), default="last-epoch", show_default=True,
+@click.option("--agreement", type=click.Choice(options.AGREEMENT), default="last-epoch", show_default=True,
               help="How the results' agree% (top-1 agreement with the teacher on the transfer set) is measured: "
                    "last-epoch counts it on the last epoch's training batches as they are trained (free; the "
                    "weights still move within that epoch); final runs each finished student over the transfer set "

@@ -6,19 +6,10 @@ import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, NamedTuple
 
+from kdstore import options
 from kdstore.errors import ConfigError, arg
 from kdstore.hints import HintSpec
-from kdstore.options import (
-    AGREEMENT,
-    DATA_MODES,
-    ENSEMBLES,
-    LM_LOSSES,
-    LOSSES,
-    OPTIMIZERS,
-    PRECISIONS,
-    SCHEDULES,
-    TAIL_MODELS,
-)
+from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 from kdstore.rundir import run_id
 
 NO_TEMPERATURE = ("hard", "ls", "mse")  # losses without T or alpha: one run per seed (and per standardize, mse)
@@ -79,7 +70,7 @@ class TrainConfig:
     group_size: int | None = None  # points per pass; None: automatic (bounded by memory), 1: one at a time
     eval_every: int = 1
     checkpoint_every: int = 1
-    agreement: str = "last-epoch"  # AGREEMENT: counted on the last epoch's batches, or one pass with final weights
+    agreement: str = "last-epoch"  # options.AGREEMENT: counted in the last epoch, or a pass of the final weights
     hints: tuple[str, ...] = ()  # LAYER:STUDENT_MODULE[:WEIGHT] (kdstore.hints)
     hint_epochs: int = 0  # FitNets stage 1: the first N epochs train on the hints alone
 
@@ -128,8 +119,8 @@ class TrainConfig:
         if self.num_workers < 0:
             e.append(f"{arg('num_workers')} {self.num_workers}: must be >= 0")
         e += self._check_cadence()
-        if self.agreement not in AGREEMENT:
-            e.append(f"{arg('agreement')} {self.agreement!r}: expected one of {', '.join(AGREEMENT)}")
+        if self.agreement not in options.AGREEMENT:
+            e.append(f"{arg('agreement')} {self.agreement!r}: expected one of {', '.join(options.AGREEMENT)}")
         if self.hint_epochs and not self.hints:
             e.append(f"{arg('hint_epochs')} {self.hint_epochs}: trains on the hints alone, and no {arg('hint')} is "
                      "given; add --hint LAYER:MODULE or drop it")
