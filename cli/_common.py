@@ -134,3 +134,14 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise click.BadParameter(f"{text}: need 0 <= I < N", param_hint="--shard")
     return i, n
+
+
+def group_size_option(text: str) -> int | None:
+    """`kdstore train --group-size`: auto (None) or a positive count."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected a whole number of points or auto",
+                                 param_hint="'--group-size'") from None

@@ -9,14 +9,14 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from kdstore.cli._common import progress_bar
+from kdstore.cli._common import group_size_option, progress_bar
 from kdstore.lm_report import lm_over_seeds, plot_lm_sweep
 
 # Options of `kdstore train` that mean nothing for per-token targets: refused when given, so a run never silently
 # ignores what was asked for.
 CLASSIFICATION_ONLY = ("standardize", "eval_input_columns", "eval_label_column", "val", "augment", "transfer", "tail",
                        "ensemble", "teacher_weights", "smoothing", "zero_mean", "momentum", "num_workers",
-                       "group_size", "eval_every", "checkpoint_every",  # #18's grouping, not for LMs yet
+                       "eval_every", "checkpoint_every",  # an LM run measures and checkpoints every epoch
                        "agreement",  # an LM's agreement is measured on held-out text (lm_evaluation)
                        "hint_epochs")  # FitNets' stage 1: classification students only for now
 # Defaults that differ for language models (the classification ones are Hinton's MNIST settings).
@@ -43,7 +43,8 @@ def train_language_model(ctx: click.Context) -> None:
         alphas=p["alphas"], seeds=p["seeds"], epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
         weight_decay=p["weight_decay"], schedule=p["schedule"], device=p["device"], precision=p["precision"],
         top_k=p["top_k"], val_fraction=p["val_fraction"], val_seed=p["val_seed"], eval=p["eval_path"],
-        data_mode=p["data_mode"], jsd_beta=p["jsd_beta"], hints=tuple(p.get("hints") or ()))
+        data_mode=p["data_mode"], jsd_beta=p["jsd_beta"], hints=tuple(p.get("hints") or ()),
+        group_size=group_size_option(p["group_size"]))
     trainer = LMTrainer(cfg)
     total = len(cfg.sweep()) * cfg.epochs * len(trainer.train_rows)
     quiet = p["quiet"] or not trainer.dist.is_main  # under torchrun, rank 0 alone reports

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kdstore import options
-from kdstore.cli._common import FLOATS, INTS, SWITCHES, ChoiceList, progress_bar, user_errors
+from kdstore.cli._common import FLOATS, INTS, SWITCHES, ChoiceList, group_size_option, progress_bar, user_errors
 from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, TAIL_MODELS
 
 
@@ -174,7 +174,7 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
         eval=eval_path, eval_input_columns=eval_input_columns, eval_label_column=eval_label_column,
         transfer=transfer, top_k=top_k, tail=tail, ensemble=ensemble, teacher_weights=teacher_weights or (),
         smoothing=smoothing, zero_mean=zero_mean, data_mode=data_mode, num_workers=num_workers, val=val,
-        val_fraction=val_fraction, val_seed=val_seed, augment=augment, group_size=_group_size(group_size),
+        val_fraction=val_fraction, val_seed=val_seed, augment=augment, group_size=group_size_option(group_size),
         eval_every=eval_every, checkpoint_every=checkpoint_every, agreement=agreement, hints=hints,
         hint_epochs=hint_epochs,
     )
@@ -193,17 +193,6 @@ def train(targets: str, student: str, losses: tuple[str, ...], standardize: tupl
     plot = plot_sweep(results, Path(out) / "sweep.png", f"{student} on {trainer.data.version.ref}")
     click.echo(f"outputs in {out}/ (summary.json, metrics.jsonl, runs/*/student.safetensors"
                + (", sweep.png" if plot else "") + ")")
-
-
-def _group_size(text: str) -> int | None:
-    """--group-size: auto (None) or a positive count."""
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected a whole number of points or auto",
-                                 param_hint="'--group-size'") from None
 
 
 def format_results(trainer: object, results: list) -> str:  # type: ignore[type-arg]

@@ -15,6 +15,7 @@ group's optimizer state, `stack_optimizer_states` joins per-point states), so a 
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -41,6 +42,9 @@ class StudentGroup:
         self.size = len(models)
         self.points = [{k: v.detach()[i].requires_grad_() for k, v in params.items()} for i in range(self.size)]
         self.base = copy.deepcopy(models[0]).to("meta")  # the architecture; its own weights are never used
+        # A tied parameter (an LM head sharing the token embedding) is stacked once under its first name; moving the
+        # base to "meta" unties it, so the forward passes the stacked tensor under every name it has.
+        self.aliases = _tied_aliases(models[0])
         self.mlp_layers = _plain_mlp_layers(models[0])
 
     def parameters(self) -> list[Tensor]:
@@ -55,7 +59,10 @@ class StudentGroup:
         def one(params: dict[str, Tensor], buffers: dict[str, Tensor], xs: Tensor) -> Tensor:
             return functional_call(self.base, (params, buffers), (xs,))  # type: ignore[no-any-return]
 
-        return vmap(one, in_dims=(0, 0, None if shared else 0))(self.stacked, self.buffers, x)  # type: ignore[no-any-return]
+        params = {**self.stacked, **{alias: self.stacked[name] for alias, name in self.aliases.items()}}
+        with warnings.catch_warnings():  # ops without a batching rule (CPU attention) loop over the points: correct
+            warnings.filterwarnings("ignore", "There is a performance drop because we have not yet implemented")
+            return vmap(one, in_dims=(0, 0, None if shared else 0))(params, self.buffers, x)  # type: ignore[no-any-return]
 
     def backward(self, loss: Tensor) -> None:
         """Backpropagate `loss` to the stacked tensors and give each point its slice of their gradients."""
@@ -71,12 +78,25 @@ class StudentGroup:
         view would save the whole stacked storage)."""
         out = {k: v.detach().clone() for k, v in self.points[i].items()}
         out.update({k: v[i].clone() for k, v in self.buffers.items()})
+        out.update({alias: out[name] for alias, name in self.aliases.items()})
         return out
 
     def load_into(self, model: nn.Module, i: int) -> nn.Module:
         """Copy point i's weights into `model` (one of the architecture) and return it."""
         model.load_state_dict(self.state(i))
         return model
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{second name: first name} of every parameter registered under more than one name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
 
 
 def _plain_mlp_layers(model: nn.Module) -> int:
@@ -135,21 +155,37 @@ def per_point_bytes(model: nn.Module, batch_size: int, rows: int, classes: int) 
 
 
 def stack_optimizer_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """One optimizer state for a group's `parameters()` (point after point) from the points' own states, which
-    come from optimizers of one parameter group over each point's module (all fresh, or all restored)."""
-    first = states[0]
-    n = len(first["param_groups"][0]["params"])
-    groups = copy.deepcopy(first["param_groups"])
-    groups[0]["params"] = list(range(n * len(states)))
-    return {"param_groups": groups,
-            "state": {i * n + j: entry for i, s in enumerate(states) for j, entry in s["state"].items()}}
+    """One optimizer state for a group from the points' own states, which come from optimizers over each point's
+    module with the same parameter groups (all fresh, or all restored). Group g of the stacked optimizer holds
+    every point's parameters of group g, point after point (as `StudentGroup.parameters()` lists them for one
+    group)."""
+    sizes = [len(g["params"]) for g in states[0]["param_groups"]]
+    groups = copy.deepcopy(states[0]["param_groups"])
+    state: dict[int, Any] = {}
+    start = 0
+    for g, n in enumerate(sizes):
+        groups[g]["params"] = list(range(start, start + n * len(states)))
+        offset = sum(sizes[:g])  # the point's own index of its group's first parameter
+        for i, s in enumerate(states):
+            state.update({start + i * n + j: s["state"][offset + j] for j in range(n) if offset + j in s["state"]})
+        start += n * len(states)
+    return {"param_groups": groups, "state": state}
 
 
-def point_optimizer_state(state: dict[str, Any], i: int, n: int) -> dict[str, Any]:
-    """Point i's part of a group optimizer's state (`n` parameters per point), as an optimizer over its own module
-    would hold it: what an ungrouped checkpoint stores."""
+def point_optimizer_state(state: dict[str, Any], i: int, n: int | list[int]) -> dict[str, Any]:
+    """Point i's part of a group optimizer's state (`n` parameters per point, or per parameter group), as an
+    optimizer over its own module would hold it: what an ungrouped checkpoint stores."""
+    sizes = [n] if isinstance(n, int) else n
+    points = len(state["param_groups"][0]["params"]) // sizes[0]
     groups = copy.deepcopy(state["param_groups"])
-    groups[0]["params"] = list(range(n))
-    return {"param_groups": groups,
-            "state": {j: {k: v.clone() if isinstance(v, Tensor) else v for k, v in state["state"][i * n + j].items()}
-                      for j in range(n) if i * n + j in state["state"]}}
+    out: dict[int, Any] = {}
+    start = 0
+    for g, size in enumerate(sizes):
+        offset = sum(sizes[:g])
+        groups[g]["params"] = list(range(offset, offset + size))
+        for j in range(size):
+            entry = state["state"].get(start + i * size + j)
+            if entry is not None:
+                out[offset + j] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+        start += size * points
+    return {"param_groups": groups, "state": out}

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdstore import distributed
+from kdstore import distributed, lm_group_training
 from kdstore.device import autocast, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, TrainingDiverged, arg
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
@@ -72,6 +72,7 @@ class LMTrainConfig:
     memory_limit_gb: float = 4.0
     jsd_beta: float | None = None  # the teacher's weight in --loss jsd's mixture, in (0, 1); None: 0.5
     hints: tuple[str, ...] = ()  # LAYER:STUDENT_MODULE[:WEIGHT]: per-token feature losses (kdstore.lm_hints)
+    group_size: int | None = None  # points per pass (#18, kdstore.lm_group_training); None: automatic, 1: alone
 
     def __post_init__(self) -> None:
         for name in ("losses", "temperatures", "alphas", "seeds", "hints"):
@@ -100,6 +101,8 @@ class LMTrainConfig:
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             e.append(f"{arg('val_fraction')} {self.val_fraction:g}: must be in (0, 1)")
         e += self._beta_errors()
+        if self.group_size is not None and self.group_size < 1:
+            e.append(f"{arg('group_size')} {self.group_size}: must be >= 1 (1 trains the points one at a time) or auto")
         for h in self.hints:
             try:
                 parse_hint(h)
@@ -136,7 +139,7 @@ class LMTrainConfig:
         return run_id(p.loss, p.temperature, p.alpha, p.seed if len(self.seeds) > 1 else None)
 
 
-def _targets(loss: str) -> str:
+def targets_of(loss: str) -> str:
     """The stored targets a loss reads (`lm_data.token_columns`): rkl and jsd the top-k, hard none."""
     return "none" if loss == "hard" else "topk" if loss in ("rkl", "jsd") else loss
 
@@ -168,7 +171,7 @@ class LMTrainer:
                 raise ConfigError(f"{arg('losses')} {loss}: needs the stored top-k (reverse KL and JSD against its "
                                   f"exact tail); {self.version.ref} stores sampled draws only; use {arg('losses')} "
                                   "sampled, or label with --top-k")
-            token_columns(self.version, _targets(loss))  # a missing kind of target: fail now
+            token_columns(self.version, targets_of(loss))  # a missing kind of target: fail now
         if config.top_k is not None and (self.version.top_k is None or config.top_k > self.version.top_k):
             raise ConfigError(f"{arg('top_k')} {config.top_k}: {self.version.ref} stores top-"
                               f"{self.version.top_k or 0}; choose k <= that")
@@ -189,6 +192,7 @@ class LMTrainer:
             mode = "memory" if size * 4 < config.memory_limit_gb * 2**30 else "stream"
         self.mode = mode
         self._data: dict[str, TokenTargetDataset] = {}
+        self.group_size, self.group_note = lm_group_training.group_size(self)
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self, progress: Progress | None = None, resume: bool = False) -> list[RunResult]:
@@ -198,16 +202,27 @@ class LMTrainer:
                 self.rundir.prepare({"config": json.loads(json.dumps(asdict(self.cfg))), "kind": "tokens",
                                      "targets": str(self.version.ref), "mode": self.mode, "device": str(self.device),
                                      "precision": self.precision, "torch_version": torch.__version__,
-                                     "world_size": self.dist.world_size, "validation": self.validation_info()},
-                                    resume)
+                                     "world_size": self.dist.world_size, "validation": self.validation_info(),
+                                     "grouping": {"group_size": self.group_size, "why": self.group_note}},
+                                    resume, self._upgrade)
         finally:
             self.dist.barrier()
         results: list[RunResult] = []
-        for point in self.cfg.sweep():
-            results.append(self._train_point(point, progress))
+        for group in lm_group_training.groups(self.cfg.sweep(), self.group_size):
+            if len(group) == 1:
+                results.append(self._train_point(group[0], progress))
+            else:
+                results += lm_group_training.train_group(self, group, progress)
             if self.dist.is_main:
                 self.rundir.write_summary(self._summary(results))
         return results
+
+    def _upgrade(self, old: dict[str, Any]) -> dict[str, Any]:
+        """A run directory's options with today's defaults for options added since, and --group-size (how the run
+        executes, not what it computes) taken from this command: --resume accepts another."""
+        new = {f.name: f.default for f in fields(LMTrainConfig) if f.default is not MISSING}
+        new.update({k: list(v) if isinstance(v, tuple) else v for k, v in new.items()})
+        return {**new, **old, "group_size": self.cfg.group_size}
 
     def _train_point(self, point: SweepPoint, progress: Progress | None) -> RunResult:
         rid = self.cfg.run_id(point)
@@ -224,19 +239,26 @@ class LMTrainer:
             train_loss, n_tokens = self._epoch(net, model, opt, point, epoch, rid, progress)
             seconds.append(time.perf_counter() - t0)
             tokens += n_tokens
-            val = self.measure(student_of(model), "val")
-            if not self.dist.is_main:
-                continue
-            self.rundir.save_checkpoint(rid, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                              "epoch": epoch, "epoch_seconds": seconds, "tokens": tokens})
-            line = {"run": rid, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
-                    "seed": point.seed, "epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"],
-                    "seconds": seconds[-1], "tokens_per_second": n_tokens / seconds[-1]}
-            if self.last_hint_loss is not None:
-                line["train_hint_loss"] = self.last_hint_loss
-            line.update({f"val_{k}": v for k, v in (val or {}).items()})
-            self.rundir.append_metrics(line)
+            self.end_epoch(rid, point, epoch, student_of(model), {"model": model.state_dict(),
+                           "optimizer": opt.state_dict()}, seconds, tokens, train_loss, opt.param_groups[0]["lr"],
+                           n_tokens)
         return self._finish(rid, point, student_of(model), seconds, tokens)
+
+    def end_epoch(self, rid: str, point: SweepPoint, epoch: int, student: nn.Module, state: dict[str, Any],
+                  seconds: list[float], tokens: int, train_loss: float, lr: float, n_tokens: int) -> None:
+        """After a point's epoch: the held-out measurements (every rank), then on rank 0 the checkpoint (`state`:
+        its model and optimizer state) and the metrics line."""
+        val = self.measure(student, "val")
+        if not self.dist.is_main:
+            return
+        self.rundir.save_checkpoint(rid, {**state, "epoch": epoch, "epoch_seconds": seconds, "tokens": tokens})
+        line = {"run": rid, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
+                "seed": point.seed, "epoch": epoch + 1, "train_loss": train_loss, "lr": lr, "seconds": seconds[-1],
+                "tokens_per_second": n_tokens / seconds[-1]}
+        if self.last_hint_loss is not None:
+            line["train_hint_loss"] = self.last_hint_loss
+        line.update({f"val_{k}": v for k, v in (val or {}).items()})
+        self.rundir.append_metrics(line)
 
     def _student(self) -> nn.Module:
         """A new student (on the CPU), wrapped with its hint regressors when --hint is given."""
@@ -248,10 +270,7 @@ class LMTrainer:
         (model, optimizer, first epoch to train, seconds of the finished epochs, tokens trained so far)."""
         torch.manual_seed(seed)
         model = self._student().to(self.device)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        other = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                 {"params": other, "weight_decay": 0.0}], lr=self.cfg.lr)
+        opt = self.optimizer(list(model.parameters()))
         state = self.rundir.load_checkpoint(rid, self.device)
         if state is None:
             return model, opt, 0, [], 0
@@ -262,6 +281,12 @@ class LMTrainer:
             self.rundir.truncate_metrics(rid, start)
         return model, opt, start, [float(x) for x in state["epoch_seconds"]], int(state["tokens"])
 
+    def optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        """AdamW over `params` (one student's, or a group's, point after point), with weight decay on matrices only:
+        two parameter groups, in the order of `params`."""
+        return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
+                                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=self.cfg.lr)
+
     def _epoch(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, point: SweepPoint, epoch: int,
                rid: str, progress: Progress | None) -> tuple[float, int]:
         """One pass over the training sequences: (mean training loss per sequence, real tokens trained), summed
@@ -270,7 +295,7 @@ class LMTrainer:
         (exactly so when the sequences count equally many tokens, as packed text does)."""
         model.train()
         steps = math.ceil(len(self.train_rows) / self.cfg.batch_size)
-        targets = _targets(point.loss)
+        targets = targets_of(point.loss)
         world, total, rows, tokens, hint_total = self.dist.world_size, 0.0, 0, 0, 0.0
         for step, (batch, n_global) in enumerate(self._batches(targets, point.seed, epoch)):
             for g in opt.param_groups:

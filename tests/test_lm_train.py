@@ -292,9 +292,9 @@ def test_option_errors(store: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "Error: --standardize, --smoothing: not used with per-token targets" in r.output
     assert not (tmp_path / "o").exists()
-    r = cli(["train", "--targets", store / "news", "--group-size", "2", "--eval-every", "2", "--out", tmp_path / "o",
-             *TRAIN])  # #18's grouping and cadences are classification-only so far: refused, never ignored
-    assert r.exit_code == 2 and "Error: --group-size, --eval-every: not used with per-token targets" in r.output
+    r = cli(["train", "--targets", store / "news", "--agreement", "final", "--eval-every", "2", "--out",
+             tmp_path / "o", *TRAIN])  # classification-only cadence and agreement: refused, never ignored
+    assert r.exit_code == 2 and "Error: --eval-every, --agreement: not used with per-token targets" in r.output
     assert not (tmp_path / "o").exists()
 
 
