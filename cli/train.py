@@ -87,7 +87,8 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers when streaming.")
 @click.option("--group-size", default="auto", show_default=True, metavar="N|auto",
               help="Sweep points trained together in one pass (stacked weights, one optimizer step; each point as "
-                   "if alone, up to float rounding): auto groups up to 16 as memory allows; 1 trains them one by one.")
+                   "if alone, up to float rounding): auto groups up to 16 as memory allows (language-model "
+                   "students: on CUDA only); 1 trains them one by one.")
 @click.option("--eval-every", type=int, default=1, show_default=True, metavar="N",
               help="Evaluate on --eval every N epochs (and after the last).")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
