@@ -35,7 +35,7 @@ from kdstore.lm_report import lm_over_seeds
 from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
 from kdstore.options import LM_LOSSES
 from kdstore.rundir import RunDir, RunResult, run_id
-from kdstore.store import open_version
+from kdstore.store import Version, open_version
 from kdstore.store.remote import resolve_any
 from kdstore.targets import check_temperature
 from kdstore.train_config import SweepPoint
@@ -139,6 +139,12 @@ class LMTrainConfig:
         return run_id(p.loss, p.temperature, p.alpha, p.seed if len(self.seeds) > 1 else None)
 
 
+def _metric_targets(version: Version) -> str:
+    """How KL to the teacher is measured on a version's held-out rows: against its top-k's exact rebuild, or from
+    its draws."""
+    return "topk" if version.top_k else "sampled"
+
+
 def targets_of(loss: str) -> str:
     """The stored targets a loss reads (`lm_data.token_columns`): rkl and jsd the top-k, hard none."""
     return "none" if loss == "hard" else "topk" if loss in ("rkl", "jsd") else loss
@@ -175,7 +181,6 @@ class LMTrainer:
         if config.top_k is not None and (self.version.top_k is None or config.top_k > self.version.top_k):
             raise ConfigError(f"{arg('top_k')} {config.top_k}: {self.version.ref} stores top-"
                               f"{self.version.top_k or 0}; choose k <= that")
-        self.metric_targets = "topk" if self.version.top_k else "sampled"  # how KL to the teacher is measured
         n = self.version.num_rows
         self.held_out = holdout_rows(self.version, config.val_fraction, config.val_seed) \
             if config.val_fraction else np.zeros(n, bool)
@@ -389,7 +394,9 @@ class LMTrainer:
         them."""
         if (which == "val" and not self.held_out.any()) or (which == "eval" and self.eval_version is None):
             return None
-        return measure(model, self._dataset(self.metric_targets, which), self.cfg.batch_size, self.device,
+        version = self.eval_version if which == "eval" else self.version
+        assert version is not None
+        return measure(model, self._dataset(_metric_targets(version), which), self.cfg.batch_size, self.device,
                        self.precision)
 
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, seconds: list[float], tokens: int) -> RunResult:
@@ -433,9 +440,14 @@ class LMTrainer:
                                 "rows": int(self.held_out.sum()), "train_rows": len(self.train_rows)}
         if self.eval_version is not None:
             info["eval"] = str(self.eval_version.ref)
-        if info:
-            info["kl_teacher"] = ("exact KL to the stored top-k rebuild at T = 1" if self.metric_targets == "topk"
-                                  else "unbiased estimate from the stored draws at T = 1")
+        # each held-out set is measured by its own targets: an --eval version may store a top-k, the training draws
+        kinds = {which: _metric_targets(v) for which, v in (("val", self.version if self.held_out.any() else None),
+                                                              ("eval", self.eval_version)) if v is not None}
+        if kinds:
+            text = {"topk": "exact KL to the stored top-k rebuild at T = 1",
+                    "sampled": "unbiased estimate from the stored draws at T = 1"}
+            info["kl_teacher"] = (text[next(iter(kinds.values()))] if len(set(kinds.values())) == 1 else
+                                  "; ".join(f"{which}: {text[k]}" for which, k in kinds.items()))
         return info or None
 
     def _summary(self, results: list[RunResult]) -> dict[str, Any]:

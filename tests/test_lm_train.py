@@ -347,3 +347,24 @@ def test_eval_version_of_another_tokenizer_is_refused(store: Path, tmp_path: Pat
     r = cli(["train", "--targets", store / "news", "--eval", other, "--out", tmp_path / "o", *TRAIN])
     assert_clean_error(r, r"--eval .*: its tokenizer's vocabulary \(sha256 000000000000\) is not the training "
                           r"version's")
+
+
+def test_each_held_out_set_is_measured_by_its_own_targets(store: Path, tmp_path: Path) -> None:
+    """Training draws only, --eval a top-k version (and the reverse): each held-out set's KL to the teacher comes from
+    what that version stores (a run once trained to the end and then failed measuring --eval by the training
+    version's kind of targets)."""
+    r = cli(["convert", store / "news", "--top-k", "0", "--name", "news-drawn", "--quiet"])  # keeps the draws
+    assert r.exit_code == 0, r.output
+    for targets, loss, held, want in (
+            ("news-drawn", "sampled", "held", "val: unbiased estimate from the stored draws at T = 1; eval: exact KL "
+                                              "to the stored top-k rebuild at T = 1"),
+            ("news", "topk", "drawn", "val: exact KL to the stored top-k rebuild at T = 1; eval: unbiased estimate "
+                                      "from the stored draws at T = 1")):
+        out = tmp_path / targets
+        r = cli(["train", "--targets", store / targets, "--loss", loss, "--val-fraction", "0.25", "--eval",
+                 store / held, "--out", out, *TRAIN])
+        assert r.exit_code == 0, r.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["validation"]["kl_teacher"] == want
+        for res in summary["runs"]:
+            assert res["extra"]["eval_kl_teacher"] > 0 and res["extra"]["val_kl_teacher"] > 0
