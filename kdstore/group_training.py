@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from kdstore import grouped
 from kdstore.device import autocast
-from kdstore.errors import ConfigError, TrainingDiverged, arg
+from kdstore.errors import TrainingDiverged
 from kdstore.evaluation import AGREEMENT_BATCH, EvalResult
 from kdstore.rundir import RunResult
 from kdstore.train_config import SweepPoint
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 Batch = dict[str, Tensor]
 
-__all__ = ["group_size", "train_group"]
+__all__ = ["group_size", "train_group", "train_in_passes"]
 
 
 def group_size(tr: Trainer) -> tuple[int, str]:
@@ -42,13 +43,9 @@ def group_size(tr: Trainer) -> tuple[int, str]:
                "hints (--hint) capture the student's modules with hooks, which a stacked forward does not run"
                if tr.hints else
                grouped.group_refusal(tr._build_student(), torch.zeros(2, *tr.input_shape, device=tr.device)))
-    if refusal is not None and c.group_size is not None:
-        raise ConfigError(f"{arg('group_size')} {c.group_size}: {c.student} cannot train as a group: {refusal}; "
-                          f"use {arg('group_size')} 1")
-    if refusal is not None:
-        return 1, refusal
-    if c.group_size is not None:
-        return min(c.group_size, n), f"{arg('group_size')} {c.group_size}"
+    settled = grouped.settled_size(c.group_size, n, c.student, refusal)
+    if settled is not None:
+        return settled
     budget = (torch.cuda.mem_get_info(tr.device)[0] // 2 if tr.device.type == "cuda"
               else int(c.memory_limit_gb * 2**30))
     rows = tr.train_rows if tr.mode == "memory" else 0
@@ -61,6 +58,16 @@ def train_group(tr: Trainer, points: list[SweepPoint], memory: Batch | None,
     """Train the points together: per batch one forward, backward and optimizer step for all of them. Finished
     points are skipped (--resume); points whose checkpoints stand at different epochs train in separate
     passes."""
+    return train_in_passes(tr, points, lambda part, starts: _train_stack(tr, part, starts, memory, progress))
+
+
+Stack = Callable[[list[tuple[SweepPoint, str]], list[Any]], dict[str, RunResult]]  # trains points from their starts
+
+
+def train_in_passes(tr: Any, points: list[SweepPoint], stack: Stack) -> list[RunResult]:
+    """A group's points in sweep order: finished ones read back (--resume), the others started or restored with
+    `tr._start` and trained by `stack(points and run ids, their starts)`, one pass per epoch they stand at.
+    `tr` is a `Trainer` or an `LMTrainer` (`kdstore.lm_group_training`)."""
     rids = [tr.cfg.run_id(p) for p in points]
     tr.dist.barrier()
     done = {rid: r for rid in rids if (r := tr.rundir.result(rid)) is not None}
@@ -72,7 +79,7 @@ def train_group(tr: Trainer, points: list[SweepPoint], memory: Batch | None,
         starts[rid] = tr._start(rid, point.seed)
     for first in sorted({s[2] for s in starts.values()}):
         part = [(p, rid) for p, rid in todo if starts[rid][2] == first]
-        done.update(_train_stack(tr, part, [starts[rid] for _, rid in part], memory, progress))
+        done.update(stack(part, [starts[rid] for _, rid in part]))
     return [done[rid] for rid in rids]
 
 

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from kdstore.errors import ConfigError, arg
+
 __all__ = ["StudentGroup", "auto_group_size", "group_refusal", "point_optimizer_state", "stack_optimizer_states"]
 
 AUTO_MAX = 16  # points per pass when --group-size is auto (and memory allows)
@@ -135,6 +137,20 @@ def group_refusal(model: nn.Module, x: Tensor) -> str | None:
         group(x, shared=True).float().sum().backward()
     except Exception as e:  # user students may use anything vmap does not support; they then train one by one
         return f"a stacked forward failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+    return None
+
+
+def settled_size(requested: int | None, points: int, student: str, refusal: str | None) -> tuple[int, str] | None:
+    """(points per pass, why) when --group-size or a refusal settles it, None when automatic sizing decides:
+    a refused student trains alone (ConfigError when a size above 1 was asked for), an asked size is capped at
+    the sweep's."""
+    if refusal is not None and requested is not None:
+        raise ConfigError(f"{arg('group_size')} {requested}: {student} cannot train as a group: {refusal}; "
+                          f"use {arg('group_size')} 1")
+    if refusal is not None:
+        return 1, refusal
+    if requested is not None:
+        return min(requested, points), f"{arg('group_size')} {requested}"
     return None
 
 

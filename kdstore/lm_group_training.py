@@ -22,7 +22,8 @@ from torch import Tensor
 
 from kdstore import grouped
 from kdstore.device import autocast
-from kdstore.errors import ConfigError, TrainingDiverged, arg
+from kdstore.errors import TrainingDiverged, arg
+from kdstore.group_training import train_in_passes
 from kdstore.lm_losses import lm_kd_loss
 from kdstore.rundir import RunResult
 from kdstore.train_config import SweepPoint
@@ -50,13 +51,9 @@ def group_size(tr: LMTrainer) -> tuple[int, str]:
                else "hints (--hint) capture the student's modules with hooks, which a stacked forward does not run"
                if tr.hints else grouped.group_refusal(tr._student().to(tr.device),
                                                       torch.zeros(2, tr.seq_len, dtype=torch.long, device=tr.device)))
-    if refusal is not None and c.group_size is not None:
-        raise ConfigError(f"{arg('group_size')} {c.group_size}: {c.student} cannot train as a group: {refusal}; "
-                          f"use {arg('group_size')} 1")
-    if refusal is not None:
-        return 1, refusal
-    if c.group_size is not None:
-        return min(c.group_size, n), f"{arg('group_size')} {c.group_size}"
+    settled = grouped.settled_size(c.group_size, n, c.student, refusal)
+    if settled is not None:
+        return settled
     if tr.device.type != "cuda":
         return 1, CPU_NOTE
     budget = (torch.cuda.mem_get_info(tr.device)[0] // 2 if tr.device.type == "cuda"
@@ -87,19 +84,7 @@ def groups(points: list[SweepPoint], size: int) -> list[list[SweepPoint]]:
 def train_group(tr: LMTrainer, points: list[SweepPoint], progress: Progress | None) -> list[RunResult]:
     """Train the points together; finished points are skipped (--resume), and points whose checkpoints stand at
     different epochs train in separate passes."""
-    rids = [tr.cfg.run_id(p) for p in points]
-    tr.dist.barrier()
-    done = {rid: r for rid in rids if (r := tr.rundir.result(rid)) is not None}
-    todo = [(p, rid) for p, rid in zip(points, rids, strict=True) if rid not in done]
-    starts = {}
-    for point, rid in todo:
-        if tr.dist.is_main:
-            tr.rundir.start(rid)
-        starts[rid] = tr._start(rid, point.seed)
-    for first in sorted({s[2] for s in starts.values()}):
-        part = [(p, rid) for p, rid in todo if starts[rid][2] == first]
-        done.update(_train_stack(tr, part, [starts[rid] for _, rid in part], progress))
-    return [done[rid] for rid in rids]
+    return train_in_passes(tr, points, lambda part, starts: _train_stack(tr, part, starts, progress))
 
 
 def _train_stack(tr: LMTrainer, todo: list[tuple[SweepPoint, str]], starts: list[Any],

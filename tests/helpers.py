@@ -84,3 +84,39 @@ def kdstore_command() -> list[str]:
         if script and Path(script).is_file():
             return [str(script)]
     return [sys.executable, "-c", "import sys; from kdstore.cli import main; sys.exit(main())"]
+
+
+# -- comparing two run directories (grouped sweeps against the same points trained alone) ------------------------------
+def run_weights(out: Path, run: str) -> dict[str, Any]:
+    """A finished point's saved student (RUN/runs/RUN_ID/student.safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "runs" / run / "student.safetensors"))
+
+
+def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def metrics_lines(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """RUN/metrics.jsonl by (run id, epoch)."""
+    import json
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {(x["run"], x["epoch"]): x for x in lines}
+
+
+def assert_runs_match(a: Path, b: Path, runs: list[str], atol: float, rtol: float,
+                      keys: tuple[str, ...] = ("train_loss",)) -> None:
+    """Every point of run directory `a` has `b`'s weights (to `atol`) and metrics lines (`keys`, to `rtol`)."""
+    import pytest
+
+    for run in runs:
+        assert max_diff(run_weights(a, run), run_weights(b, run)) < atol, run
+    ma, mb = metrics_lines(a), metrics_lines(b)
+    assert ma.keys() == mb.keys()
+    for key, line in ma.items():
+        for k in keys:
+            assert line[k] == pytest.approx(mb[key][k], rel=rtol), (key, k)

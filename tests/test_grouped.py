@@ -15,7 +15,16 @@ from kdstore.grouped import StudentGroup, point_optimizer_state, stack_optimizer
 from kdstore.students import build_model
 from kdstore.training import TrainConfig, Trainer
 from tests.conftest import Data
-from tests.helpers import FIX, assert_clean_error, cli, run_label
+from tests.helpers import (
+    FIX,
+    assert_clean_error,
+    assert_runs_match,
+    cli,
+    max_diff,
+    metrics_lines,
+    run_label,
+    run_weights,
+)
 
 STUDENT = "mlp:8-16-5"
 SWEEP = ["--loss", "hard,kd", "-T", "1,4", "--alpha", "0.5", "--seed", "0,1"]  # 6 points, 2 batch orders
@@ -49,34 +58,13 @@ def ok(result: Any) -> Any:
     return result
 
 
-def metrics(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {(x["run"], x["epoch"]): x for x in lines}
-
-
 def summary(out: Path) -> dict[str, Any]:
     return json.loads((out / "summary.json").read_text())  # type: ignore[no-any-return]
 
 
-def weights(out: Path, run: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "runs" / run / "student.safetensors"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 def assert_same_runs(grouped: Path, alone: Path) -> None:
     """Every point of `grouped` equals the point of `alone` up to the tolerances above."""
-    for run in RUNS:
-        assert max_diff(weights(grouped, run), weights(alone, run)) < WEIGHT_ATOL, run
-    mg, ma = metrics(grouped), metrics(alone)
-    assert mg.keys() == ma.keys()
-    for key, line in mg.items():
-        assert line["train_loss"] == pytest.approx(ma[key]["train_loss"], rel=LOSS_RTOL), key
+    assert_runs_match(grouped, alone, RUNS, WEIGHT_ATOL, LOSS_RTOL)
     for g, a in zip(summary(grouped)["runs"], summary(alone)["runs"], strict=True):
         assert g["run"] == a["run"]
         assert g["eval_nll"] == pytest.approx(a["eval_nll"], rel=LOSS_RTOL)
@@ -94,7 +82,7 @@ def test_a_grouped_sweep_trains_each_point_as_if_alone(data: Data, store: Path, 
     assert [r["run"] for r in summary(grouped)["runs"]] == RUNS
     assert_same_runs(grouped, alone)
     # the tolerance separates points: any two points of the sweep differ by far more than it
-    w = {run: weights(alone, run) for run in RUNS}
+    w = {run: run_weights(alone, run) for run in RUNS}
     assert min(max_diff(w[a], w[b]) for a in RUNS for b in RUNS if a < b) > 100 * WEIGHT_ATOL
 
 
@@ -123,12 +111,13 @@ def test_an_interrupted_group_resumes_in_any_group_size(data: Data, store: Path,
         with monkeypatch.context() as m:
             m.setattr(Trainer, "loss", flaky)
             assert_clean_error(train(store, run_dir, *SWEEP, "--eval", data.parquet), r"interrupted")
-        assert {e for _, e in metrics(run_dir)} == {1, 2}
+        assert {e for _, e in metrics_lines(run_dir)} == {1, 2}
         assert all((run_dir / "runs" / run / "checkpoint.pt").is_file() for run in RUNS)
     ok(train(store, out, *SWEEP, "--eval", data.parquet, "--resume"))
     for run in RUNS:  # resumed grouped: the same operations as the clean run, so the same bits
-        assert max_diff(weights(out, run), weights(clean, run)) == 0.0, run
-    assert metrics(out) == {k: {**v, "seconds": metrics(out)[k]["seconds"]} for k, v in metrics(clean).items()}
+        assert max_diff(run_weights(out, run), run_weights(clean, run)) == 0.0, run
+    got = metrics_lines(out)
+    assert got == {k: {**v, "seconds": got[k]["seconds"]} for k, v in metrics_lines(clean).items()}
     # the checkpoints are per point, as an ungrouped run writes them: they resume one point at a time too
     ok(train(store, mixed, *SWEEP, "--eval", data.parquet, "--resume", "--group-size", "1"))
     assert_same_runs(mixed, clean)
@@ -196,7 +185,7 @@ def test_eval_and_checkpoint_cadence(data: Data, store: Path, tmp_path: Path, mo
     out = tmp_path / "run"
     ok(train(store, out, "-T", "1,4", "--eval", data.parquet, "--eval-every", "2",
              "--checkpoint-every", "3", epochs=5))
-    m = metrics(out)
+    m = metrics_lines(out)
     assert sorted(e for (_, e), line in m.items() if "eval_accuracy" in line) == [2, 2, 4, 4, 5, 5]
     assert sorted(e for _, e in saved) == [3, 3, 5, 5]
     assert len(m) == 10 and all(line["train_loss"] > 0 for line in m.values())
@@ -220,7 +209,7 @@ def test_grouped_points_replay_stored_views_as_alone(tmp_path: Path, mode: str) 
         results[size] = {r.run: r for r in trainer.run()}
     assert list(results[None]) == list(results[1])
     for run, r in results[None].items():
-        assert max_diff(weights(tmp_path / "run-None", run), weights(tmp_path / "run-1", run)) < WEIGHT_ATOL
+        assert max_diff(run_weights(tmp_path / "run-None", run), run_weights(tmp_path / "run-1", run)) < WEIGHT_ATOL
         assert (r.val_errors, r.teacher_agreement) == (results[1][run].val_errors, results[1][run].teacher_agreement)
 
 

@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdstore.grouped import StudentGroup, point_optimizer_state, stack_optimizer_states
 from kdstore.lm_students import build_lm_student
 from kdstore.lm_training import LMTrainer
 from tests import lm_fixtures as lf
-from tests.helpers import assert_clean_error, cli
+from tests.helpers import assert_clean_error, assert_runs_match, cli, max_diff, run_weights
 
 TRAIN = ["--student", "gpt:1-16-2", "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--quiet"]
 SWEEP = ["--loss", "topk,sampled", "-T", "1,2", "--seed", "0,1"]  # 8 points: two groups of 4 (top-k, draws)
@@ -50,28 +49,8 @@ def ok(r: Any) -> Any:
     return r
 
 
-def weights(out: Path, run: str) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "runs" / run / "student.safetensors"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def metrics(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {(x["run"], x["epoch"]): x for x in lines}
-
-
 def assert_same_runs(grouped: Path, alone: Path) -> None:
-    for run in RUNS:
-        assert max_diff(weights(grouped, run), weights(alone, run)) < WEIGHT_ATOL, run
-    mg, ma = metrics(grouped), metrics(alone)
-    assert mg.keys() == ma.keys()
-    for key, line in mg.items():
-        assert line["train_loss"] == pytest.approx(ma[key]["train_loss"], rel=LOSS_RTOL), key
-        assert line["val_nll"] == pytest.approx(ma[key]["val_nll"], rel=LOSS_RTOL), key
+    assert_runs_match(grouped, alone, RUNS, WEIGHT_ATOL, LOSS_RTOL, keys=("train_loss", "val_nll"))
     sg, sa = (json.loads((d / "summary.json").read_text())["runs"] for d in (grouped, alone))
     assert [r["run"] for r in sg] == [r["run"] for r in sa] == RUNS
     for g, a in zip(sg, sa, strict=True):
@@ -86,7 +65,7 @@ def test_a_grouped_lm_sweep_trains_each_point_as_if_alone(store: Path, tmp_path:
     ok(train(store, alone, "--group-size", "1", "--data", mode))
     assert json.loads((grouped / "config.json").read_text())["grouping"]["group_size"] == 8
     assert_same_runs(grouped, alone)
-    w = {run: weights(alone, run) for run in RUNS}  # the tolerance separates the points
+    w = {run: run_weights(alone, run) for run in RUNS}  # the tolerance separates the points
     assert min(max_diff(w[a], w[b]) for a in RUNS for b in RUNS if a < b) > 100 * WEIGHT_ATOL
 
 
@@ -127,7 +106,7 @@ def test_an_interrupted_lm_group_resumes_in_any_group_size(store: Path, tmp_path
             assert_clean_error(train(store, out, "--group-size", "4"), r"interrupted")
     ok(train(store, cut, "--group-size", "4", "--resume"))
     for run in RUNS:  # resumed in the same group size: the same operations, so the same bits
-        assert max_diff(weights(cut, run), weights(clean, run)) == 0.0, run
+        assert max_diff(run_weights(cut, run), run_weights(clean, run)) == 0.0, run
     ok(train(store, mixed, "--group-size", "1", "--resume"))  # per-point checkpoints resume one point at a time
     assert_same_runs(mixed, clean)
 
