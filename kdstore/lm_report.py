@@ -1,15 +1,63 @@
-"""What a language-model sweep reports beyond its runs: per sweep point the mean and SD over seeds of the held-out
-metrics (summary.json's ``over_seeds``, the table's last lines) and the sweep plot (RUN/sweep.png: held-out
-perplexity against T, one line per soft loss and alpha, the hard-token runs as a dashed level)."""
+"""What a language-model sweep reports: a point's result (its held-out measurements in `RunResult` form),
+summary.json (the runs, per sweep point the mean and SD over seeds of the held-out metrics, the point validation
+chooses) and the sweep plot (RUN/sweep.png: held-out perplexity against T, one line per soft loss and alpha, the
+hard-token runs as a dashed level)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from kdstore.rundir import RunResult, over_seeds, save_sweep_plot
+from kdstore.train_config import SweepPoint
 
 LM_METRICS = ("val_perplexity", "val_kl_teacher", "eval_perplexity", "eval_kl_teacher", "tokens_per_second")
+
+
+KL_HOW = {"topk": "exact KL to the stored top-k rebuild at T = 1",
+          "sampled": "unbiased estimate from the stored draws at T = 1"}
+
+
+def lm_result(rid: str, point: SweepPoint, epochs: int, val: dict[str, float] | None, ev: dict[str, float] | None,
+              seconds: list[float], tokens: int, extra: dict[str, Any]) -> RunResult:
+    """A finished point's RunResult: accuracy and NLL per next token of the --eval version (`ev`) and the held-out
+    rows (`val`), the teacher agreement of the first measured, training time and tokens; `extra` gets
+    ``train_tokens``, ``tokens_per_second`` and each set's perplexity, KL to the teacher and tokens."""
+    train_s = sum(seconds)
+    extra = {**extra, "train_tokens": tokens, "tokens_per_second": tokens / train_s if train_s else None,
+             "kind": "tokens"}
+    for name, m in (("val", val), ("eval", ev)):
+        if m is not None:
+            extra.update({f"{name}_perplexity": m["perplexity"], f"{name}_kl_teacher": m["kl_teacher"],
+                          f"{name}_tokens": m["tokens"]})
+    ref = ev or val or {}
+    return RunResult(rid, point.loss, point.temperature, point.alpha, epochs, ev["accuracy"] if ev else None, None,
+                     ev["nll"] if ev else None, float(ref.get("teacher_agreement", 0.0)), train_s, seconds, extra,
+                     point.seed, False, val["accuracy"] if val else None, None, val["nll"] if val else None)
+
+
+def kl_how(kinds: dict[str, str]) -> str:
+    """summary.json's ``validation.kl_teacher``: how each held-out set ({"val"/"eval": "topk"/"sampled"}) measures
+    KL to the teacher, once when they agree."""
+    if len(set(kinds.values())) == 1:
+        return KL_HOW[next(iter(kinds.values()))]
+    return "; ".join(f"{which}: {KL_HOW[k]}" for which, k in kinds.items())
+
+
+def lm_summary(head: dict[str, Any], results: list[RunResult], several_seeds: bool) -> dict[str, Any]:
+    """summary.json: `head` (kind, targets, student, teacher, validation), the runs, ``over_seeds`` when several
+    seeds were swept, and ``best_by_validation``: the run with the lowest held-out NLL."""
+    out: dict[str, Any] = {**head, "runs": [asdict(r) for r in results]}
+    if several_seeds:
+        out["over_seeds"] = lm_over_seeds(results)
+    scored = [r for r in results if r.val_nll is not None]
+    if scored:
+        best = min(scored, key=lambda r: r.val_nll)  # type: ignore[arg-type, return-value]
+        out["best_by_validation"] = {"run": best.run, "val_nll": best.val_nll,
+                                     "val_perplexity": math.exp(best.val_nll or 0.0)}
+    return out
 
 
 def lm_over_seeds(results: list[RunResult]) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_ba
 from kdstore.lm_evaluation import eval_version, measure
 from kdstore.lm_hints import LMHintedStudent, parse_hint, parse_hints, student_of
 from kdstore.lm_losses import lm_kd_loss
-from kdstore.lm_report import lm_over_seeds
+from kdstore.lm_report import kl_how, lm_result, lm_summary
 from kdstore.lm_students import build_lm_student, describe_lm_student, lm_logits
 from kdstore.options import LM_LOSSES
 from kdstore.rundir import RunDir, RunResult, run_id
@@ -401,24 +401,13 @@ class LMTrainer:
 
     def _finish(self, rid: str, point: SweepPoint, model: nn.Module, seconds: list[float], tokens: int) -> RunResult:
         val, ev = self.measure(model, "val"), self.measure(model, "eval")
-        ref = ev or val or {}
         for m in (val, ev):
             if m is not None and not math.isfinite(m["nll"]):
                 raise TrainingDiverged(f"run {rid}: the trained student's outputs are not finite; lower "
                                        f"{arg('lr')} (now {self.cfg.lr:g}) and train into a new {arg('out')}")
-        train_s = sum(seconds)
-        extra: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
-                                 "world_size": self.dist.world_size,
-                                 "train_tokens": tokens, "tokens_per_second": tokens / train_s if train_s else None,
-                                 "kind": "tokens"}
-        for name, m in (("val", val), ("eval", ev)):
-            if m is not None:
-                extra.update({f"{name}_perplexity": m["perplexity"], f"{name}_kl_teacher": m["kl_teacher"],
-                              f"{name}_tokens": m["tokens"]})
-        result = RunResult(rid, point.loss, point.temperature, point.alpha, self.cfg.epochs,
-                           ev["accuracy"] if ev else None, None, ev["nll"] if ev else None,
-                           float(ref.get("teacher_agreement", 0.0)), train_s, seconds, extra, point.seed, False,
-                           val["accuracy"] if val else None, None, val["nll"] if val else None)
+        result = lm_result(rid, point, self.cfg.epochs, val, ev, seconds, tokens,
+                           {"parameters": sum(p.numel() for p in model.parameters()),
+                            "world_size": self.dist.world_size})
         info = {**describe_lm_student(self.cfg.student, model), "vocab_size": self.vocab_size,
                 "seq_len": self.seq_len, "loss": point.loss, "temperature": point.temperature, "alpha": point.alpha,
                 "seed": point.seed, "targets": str(self.version.ref)}
@@ -444,25 +433,13 @@ class LMTrainer:
         kinds = {which: _metric_targets(v) for which, v in (("val", self.version if self.held_out.any() else None),
                                                               ("eval", self.eval_version)) if v is not None}
         if kinds:
-            text = {"topk": "exact KL to the stored top-k rebuild at T = 1",
-                    "sampled": "unbiased estimate from the stored draws at T = 1"}
-            info["kl_teacher"] = (text[next(iter(kinds.values()))] if len(set(kinds.values())) == 1 else
-                                  "; ".join(f"{which}: {text[k]}" for which, k in kinds.items()))
+            info["kl_teacher"] = kl_how(kinds)
         return info or None
 
     def _summary(self, results: list[RunResult]) -> dict[str, Any]:
-        stats = self.version.manifest["statistics"]
-        out: dict[str, Any] = {"kind": "tokens", "targets": str(self.version.ref), "student": self.cfg.student,
-                               "teacher": stats.get("teachers"), "runs": [asdict(r) for r in results],
-                               "validation": self.validation_info()}
-        if len(self.cfg.seeds) > 1:
-            out["over_seeds"] = lm_over_seeds(results)
-        scored = [r for r in results if r.val_nll is not None]
-        if scored:
-            best = min(scored, key=lambda r: r.val_nll)  # type: ignore[arg-type, return-value]
-            out["best_by_validation"] = {"run": best.run, "val_nll": best.val_nll,
-                                         "val_perplexity": math.exp(best.val_nll or 0.0)}
-        return out
+        head = {"kind": "tokens", "targets": str(self.version.ref), "student": self.cfg.student,
+                "teacher": self.version.manifest["statistics"].get("teachers"), "validation": self.validation_info()}
+        return lm_summary(head, results, len(self.cfg.seeds) > 1)
 
 
 __all__ = ["LM_LOSSES", "LMTrainConfig", "LMTrainer", "is_per_token"]
