@@ -95,8 +95,7 @@ def _train_stack(tr: LMTrainer, todo: list[tuple[SweepPoint, str]], starts: list
     models, seconds, tokens = [s[0] for s in starts], [s[3] for s in starts], [s[4] for s in starts]
     group = grouped.StudentGroup(models)
     per_point = [list(p.values()) for p in group.points]
-    opt = tr.optimizer([v for params in per_point for v in params if v.ndim >= 2]
-                       + [v for params in per_point for v in params if v.ndim < 2])
+    opt = tr.optimizer([v for params in per_point for v in params])  # its groups: every point's, point after point
     states = [s[1].state_dict() for s in starts]
     opt.load_state_dict(grouped.stack_optimizer_states(states))
     sizes = [len(g["params"]) for g in states[0]["param_groups"]]

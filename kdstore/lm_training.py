@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from kdstore.rundir import RunDir, RunResult, run_id
 from kdstore.store import Version, open_version
 from kdstore.store.remote import resolve_any
 from kdstore.targets import check_temperature
-from kdstore.train_config import SweepPoint
+from kdstore.train_config import SweepPoint, with_defaults
 
 Progress = Callable[[str, int, int], None]
 Batch = dict[str, Tensor]
@@ -225,9 +225,7 @@ class LMTrainer:
     def _upgrade(self, old: dict[str, Any]) -> dict[str, Any]:
         """A run directory's options with today's defaults for options added since, and --group-size (how the run
         executes, not what it computes) taken from this command: --resume accepts another."""
-        new = {f.name: f.default for f in fields(LMTrainConfig) if f.default is not MISSING}
-        new.update({k: list(v) if isinstance(v, tuple) else v for k, v in new.items()})
-        return {**new, **old, "group_size": self.cfg.group_size}
+        return {**with_defaults(LMTrainConfig, old), "group_size": self.cfg.group_size}
 
     def _train_point(self, point: SweepPoint, progress: Progress | None) -> RunResult:
         rid = self.cfg.run_id(point)

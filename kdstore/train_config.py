@@ -185,10 +185,14 @@ class TrainConfig:
         new = dict(old)
         if "loss" in new and "losses" not in new:
             new["losses"] = [new.pop("loss")]
-        for f in fields(cls):
-            if f.name not in new and f.default is not MISSING:
-                new[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
-        return new
+        return with_defaults(cls, new)
+
+
+def with_defaults(cls: type, record: dict[str, Any]) -> dict[str, Any]:
+    """A config dataclass's options as config.json records them (tuples as lists), each field missing from `record`
+    (an option added since the run started) at its default."""
+    return {**{f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+               for f in fields(cls) if f.default is not MISSING}, **record}
 
 
 def _once(name: str, values: tuple[Any, ...]) -> list[str]:
