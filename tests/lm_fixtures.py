@@ -286,3 +286,72 @@ def interrupt_in_epoch_2(monkeypatch: Any, train: Any) -> None:
     with pytest.raises(KeyboardInterrupt):
         train()
     monkeypatch.setattr(LMTrainer, "measure", real)
+
+
+def feature_label_config(corpus: Path, out: Path, name: str, features: tuple[str, ...], **kw: Any) -> Any:
+    """An `LMLabelConfig` of the tiny Llama teacher (`hf_dir`: 2 layers, hidden 32, 4 heads) capturing `features`:
+    44 rows of 16 tokens in 9 shards of 5 rows, batches of 3, top-8."""
+    from kdstore.lm_labeling import LMLabelConfig
+
+    opts: dict[str, Any] = {"seq_len": 16, "top_k": 8, "batch_size": 3, "shard_rows": 5, "row_group_rows": 2,
+                            "features": features, **kw}
+    return LMLabelConfig(teacher=f"hf:{hf_dir()}", transfer=str(corpus), out=str(out), name=name, **opts)
+
+
+def labeled(config: Any) -> Path:
+    """`label_lm(config)`'s version directory."""
+    from kdstore.lm_labeling import label_lm
+
+    path = label_lm(config).path
+    assert path is not None
+    return Path(path)
+
+
+def hinted_train_config(targets: Path, out: Path, hints: tuple[str, ...], **kw: Any) -> Any:
+    """An `LMTrainConfig` of gpt:2-16-2 (2 blocks, 2 heads) with `hints`: 2 epochs, batches of 8, a quarter held out."""
+    from kdstore.lm_training import LMTrainConfig
+
+    opts: dict[str, Any] = {"student": "gpt:2-16-2", "epochs": 2, "batch_size": 8, "val_fraction": 0.25,
+                            "hints": hints, **kw}
+    return LMTrainConfig(targets=str(targets), out=str(out), **opts)
+
+
+def interrupt_labeling(config: Any, after_rows: int = 23) -> None:
+    """Run `label_lm(config)` until its progress passes `after_rows` rows, then interrupt it as a Ctrl-C would."""
+    import pytest
+
+    from kdstore.lm_labeling import label_lm
+
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if done[0] >= after_rows:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        label_lm(config, progress=progress)
+
+
+def assert_hints_learned(out: Path, columns: tuple[str, ...], run: str = "topk-T1-a1") -> None:
+    """A hinted run's per-epoch hint loss falls every epoch (by 20% overall), its saved student has no regressors
+    and no wrapper prefix, and student.json lists the hinted feature columns."""
+    import json
+
+    from safetensors.torch import load_file
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    hint = [x["train_hint_loss"] for x in lines]
+    assert hint == sorted(hint, reverse=True) and hint[-1] < 0.8 * hint[0]
+    saved = load_file(str(out / "runs" / run / "student.safetensors"))
+    assert not any(k.startswith(("regressors", "student.")) for k in saved)
+    info = json.loads((out / "runs" / run / "student.json").read_text())
+    assert [h["column"] for h in info["hints"]] == list(columns)
+
+
+def assert_same_student(a: Path, b: Path, run: str = "topk-T1-a1") -> None:
+    """Runs `a` and `b` saved the same student, bit for bit."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(d / "runs" / run / "student.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

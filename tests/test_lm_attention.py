@@ -7,14 +7,12 @@ streamed, resume bit for bit), and bad names or shapes are one-line errors."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdstore.errors import ConfigError, ShapeMismatchError, TeacherError
 from kdstore.feature_losses import attention_mse
@@ -31,6 +29,7 @@ from tests.test_lm_features import doc_block
 
 NAMES = ("attn:model.layers.1", "attn_mean:model.layers.0")
 COLS = ("t0_feature_attn_model_layers_1", "t0_feature_attn_mean_model_layers_0")
+HINTS = ("attn:model.layers.1:blocks.1", "attn_mean:model.layers.0:blocks.0:2")
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +39,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(corpus: Path, out: Path, name: str = "a", **kw: Any) -> LMLabelConfig:
     """44 rows of 16 tokens in 9 shards of 5 rows, batches of 3; the tiny Llama has 2 layers of 4 heads."""
-    opts: dict[str, Any] = {"seq_len": 16, "top_k": 8, "batch_size": 3, "shard_rows": 5, "row_group_rows": 2,
-                            "features": NAMES, **kw}
-    return LMLabelConfig(teacher=f"hf:{lf.hf_dir()}", transfer=str(corpus), out=str(out), name=name, **opts)
+    return lf.feature_label_config(corpus, out, name, kw.pop("features", NAMES), **kw)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
 def maps(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = label_lm(config(corpus, tmp_path_factory.mktemp("lma"))).path
-    assert path is not None
-    return path
+    return lf.labeled(config(corpus, tmp_path_factory.mktemp("lma")))
 
 
 def teacher_attentions(ids: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -102,15 +97,7 @@ def test_polars_and_duckdb_read_the_maps(maps: Path) -> None:
 
 def test_resume_after_interruption_is_byte_identical(maps: Path, corpus: Path, tmp_path: Path) -> None:
     cfg = config(corpus, tmp_path)
-    done = [0]
-
-    def progress(n: int) -> None:
-        done[0] += n
-        if done[0] >= 23:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        label_lm(cfg, progress=progress)
+    lf.interrupt_labeling(cfg)
     res = label_lm(cfg)
     assert res.resumed_shards >= 3 and res.path is not None
     assert data_bytes(res.path) == data_bytes(maps)
@@ -190,21 +177,13 @@ def test_gpt_block_keeps_its_attention_only_when_asked() -> None:
 # ------------------------------------------------------------------------------------------------------ training
 def train_config(targets: Path, out: Path, **kw: Any) -> LMTrainConfig:
     """gpt:2-16-2 has 2 heads per block: against the 4 stored heads of layer 1 it is compared head-averaged."""
-    opts: dict[str, Any] = {"student": "gpt:2-16-2", "epochs": 2, "batch_size": 8, "val_fraction": 0.25,
-                            "hints": ("attn:model.layers.1:blocks.1", "attn_mean:model.layers.0:blocks.0:2"), **kw}
-    return LMTrainConfig(targets=str(targets), out=str(out), **opts)
+    return lf.hinted_train_config(targets, out, kw.pop("hints", HINTS), **kw)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_attention_loss_decreases(maps: Path, tmp_path: Path, mode: str) -> None:
     LMTrainer(train_config(maps, tmp_path / "h", epochs=4, data_mode=mode, lr=3e-3)).run()
-    lines = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
-    hint = [x["train_hint_loss"] for x in lines]
-    assert hint == sorted(hint, reverse=True) and hint[-1] < 0.8 * hint[0]
-    saved = load_file(str(tmp_path / "h" / "runs" / "topk-T1-a1" / "student.safetensors"))
-    assert not any(k.startswith(("regressors", "student.")) for k in saved)
-    info = json.loads((tmp_path / "h" / "runs" / "topk-T1-a1" / "student.json").read_text())
-    assert [h["column"] for h in info["hints"]] == list(COLS)
+    lf.assert_hints_learned(tmp_path / "h", COLS)
 
 
 def test_attention_hint_resume_is_bit_for_bit(maps: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,9 +191,7 @@ def test_attention_hint_resume_is_bit_for_bit(maps: Path, tmp_path: Path, monkey
     lf.interrupt_in_epoch_2(monkeypatch, lambda: LMTrainer(train_config(maps, tmp_path / "cut", epochs=3)).run())
     resumed = LMTrainer(train_config(maps, tmp_path / "cut", epochs=3)).run(resume=True)[0]
     assert resumed.val_nll == whole.val_nll
-    a = load_file(str(tmp_path / "whole" / "runs" / "topk-T1-a1" / "student.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "runs" / "topk-T1-a1" / "student.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    lf.assert_same_student(tmp_path / "whole", tmp_path / "cut")
 
 
 @pytest.mark.parametrize(("hint", "match"), [

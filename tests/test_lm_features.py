@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdstore import features
 from kdstore.errors import ConfigError, TeacherError
@@ -29,6 +28,7 @@ from tests.helpers import REPO_ROOT, all_bytes, cli, data_bytes
 
 LAYERS = ("model.layers.0", "model.norm")
 COLS = ("t0_feature_model_layers_0", "t0_feature_model_norm")
+HINTS = ("model.layers.0:blocks.0", "model.norm:blocks.1:0.5")
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +38,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(corpus: Path, out: Path, name: str = "h", **kw: Any) -> LMLabelConfig:
     """44 rows of 16 tokens in 9 shards of 5 rows, batches of 3; both layers of the tiny Llama (hidden 32)."""
-    opts: dict[str, Any] = {"seq_len": 16, "top_k": 8, "batch_size": 3, "shard_rows": 5, "row_group_rows": 2,
-                            "features": LAYERS, **kw}
-    return LMLabelConfig(teacher=f"hf:{lf.hf_dir()}", transfer=str(corpus), out=str(out), name=name, **opts)
+    return lf.feature_label_config(corpus, out, name, kw.pop("features", LAYERS), **kw)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
 def whole(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = label_lm(config(corpus, tmp_path_factory.mktemp("lmf_whole"))).path
-    assert path is not None
-    return path
+    return lf.labeled(config(corpus, tmp_path_factory.mktemp("lmf_whole")))
 
 
 @pytest.fixture(scope="module")
 def projected(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = label_lm(config(corpus, tmp_path_factory.mktemp("lmf_proj"), "p", feature_rank=8,
-                           feature_fit_rows=10)).path
-    assert path is not None
-    return path
+    return lf.labeled(config(corpus, tmp_path_factory.mktemp("lmf_proj"), "p", feature_rank=8, feature_fit_rows=10))
 
 
 def teacher_hidden(ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -143,15 +136,7 @@ def test_duckdb_reads_one_row_per_token(whole: Path) -> None:
 
 def test_resume_after_interruption_is_byte_identical(projected: Path, corpus: Path, tmp_path: Path) -> None:
     cfg = config(corpus, tmp_path, "p", feature_rank=8, feature_fit_rows=10)
-    done = [0]
-
-    def progress(n: int) -> None:
-        done[0] += n
-        if done[0] >= 23:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        label_lm(cfg, progress=progress)
+    lf.interrupt_labeling(cfg)
     assert not (tmp_path / "p" / "v1").exists() and list((tmp_path / "p").glob(".staging-*/features/*.parquet"))
     res = label_lm(cfg)
     assert res.resumed_shards >= 3 and res.path is not None
@@ -193,9 +178,7 @@ def test_feature_pool_is_refused_for_language_models(corpus: Path, tmp_path: Pat
 
 # ------------------------------------------------------------------------------------------------------- training
 def train_config(targets: Path, out: Path, **kw: Any) -> LMTrainConfig:
-    opts: dict[str, Any] = {"student": "gpt:2-16-2", "epochs": 2, "batch_size": 8, "val_fraction": 0.25,
-                            "hints": ("model.layers.0:blocks.0", "model.norm:blocks.1:0.5"), **kw}
-    return LMTrainConfig(targets=str(targets), out=str(out), **opts)
+    return lf.hinted_train_config(targets, out, kw.pop("hints", HINTS), **kw)  # type: ignore[no-any-return]
 
 
 def test_batches_carry_the_stored_features(projected: Path) -> None:
@@ -212,13 +195,7 @@ def test_batches_carry_the_stored_features(projected: Path) -> None:
 def test_hint_training_learns_the_features(projected: Path, tmp_path: Path, mode: str) -> None:
     hinted = LMTrainer(train_config(projected, tmp_path / "h", epochs=4, data_mode=mode))
     hinted.run()
-    lines = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
-    hint = [x["train_hint_loss"] for x in lines]
-    assert hint == sorted(hint, reverse=True) and hint[-1] < 0.8 * hint[0]
-    saved = load_file(str(tmp_path / "h" / "runs" / "topk-T1-a1" / "student.safetensors"))
-    assert not any(k.startswith(("regressors", "student.")) for k in saved)
-    info = json.loads((tmp_path / "h" / "runs" / "topk-T1-a1" / "student.json").read_text())
-    assert [h["column"] for h in info["hints"]] == list(COLS)
+    lf.assert_hints_learned(tmp_path / "h", COLS)
 
 
 def test_hint_resume_is_bit_for_bit(projected: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,9 +205,7 @@ def test_hint_resume_is_bit_for_bit(projected: Path, tmp_path: Path, monkeypatch
     assert ckpt["model"]["regressors.0.weight"].shape == (8, 16) and "regressors.1.bias" in ckpt["model"]
     resumed = LMTrainer(train_config(projected, tmp_path / "cut", epochs=3)).run(resume=True)[0]
     assert resumed.val_nll == whole.val_nll
-    a = load_file(str(tmp_path / "whole" / "runs" / "topk-T1-a1" / "student.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "runs" / "topk-T1-a1" / "student.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    lf.assert_same_student(tmp_path / "whole", tmp_path / "cut")
 
 
 @pytest.mark.parametrize(("hint", "match"), [
