@@ -302,7 +302,8 @@ def _assemble(raw: dict[str, np.ndarray], cols: dict[str, list[str]]) -> dict[st
 class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
     """Batches streamed from a version's row groups, joined with the transfer-set inputs of the same rows.
 
-    Each epoch the (file, row group) blocks are permuted with a generator seeded by (seed, epoch); blocks are
+    Each epoch the (file, row group) blocks are permuted with a generator seeded by (seed, epoch), the blocks whose
+    inputs share a Parquet transfer-set row group kept together (`epoch_blocks`); blocks are
     dealt round-robin to the global workers (rank x DataLoader worker) so every row is read exactly once per
     epoch; each worker concatenates `buffer_row_groups` blocks at a time, shuffles those rows and cuts batches.
     The last batch of a worker may be short (no row is dropped). With a `holdout` each block keeps only its
@@ -337,22 +338,42 @@ class StreamingTargets(IterableDataset[dict[str, torch.Tensor]]):
         """Choose the epoch whose permutation the next iteration uses (call before each epoch)."""
         self.epoch = epoch
 
-    def epoch_blocks(self, epoch: int) -> list[tuple[int, int, int, int]]:
-        order = np.arange(len(self.blocks))
+    def epoch_blocks(self, epoch: int, chunk_starts: np.ndarray | None = None) -> list[tuple[int, int, int, int]]:
+        """The blocks in the order of `epoch`: a permutation of units, each unit the row groups (at most a quarter
+        of a buffer) whose inputs share a `chunk_starts` chunk of the transfer set, kept together and in row order
+        so a Parquet transfer row group is decoded once, not once per target row group inside it."""
+        units = self._units(chunk_starts)
+        order = np.arange(len(units))
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
-        return [self.blocks[i] for i in order]
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
+        return [self.blocks[b] for u in order for b in units[u]]
 
-    def _my_blocks(self) -> tuple[list[tuple[int, int, int, int]], np.random.Generator]:
+    def _units(self, chunk_starts: np.ndarray | None) -> list[list[int]]:
+        cap, views = max(1, self.buffer_row_groups // 4), self.data.views
+        if chunk_starts is None or cap == 1:
+            return [[i] for i in range(len(self.blocks))]
+        units: list[list[int]] = []
+        last_chunk = -1
+        for i, (_, _, first, n) in enumerate(self.blocks):
+            a, b = np.searchsorted(chunk_starts, [first // views, (first + n) // views - 1], side="right") - 1
+            if units and a == last_chunk and len(units[-1]) < cap:
+                units[-1].append(i)
+            else:
+                units.append([i])
+            last_chunk = b
+        return units
+
+    def _my_blocks(self, chunk_starts: np.ndarray | None) -> tuple[list[tuple[int, int, int, int]],
+                                                                   np.random.Generator]:
         info = get_worker_info()
         workers, wid = (info.num_workers, info.id) if info else (1, 0)
         slot, slots = self.rank * workers + wid, self.world_size * workers
-        mine = self.epoch_blocks(self.epoch)[slot::slots]
+        mine = self.epoch_blocks(self.epoch, chunk_starts)[slot::slots]
         return mine, np.random.default_rng([self.seed, self.epoch, slot, 1])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        mine, rng = self._my_blocks()
         ts = self.data.open_transfer()  # opened here, inside the worker: handles must not cross fork
+        mine, rng = self._my_blocks(ts.chunk_starts)
         cols = self.data.columns()
         flat = sorted({c for names in cols.values() for c in names})
         carry: dict[str, torch.Tensor] | None = None

@@ -72,6 +72,13 @@ class TransferSet:
         gen = self.metadata.get("generator")
         return self.metadata if isinstance(gen, str) else None
 
+    @property
+    def chunk_starts(self) -> np.ndarray | None:
+        """First rows of the units the file decodes whole (a Parquet file's row groups, then its row count), or
+        None where any row range reads alone (arrays, HDF5): readers keep reads of one unit together."""
+        starts = getattr(self._reader, "starts", None)
+        return None if starts is None else np.asarray(starts)
+
     def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Inputs (float32, (n, *input_shape)) and labels (int64 or None) of rows [start, stop)."""
         if not 0 <= start <= stop <= self.rows:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,43 @@ def test_no_shuffle_reads_in_row_order(stores: dict[str, Path]) -> None:
     td = open_training_data(stores["pq"], need=("label",))
     got = collect(td.stream(7, shuffle=False))
     assert got["sample_id"].tolist() == list(range(100))
+
+
+def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every Parquet row group the transfer-set reader decodes (its index)."""
+    import pyarrow.parquet as pq
+
+    seen: list[int] = []
+    read = pq.ParquetFile.read_row_group
+
+    def counting(self: pq.ParquetFile, i: int, *a: object, **kw: object) -> object:
+        seen.append(i)
+        return read(self, i, *a, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    return seen
+
+
+@pytest.mark.parametrize(("buffer", "once"), [(8, True), (3, False)])
+def test_transfer_row_groups_decoded_once_per_epoch(data: Data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    buffer: int, once: bool) -> None:
+    """Target row groups of 16 rows inside transfer row groups of 32 (4 of them for 100 rows): with a buffer of 8
+    the halves of a transfer row group are read one after the other and each is decoded once per epoch; with a
+    buffer under 4 blocks stay alone (a unit is at most a quarter of a buffer) and some are decoded twice."""
+    transfer = write_parquet_array(tmp_path / "t32.parquet", data.x, data.y, row_group_size=32)
+    version = run_label(data.teacher_pt, transfer, tmp_path / "s", "u", shard_rows=100).path
+    td = open_training_data(version, need=("logits", "label"))
+    ds = td.stream(10, seed=5, buffer_row_groups=buffer)
+    seen = _decodes(monkeypatch)
+    for epoch in (0, 1):
+        seen.clear()
+        got = collect(ds, epoch=epoch)
+        assert sorted(got["sample_id"].tolist()) == list(range(100))
+        np.testing.assert_array_equal(got["x"].numpy(), data.x[got["sample_id"].numpy()])
+        per_group = Counter(seen[1:])  # seen[0]: opening the file checks its first row group
+        assert set(per_group) <= {0, 1, 2, 3} and max(per_group.values()) == (1 if once else 2), seen
+    units = ds.epoch_blocks(1, td.open_transfer().chunk_starts)
+    assert sorted(b[2] for b in units) == [b[2] for b in ds.blocks]  # a permutation of the blocks
 
 
 def test_to_memory_equals_streamed_content(data: Data, stores: dict[str, Path]) -> None:
