@@ -14,6 +14,9 @@ the median and the spread (min-max) of its per-round values.
                     and checkpoint every epoch, agreement counted in the last epoch) and, "grouped_end", with
                     --eval-every and --checkpoint-every set to the epochs (once, at the end)
     hard / kd       one kdstore point with hard labels in memory, with KD in memory and KD streamed from disk
+    optimizer       the bare loops use the Adam kernel kdstore uses (`kdstore.device.fused_optimizer`: fused where
+                    the device has one), so the ratios compare loops, not kernels; "online_foreach" is the online
+                    loop with PyTorch's default (foreach) Adam, as an online-KD framework runs out of the box
 
 Run: python -m benchmarks.bench_sweeps [--rows 60000] [--epochs 3] [--rounds 3] [--threads 1] [--json out.json]
      python -m benchmarks.bench_sweeps --device cuda --points 16   (#18's GPU goal: a 16-point grouped sweep of the
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 from benchmarks._common import interleaved, make_teacher, make_transfer, median, median_spread, ratios
 from kdstore.data import open_training_data
+from kdstore.device import fused_optimizer
 from kdstore.labeling import LabelConfig, label
 from kdstore.students import MLP
 from kdstore.teachers import load_teacher
@@ -76,15 +80,17 @@ class Sweeps:
         shutil.rmtree(cfg.out, ignore_errors=True)
         return wall
 
-    def plain(self, name: str, online: bool) -> float:
+    def plain(self, name: str, online: bool, fused: bool = True) -> float:
         """Five students one after another in a bare loop: targets precomputed per T (offline) or the teacher's
-        forward every step (online); no evaluation, no checkpoints."""
+        forward every step (online); no evaluation, no checkpoints. Adam with the kernel kdstore uses (fused where
+        the device has it), or with `fused` False PyTorch's default (foreach), as an online-KD framework runs it."""
         t0, loops = time.perf_counter(), 0.0
         n = len(self.x)
         for temp in TEMPS:
             torch.manual_seed(0)
             student = MLP(STUDENT).to(self.device)
-            opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+            opt = (fused_optimizer(torch.optim.Adam, student.parameters(), lr=1e-3) if fused
+                   else torch.optim.Adam(student.parameters(), lr=1e-3))
             logp = None if online else torch.log_softmax(self.z / temp, dim=1)
             t = time.perf_counter()
             for epoch in range(self.epochs):
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "grouped_end": lambda: s.kdstore("grouped_end", None, cadence=args.epochs),
             "plain": lambda: s.plain("plain", online=False),
             "online": lambda: s.plain("online", online=True),
+            "online_foreach": lambda: s.plain("online_foreach", online=True, fused=False),
             "hard": lambda: s.kdstore("hard", 1, losses="hard", temps=(4.0,), evaluate=False),
             "kd": lambda: s.kdstore("kd", 1, temps=(4.0,), evaluate=False),
             "kd_stream": lambda: s.kdstore("kd_stream", 1, temps=(4.0,), mode="stream", evaluate=False),
@@ -187,6 +194,8 @@ def report(r: dict[str, Any]) -> list[str]:
         f"  online sweep / (label + grouped sweep)      {median_spread(ratios(w['online'], sweep['grouped']))}  "
         "(goal >= 1.5)",
         f"  online sweep / (label + separate sweep)     {median_spread(ratios(w['online'], sweep['separate']))}",
+        f"  online sweep, PyTorch's default Adam kernel / (label + grouped sweep)  "
+        f"{median_spread(ratios(w['online_foreach'], sweep['grouped']))}",
         f"  online sweep / (label + grouped, evaluated at the end)  "
         f"{median_spread(ratios(w['online'], sweep['grouped_end']))}",
         f"  (median sweep walls: grouped {median(w['grouped']):.1f} s, separate {median(w['separate']):.1f} s, "

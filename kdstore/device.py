@@ -1,9 +1,10 @@
-"""Pick the torch device and autocast precision from `--device` / `--precision`."""
+"""Pick the torch device and autocast precision from `--device` / `--precision`, and the optimizer kernel for it."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -45,3 +46,18 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def fused_optimizer(cls: type[torch.optim.Optimizer], params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """`cls(params, **kwargs)` with PyTorch's fused kernel (one kernel per step for all parameters) where the
+    parameters' device and dtype have one, else its default (foreach) implementation.
+
+    The math is the same; the results differ from the foreach kernel's by float rounding (~1e-8 on Adam's weights).
+    On the CPU the fused step of Adam on the 784-800-800-10 student takes a quarter of the foreach step's time, a
+    quarter of a training step (docs/benchmarks.md, #18); on CUDA it saves kernel launches.
+    """
+    groups = list(params)
+    try:
+        return cls(groups, fused=True, **kwargs)  # type: ignore[call-arg]
+    except (RuntimeError, ValueError, TypeError):  # a device, dtype or torch version without the fused kernel
+        return cls(groups, **kwargs)

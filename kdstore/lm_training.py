@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kdstore import distributed, lm_group_training
-from kdstore.device import autocast, resolve_device, resolve_precision
+from kdstore.device import autocast, fused_optimizer, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, TrainingDiverged, arg
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
 from kdstore.lm_evaluation import eval_version, measure
@@ -287,8 +287,9 @@ class LMTrainer:
     def optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
         """AdamW over `params` (one student's, or a group's, point after point), with weight decay on matrices only:
         two parameter groups, in the order of `params`."""
-        return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
-                                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=self.cfg.lr)
+        return fused_optimizer(torch.optim.AdamW,
+                               [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
+                                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=self.cfg.lr)
 
     def _epoch(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, point: SweepPoint, epoch: int,
                rid: str, progress: Progress | None) -> tuple[float, int]:

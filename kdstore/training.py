@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from kdstore import distributed, ensemble, group_training, losses, soft_targets
 from kdstore.data import TrainingData, check_holdout, memory_batches, open_training_data, split_memory
-from kdstore.device import autocast, resolve_device, resolve_precision
+from kdstore.device import autocast, fused_optimizer, resolve_device, resolve_precision
 from kdstore.errors import TrainingDiverged, arg
 from kdstore.evaluation import AGREEMENT_BATCH, EvalResult, agreement_counts, evaluate, load_eval_set
 from kdstore.hints import HintedStudent, HintSpec, stored_features, with_hints
@@ -368,10 +368,10 @@ def _summary(c: TrainConfig, ref: object, manifest: dict[str, Any], results: lis
 
 def _optimizer(params: Any, c: TrainConfig) -> torch.optim.Optimizer:
     if c.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+        return fused_optimizer(torch.optim.SGD, params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                                nesterov=c.momentum > 0)
     cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=c.lr, weight_decay=c.weight_decay)
+    return fused_optimizer(cls, params, lr=c.lr, weight_decay=c.weight_decay)
 
 
 def _metrics_line(rid: str, point: SweepPoint, epoch: int, train_loss: float, opt: torch.optim.Optimizer,

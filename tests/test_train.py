@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -360,3 +361,59 @@ def test_seed_list_of_non_integers_is_a_usage_error(stores: dict[str, Path], tmp
     assert ("Error: Invalid value for '--seed': '0,1.5' is not a comma-separated list of integers, e.g. 0,1,2"
             in r.output)
     assert not (tmp_path / "run").exists()
+
+
+# -- the optimizer kernel ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_use_the_fused_kernel_on_cpu(name: str) -> None:
+    from kdstore.training import TrainConfig, _optimizer
+
+    cfg = TrainConfig(targets="s/n", student="mlp:8-4", out="o", optimizer=name, momentum=0.9)
+    opt = _optimizer(fm.mlp().parameters(), cfg)
+    assert opt.defaults["fused"] is True
+
+
+def test_fused_optimizer_falls_back_where_there_is_no_kernel() -> None:
+    from kdstore.device import fused_optimizer
+
+    class NoFused(torch.optim.Adam):
+        def __init__(self, params: Any, fused: bool | None = None, **kw: Any) -> None:
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   "devices")
+            super().__init__(params, **kw)
+
+    opt = fused_optimizer(NoFused, (p for p in fm.mlp().parameters()), lr=0.1)  # a generator is read once
+    assert not opt.defaults["fused"] and len(opt.param_groups[0]["params"]) == 4
+
+
+def test_fused_adam_resumes_a_foreach_checkpoint() -> None:
+    """A checkpoint written before the fused kernel (foreach Adam) resumes under it: the same weights after more steps
+    to float rounding (1e-6: a few ulps of Adam's update per step, far below one step's change)."""
+    from kdstore.device import fused_optimizer
+
+    x, y = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 5
+
+    def steps(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
+        for i in range(n):
+            loss = torch.nn.functional.cross_entropy(model(x[i * 8 : i * 8 + 8]), y[i * 8 : i * 8 + 8])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    old = fm.mlp()
+    old_opt = torch.optim.Adam(old.parameters(), lr=1e-2, foreach=True)
+    steps(old, old_opt, 4)
+    new = fm.mlp()
+    new.load_state_dict(old.state_dict())
+    new_opt = fused_optimizer(torch.optim.Adam, new.parameters(), lr=1e-2)
+    saved = io.BytesIO()
+    torch.save(old_opt.state_dict(), saved)  # as a checkpoint does
+    saved.seek(0)
+    new_opt.load_state_dict(torch.load(saved, weights_only=True))
+    steps(old, old_opt, 4)
+    steps(new, new_opt, 4)
+    assert new_opt.defaults["fused"]
+    for a, b, start in zip(old.parameters(), new.parameters(), fm.mlp().parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        assert (a - start).abs().max() > 1e-3  # 8 steps of lr 1e-2 moved every tensor
