@@ -112,18 +112,23 @@ def _plain_mlp_layers(model: nn.Module) -> int:
 
 def _mlp_forward(params: dict[str, Tensor], layers: int, x: Tensor, shared: bool) -> Tensor:
     """`MLP.forward` for P stacked points: shared inputs meet all points' first layers in one matmul, then each
-    layer is one batched matmul (baddbmm) over the points."""
-    h = x.flatten(1) if shared else x.flatten(2)
+    layer is one batched matmul (baddbmm) over the points.
+
+    Activations are kept feature-major, (P, features, B), so that each layer is ``W @ h`` and autograd's weight
+    gradient ``grad @ h^T`` comes out in the (P, out, in) layout of the stacked weights; the batch-major ``h @ W^T``
+    made it (P, in, out) and cost a transposing copy of every weight per step (13% of the step of 5 800-800 points).
+    """
+    h = x.flatten(1).t() if shared else x.flatten(2).transpose(1, 2)  # (in, B) or (P, in, B)
     for i in range(layers):
         w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]  # (P, out, in), (P, out)
         p, o, n = w.shape
         if h.ndim == 2:
-            h = torch.addmm(b.reshape(1, p * o), h, w.reshape(p * o, n).t()).reshape(len(h), p, o).transpose(0, 1)
+            h = torch.addmm(b.reshape(p * o, 1), w.reshape(p * o, n), h).reshape(p, o, h.shape[1])
         else:
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            h = torch.baddbmm(b.unsqueeze(2), w, h)
         if i < layers - 1:
             h = torch.relu(h)
-    return h
+    return h.transpose(1, 2)  # (P, B, C)
 
 
 def group_refusal(model: nn.Module, x: Tensor) -> str | None:
