@@ -43,7 +43,9 @@ from kdstore.options import DATA_MODES, ENSEMBLES, LM_LOSSES, LOSSES, OPTIMIZERS
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True,
+              help="Adam, AdamW (LM students: always AdamW) or Nesterov SGD; PyTorch's fused kernel where the device "
+                   "has one (CPU, CUDA), its foreach kernel elsewhere.")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (Nesterov).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True)
