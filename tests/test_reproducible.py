@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,9 @@ def test_sigkill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 256)}), transfer,
                    row_group_size=5000)
     teacher = tmp_path / "teacher.pt"
-    torch.jit.script(fm.wide_mlp()).save(str(teacher))
+    with warnings.catch_warnings():  # torch.jit.script is deprecated in recent torch; still the documented format
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(fm.wide_mlp()).save(str(teacher))
     assert _label_child(teacher, transfer, tmp_path / "ref", 0, threads=2) == 0
     want = _data_hashes(tmp_path / "ref" / "big" / "v1")
     assert len(want) == 4
