@@ -19,6 +19,7 @@ the median and the spread (min-max) of its per-round values.
                     loop with PyTorch's default (foreach) Adam, as an online-KD framework runs out of the box
 
 Run: python -m benchmarks.bench_sweeps [--rows 60000] [--epochs 3] [--rounds 3] [--threads 1] [--json out.json]
+     [--cases grouped_end,plain,online]   (a subset; the ratios of cases not run are left out)
      python -m benchmarks.bench_sweeps --device cuda --points 16   (#18's GPU goal: a 16-point grouped sweep of the
      800-800 student against one point, wall time, same rounds; no plain or online loops)
 """
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from benchmarks._common import interleaved, make_teacher, make_transfer, median, median_spread, ratios
 from kdstore.data import open_training_data
-from kdstore.device import fused_optimizer
+from kdstore.device import fused_optimizer, keep_heap_between_steps
 from kdstore.labeling import LabelConfig, label
 from kdstore.students import MLP
 from kdstore.teachers import load_teacher
@@ -128,6 +129,7 @@ def _labeled(args: argparse.Namespace, tmp: Path) -> tuple[Sweeps, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
+    keep_heap_between_steps(torch.device(args.device))  # what `kdstore train` sets: every case, bare loops too
     tmp = Path(tempfile.mkdtemp(prefix="kdstore-bench-sweeps-"))
     try:
         s, label_s = _labeled(args, tmp)
@@ -142,7 +144,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "kd": lambda: s.kdstore("kd", 1, temps=(4.0,), evaluate=False),
             "kd_stream": lambda: s.kdstore("kd_stream", 1, temps=(4.0,), mode="stream", evaluate=False),
         }
-        walls = interleaved(cases, rounds=args.rounds)
+        unknown = set(args.cases or ()) - set(cases)
+        if unknown:
+            raise SystemExit(f"--cases: unknown {sorted(unknown)}; expected some of {', '.join(cases)}")
+        walls = interleaved({k: v for k, v in cases.items() if not args.cases or k in args.cases},
+                            rounds=args.rounds)
         per_epoch = {k: v[-args.rounds :] for k, v in s.epoch.items()}  # the warm-up round left out
         overhead = {k: v[-args.rounds :] for k, v in s.overhead.items()}
         shutil.rmtree(s.tmp, ignore_errors=True)
@@ -171,35 +177,41 @@ def run_points(args: argparse.Namespace) -> list[str]:
 
 
 def report(r: dict[str, Any]) -> list[str]:
+    """The table; a ratio whose cases were not run (--cases) is left out."""
     w, e, o = r["wall_s"], r["student_epoch_s"], r["overhead_share"]
-    sweep = {k: [v + r["label_s"] for v in w[k]] for k in ("separate", "grouped", "grouped_end")}  # labels once
+    sweep = {k: [v + r["label_s"] for v in w[k]] for k in ("separate", "grouped", "grouped_end") if k in w}
+
+    def ratio(label: str, num: dict[str, list[float]], a: str, den: dict[str, list[float]], b: str,
+              goal: str = "") -> list[str]:
+        return [f"  {label:<44}{median_spread(ratios(num[a], den[b]))}{goal}"] if a in num and b in den else []
+
+    def share(label: str, case: str, goal: str = "") -> list[str]:
+        return [f"  {label:<44}{median_spread(o[case])}{goal}"] if case in o else []
+
     return [
         f"{r['rows']} rows, {r['epochs']} epochs, {r['rounds']} interleaved rounds after a warm-up, "
         f"{r['threads']} torch thread(s) on {r['device']}; label once {r['label_s']:.1f} s",
         "seconds per student epoch, median (min-max):",
         *[f"  {k:<10} {median_spread(v)}" for k, v in e.items()],
         "ratios per round, median (min-max):",
-        f"  student epoch, grouped / plain torch        {median_spread(ratios(e['grouped'], e['plain']))}  "
-        "(goal <= 1.05)",
-        f"  student epoch, separate / plain torch       {median_spread(ratios(e['separate'], e['plain']))}",
-        f"  sweep wall, grouped / separate              {median_spread(ratios(w['grouped'], w['separate']))}",
-        f"  overhead share of the sweep, grouped        {median_spread(o['grouped'])}  (goal < 0.05)",
-        f"  overhead share of the sweep, separate       {median_spread(o['separate'])}",
-        f"  overhead share, grouped, --eval-every and --checkpoint-every {r['epochs']} (at the end only)  "
-        f"{median_spread(o['grouped_end'])}  (goal < 0.05)",
-        f"  KD / hard labels, in memory (epoch)         {median_spread(ratios(e['kd'], e['hard']))}  (goal <= 1.05)",
-        f"  KD streamed / hard in memory (epoch)        {median_spread(ratios(e['kd_stream'], e['hard']))}  "
-        "(goal <= 1.15)",
-        f"  online KD / plain offline (epoch)           {median_spread(ratios(e['online'], e['plain']))}",
-        f"  online sweep / (label + grouped sweep)      {median_spread(ratios(w['online'], sweep['grouped']))}  "
-        "(goal >= 1.5)",
-        f"  online sweep / (label + separate sweep)     {median_spread(ratios(w['online'], sweep['separate']))}",
-        f"  online sweep, PyTorch's default Adam kernel / (label + grouped sweep)  "
-        f"{median_spread(ratios(w['online_foreach'], sweep['grouped']))}",
-        f"  online sweep / (label + grouped, evaluated at the end)  "
-        f"{median_spread(ratios(w['online'], sweep['grouped_end']))}",
-        f"  (median sweep walls: grouped {median(w['grouped']):.1f} s, separate {median(w['separate']):.1f} s, "
-        f"evaluated at the end {median(w['grouped_end']):.1f} s, online {median(w['online']):.1f} s)",
+        *ratio("student epoch, grouped / plain torch", e, "grouped", e, "plain", "  (goal <= 1.05)"),
+        *ratio("student epoch, grouped at the end / plain", e, "grouped_end", e, "plain"),
+        *ratio("student epoch, separate / plain torch", e, "separate", e, "plain"),
+        *ratio("sweep wall, grouped / separate", w, "grouped", w, "separate"),
+        *share("overhead share of the sweep, grouped", "grouped", "  (goal < 0.05)"),
+        *share("overhead share of the sweep, separate", "separate"),
+        *share(f"overhead share, grouped, evaluated and checkpointed at the end (--eval-every and "
+               f"--checkpoint-every {r['epochs']})  ", "grouped_end", "  (goal < 0.05)"),
+        *ratio("KD / hard labels, in memory (epoch)", e, "kd", e, "hard", "  (goal <= 1.05)"),
+        *ratio("KD streamed / hard in memory (epoch)", e, "kd_stream", e, "hard", "  (goal <= 1.15)"),
+        *ratio("online KD / plain offline (epoch)", e, "online", e, "plain"),
+        *ratio("online sweep / (label + grouped sweep)", w, "online", sweep, "grouped", "  (goal >= 1.5)"),
+        *ratio("online sweep / (label + separate sweep)", w, "online", sweep, "separate"),
+        *ratio("online sweep, PyTorch's default Adam kernel / (label + grouped sweep)  ", w, "online_foreach", sweep,
+               "grouped"),
+        *ratio("online sweep / (label + grouped, evaluated at the end)  ", w, "online", sweep, "grouped_end",
+               "  (goal >= 1.5)"),
+        "  (median sweep walls: " + ", ".join(f"{k} {median(v):.1f} s" for k, v in w.items()) + ")",
     ]
 
 
@@ -211,6 +223,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--points", type=int, default=0, help="only compare one point with this many grouped")
+    ap.add_argument("--cases", type=lambda v: v.split(","), default=None,
+                    help="only these cases, comma-separated (default: all; ratios of cases not run are left out)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.points:

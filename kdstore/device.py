@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,3 +63,31 @@ def fused_optimizer(cls: type[torch.optim.Optimizer], params: Any, **kwargs: Any
         return cls(groups, fused=True, **kwargs)  # type: ignore[call-arg]
     except (RuntimeError, ValueError, TypeError):  # a device, dtype or torch version without the fused kernel
         return cls(groups, **kwargs)
+
+
+def keep_heap_between_steps(device: torch.device) -> None:
+    """On a CPU with glibc, stop freed heap memory from going back to the OS between training steps.
+
+    Each step frees its gradients and allocates them again. glibc returns a free chunk at the top of the heap to the
+    OS once it exceeds the trim threshold, which follows the largest block freed so far, so the stacked gradients
+    of a grouped sweep (25 MB for five 800-800 points) were unmapped every step and the next step's matmuls paid
+    the page faults: a grouped epoch took 1.06-1.17x the plain loop's at 60,000 rows, 0.98x with the heap kept (#18,
+    docs/benchmarks.md). This keeps up to 1 GiB free at the top of the heap and serves blocks under 64 MiB from it.
+    Process-wide and once; what PyTorch's own allocators do on GPUs. ``KDSTORE_MALLOC=default`` leaves glibc as it
+    is; other C libraries are left alone.
+    """
+    global _HEAP_KEPT
+    if _HEAP_KEPT or device.type != "cpu" or os.environ.get("KDSTORE_MALLOC") == "default":
+        return
+    _HEAP_KEPT = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+
+
+_HEAP_KEPT = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kdstore import distributed, lm_group_training
-from kdstore.device import autocast, fused_optimizer, resolve_device, resolve_precision
+from kdstore.device import autocast, fused_optimizer, keep_heap_between_steps, resolve_device, resolve_precision
 from kdstore.errors import ConfigError, TrainingDiverged, arg
 from kdstore.lm_data import TokenTargetDataset, collate, holdout_rows, stream_batches, token_columns
 from kdstore.lm_evaluation import eval_version, measure
@@ -166,6 +166,7 @@ class LMTrainer:
         self.out = Path(config.out)
         self.rundir = RunDir(self.out)
         self.dist, self.device = distributed.init(resolve_device(config.device))
+        keep_heap_between_steps(self.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.version = open_version(resolve_any(config.targets))
         t = self.version.manifest["targets"]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from kdstore import distributed, ensemble, group_training, losses, soft_targets
 from kdstore.data import TrainingData, check_holdout, memory_batches, open_training_data, split_memory
-from kdstore.device import autocast, fused_optimizer, resolve_device, resolve_precision
+from kdstore.device import autocast, fused_optimizer, keep_heap_between_steps, resolve_device, resolve_precision
 from kdstore.errors import TrainingDiverged, arg
 from kdstore.evaluation import AGREEMENT_BATCH, EvalResult, agreement_counts, evaluate, load_eval_set
 from kdstore.hints import HintedStudent, HintSpec, stored_features, with_hints
@@ -57,6 +57,7 @@ class Trainer:
         self.out = Path(config.out)
         self.rundir = RunDir(self.out)
         self.dist, self.device = distributed.init(resolve_device(config.device))
+        keep_heap_between_steps(self.device)
         self.precision = resolve_precision(config.precision, self.device)
         version = open_version(resolve_any(config.targets))
         self.plans = {loss: plan_targets(version.manifest, loss=loss, top_k=config.top_k, tail=config.tail,

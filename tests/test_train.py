@@ -417,3 +417,41 @@ def test_fused_adam_resumes_a_foreach_checkpoint() -> None:
     for a, b, start in zip(old.parameters(), new.parameters(), fm.mlp().parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
         assert (a - start).abs().max() > 1e-3  # 8 steps of lr 1e-2 moved every tensor
+
+
+def test_heap_kept_between_steps_once_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc's trim and mmap thresholds are set once, on the CPU only, and not with KDSTORE_MALLOC=default."""
+    from kdstore import device
+
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(device.ctypes, "CDLL", lambda name: Libc())
+    for env, dev, want in [("default", "cpu", []), (None, "meta", []),
+                           (None, "cpu", [(-1, 1 << 30), (-3, 64 << 20)])]:
+        monkeypatch.setattr(device, "_HEAP_KEPT", False)
+        if env:
+            monkeypatch.setenv("KDSTORE_MALLOC", env)
+        else:
+            monkeypatch.delenv("KDSTORE_MALLOC", raising=False)
+        calls.clear()
+        device.keep_heap_between_steps(torch.device(dev))
+        assert calls == want, (env, dev)
+    device.keep_heap_between_steps(torch.device("cpu"))  # once per process
+    assert len(calls) == 2
+
+
+def test_heap_setting_skips_a_c_library_without_mallopt(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdstore import device
+
+    def no_glibc(name: str) -> None:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(device.ctypes, "CDLL", no_glibc)
+    monkeypatch.setattr(device, "_HEAP_KEPT", False)
+    monkeypatch.delenv("KDSTORE_MALLOC", raising=False)
+    device.keep_heap_between_steps(torch.device("cpu"))  # no error
