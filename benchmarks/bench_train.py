@@ -26,7 +26,7 @@ import torch
 
 from benchmarks._common import interleaved, make_teacher, make_transfer, median, median_spread, ratios
 from kdstore import losses
-from kdstore.device import fused_optimizer, resolve_device
+from kdstore.device import fused_optimizer, keep_heap_between_steps, resolve_device
 from kdstore.labeling import LabelConfig, label
 from kdstore.store import VersionWriter
 from kdstore.students import build_model
@@ -173,6 +173,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
+    keep_heap_between_steps(dev)  # what `kdstore train` sets, here from the start: the bare loops get it too
     tmp = Path(tempfile.mkdtemp(prefix="kdstore-bench-"))
     res: dict[str, object] = {"device": str(dev), "torch_threads": torch.get_num_threads(), "rounds": args.rounds}
     try:
